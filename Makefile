@@ -1,0 +1,25 @@
+# Quick start: `make demo` (set up, then run the main job) and `make test` (set up, then the tests).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTHON ?= python3
+
+.PHONY: demo test setup debs
+
+demo: setup
+	$(VENV)/bin/slimtorch eval fmnist-cnn
+
+test: setup
+	$(PY) -m pytest -q
+
+setup: debs $(STAMP)
+
+debs:
+	@bash scripts/ensure_debs.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,hf]'
+	touch $(STAMP)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Make sure the Debian packages that hold our offline data are installed.
+# As root: installs what is missing with apt-get. Otherwise: one line saying what to run, exit 1.
+set -euo pipefail
+declare -A probe=(
+  [dataset-fashion-mnist]=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+  [python3.11-doc]=/usr/share/doc/python3.11/html/_sources/library/functions.rst.txt
+  [wordnet-base]=/usr/share/wordnet/data.noun
+)
+missing=()
+for pkg in "${!probe[@]}"; do
+  [ -e "${probe[$pkg]}" ] || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "slimtorch needs Debian packages for its offline data; run: sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi

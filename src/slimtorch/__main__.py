@@ -1,0 +1,3 @@
+from slimtorch.cli.main import main
+
+main()

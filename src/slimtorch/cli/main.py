@@ -1,0 +1,126 @@
+"""The ``slimtorch`` command line. User mistakes print one line on stderr and exit with status 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from slimtorch.errors import SlimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compress trained PyTorch models and measure what you got.")
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr (no wrapping, no traceback) and exit."""
+    print(f"slimtorch: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn SlimError (a user mistake) into one line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SlimError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def progress_bar(it: Iterable, description: str) -> Iterable:
+    """A rich progress bar on stderr that disappears when done."""
+    items = list(it)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(description, total=len(items))
+        for x in items:
+            yield x
+            bar.advance(task)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.4g}" if abs(value) < 1 else f"{value:,.2f}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+@app.command("models")
+@user_errors
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the model zoo with each model's FP metrics as recorded in the manifest."""
+    from slimtorch.zoo import ZOO, manifest
+
+    rows = manifest()
+    if as_json:
+        print(json.dumps({n: {"task": e.task, "description": e.description, "source": e.source, **rows.get(n, {})}
+                          for n, e in ZOO.items()}, indent=2))
+        return
+    table = Table(title="slimtorch model zoo")
+    for col in ("model", "task", "params", "weights", "FP metrics", "source"):
+        table.add_column(col)
+    for name, e in ZOO.items():
+        row = rows.get(name, {})
+        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in row.get("fp_metrics", {}).items())
+        table.add_row(name, e.task, f"{row.get('params', 0) / 1e6:.2f}M", _mib(row.get("weights_bytes", 0)),
+                      metrics, e.source)
+    out.print(table)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
+) -> None:
+    """Evaluate a zoo model on its task: metrics, size, parameters and CPU latency."""
+    from slimtorch.eval import evaluate
+    from slimtorch.zoo import get_entry, manifest
+
+    get_entry(model)  # unknown names fail before any loading
+    res = evaluate(model, limit=limit, progress=progress_bar)
+    if as_json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return
+    recorded = manifest().get(model, {}).get("fp_metrics", {})
+    table = Table(title=f"{model}: {res.dataset}")
+    for col in ("metric", "value", "manifest"):
+        table.add_column(col)
+    for m in res.metrics:
+        rec = recorded.get(m.name)
+        table.add_row(m.name, f"{_fmt(m.value)} {m.unit}".strip(), "" if rec is None else _fmt(rec))
+    table.add_row("parameters", f"{res.params:,}", "")
+    table.add_row("size (params + buffers)", _mib(res.size_bytes), "")
+    table.add_row("CPU latency (median)", f"{res.latency_ms:.2f} ms for input {res.latency_input}", "")
+    out.print(table)
+    for name, top5 in res.details.get("top5", {}).items():
+        out.print(f"{name}: top-5 = {', '.join(top5)}")
+    if res.task == "causal-lm":
+        ppl, uni = res.metric("heldout_perplexity"), res.metric("unigram_perplexity")
+        out.print(f"held-out perplexity {ppl:.2f} vs unigram baseline {uni:.2f} on the same tokens "
+                  f"({uni / ppl:.1f}x lower)")
+    out.print(f"evaluated in {res.seconds:.1f} s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
