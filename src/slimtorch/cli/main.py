@@ -71,14 +71,17 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         print(json.dumps({n: {"task": e.task, "description": e.description, "source": e.source, **rows.get(n, {})}
                           for n, e in ZOO.items()}, indent=2))
         return
-    table = Table(title="slimtorch model zoo")
-    for col in ("model", "task", "params", "weights", "FP metrics", "source"):
-        table.add_column(col)
+    table = Table(title="slimtorch model zoo (FP metrics as measured by `slimtorch eval`)")
+    table.add_column("model", no_wrap=True)
+    table.add_column("task")
+    table.add_column("params", justify="right")
+    table.add_column("weights", justify="right", no_wrap=True)
+    table.add_column("FP metrics")
     for name, e in ZOO.items():
         row = rows.get(name, {})
-        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in row.get("fp_metrics", {}).items())
-        table.add_row(name, e.task, f"{row.get('params', 0) / 1e6:.2f}M", _mib(row.get("weights_bytes", 0)),
-                      metrics, e.source)
+        metrics = "\n".join(f"{k} {_fmt(v)}" for k, v in row.get("fp_metrics", {}).items())
+        task = e.task.replace("classification", "cls").replace("sentence-", "")
+        table.add_row(name, task, f"{row.get('params', 0) / 1e6:.2f}M", _mib(row.get("weights_bytes", 0)), metrics)
     out.print(table)
 
 
