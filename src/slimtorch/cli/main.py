@@ -53,7 +53,10 @@ def progress_bar(it: Iterable, description: str) -> Iterable:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.4g}" if abs(value) < 1 else f"{value:,.2f}"
+    """Counts as integers, values in [-1, 1] (cosines) with 6 decimals, the rest with 2."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.6f}" if abs(value) <= 1.0 else f"{value:,.2f}"
 
 
 def _mib(n: int) -> str:

@@ -130,9 +130,27 @@ def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
         out += [Metric("mean_cosine_to_reference", cos.mean().item()),
                 Metric("min_cosine_to_reference", cos.min().item()),
                 Metric("retrieval_agreement", M.retrieval_agreement(q, k, rq, rk), "%")]
+    elif (st := _sentence_transformers_reference()) is not None:
+        # An independent implementation of the same model: how exactly do we reproduce it?
+        texts = lemmas + defs
+        ref_emb = torch.cat([torch.from_numpy(st.encode(texts[i:i + 64]))
+                             for i in progress(range(0, len(texts), 64), "reference")])
+        cos = M.cosine_to_reference(torch.cat([q, k]), ref_emb)
+        out.append(Metric("min_cosine_to_sentence_transformers", cos.min().item()))
     enc = model.tokenizer([defs[0]], return_tensors="pt")
     return _TaskOut(f"WordNet 3.0 noun glosses: lemma -> definition retrieval among {len(q)}", out,
                     (enc["input_ids"], enc["attention_mask"]))
+
+
+def _sentence_transformers_reference():
+    """sentence-transformers' own pipeline for all-MiniLM-L6-v2, or None where it is not installed."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    from slimtorch.zoo.minilm import package_dir
+
+    return SentenceTransformer(str(package_dir()), device="cpu")
 
 
 def _photo_batch(names: Iterable[str]) -> torch.Tensor:
