@@ -24,7 +24,7 @@ def main(names: list[str]) -> None:
         manifest.cache_clear()
         res = evaluate(name)
         rows[name].update({"params": res.params, "dataset": res.dataset,
-                           "fp_metrics": {m.name: round(m.value, 8) for m in res.metrics}})
+                           "fp_metrics": {m.name: round(m.value, 6) for m in res.metrics}})
         atomic_write_bytes(MANIFEST_FILE, (json.dumps(rows, indent=2, sort_keys=True) + "\n").encode())
         print(name, rows[name], flush=True)
 
