@@ -12,8 +12,11 @@ GPU-side checks; the shipped figures are re-measured on the CPU by ``slimtorch e
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -179,6 +182,13 @@ def train_llama(out: Path, steps: int, eval_every: int) -> dict:
     return record
 
 
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -199,6 +209,9 @@ def main() -> None:
                                    out=args.out, config=cfg)
         else:
             rec = train_llama(args.out, steps=args.llama_steps, eval_every=100)
+        rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "git_commit": _git_commit(), "torch": torch.__version__,
+               "command": "python " + " ".join(sys.argv), **rec}
         with open(args.out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps({k: v for k, v in rec.items() if k != "log"}), flush=True)
