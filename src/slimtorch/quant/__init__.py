@@ -1,0 +1,1 @@
+"""Quantization core: primitives (quantize/dequantize/fake_quant), observers, packing, modules."""
