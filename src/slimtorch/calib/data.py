@@ -1,0 +1,92 @@
+"""Seeded calibration sets drawn from each zoo task's training data (never from its evaluation data).
+
+Each set is a list of batches; a batch is the tuple of positional arguments of the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimtorch.errors import SlimError
+from slimtorch.zoo import data, get_entry
+
+DEFAULT_SAMPLES = {"fmnist-classification": 512, "causal-lm": 64, "sentence-embedding": 256,
+                   "imagenet-classification": 64}
+Batch = tuple[torch.Tensor, ...]
+
+
+def _fmnist(n: int, gen: torch.Generator) -> list[Batch]:
+    train = data.fashion_mnist("train")
+    idx = torch.randperm(len(train.labels), generator=gen)[:n]
+    x = train.normalized()[idx]
+    return [(x[i:i + 128],) for i in range(0, n, 128)]
+
+
+def lm_windows(tokens: torch.Tensor, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random windows ``(n, seq_len)`` of a token stream."""
+    starts = torch.randint(0, len(tokens) - seq_len, (n,), generator=gen)
+    return tokens[starts[:, None] + torch.arange(seq_len)[None]]
+
+
+def _causal_lm(n: int, gen: torch.Generator, seq_len: int = 512) -> list[Batch]:
+    from slimtorch.zoo.lm_data import corpus_tokens
+
+    wins = lm_windows(corpus_tokens("train"), n, seq_len, gen)
+    return [(wins[i:i + 8],) for i in range(0, n, 8)]
+
+
+def _embedding(n: int, gen: torch.Generator, tokenizer) -> list[Batch]:
+    # The evaluation uses noun glosses; calibration uses verb and adjective glosses.
+    glosses = data.wordnet_glosses("verb") + data.wordnet_glosses("adj")
+    idx = torch.randperm(len(glosses), generator=gen)[:n].tolist()
+    texts = [glosses[i].definition for i in idx]
+    out = []
+    for i in range(0, n, 32):
+        enc = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
+
+
+def _imagenet(n: int, gen: torch.Generator) -> list[Batch]:
+    """Random crops (scale 0.2-1.0 of the short side) of the scikit-image photos that the
+    evaluation does not score, resized to 224 px."""
+    import torch.nn.functional as F
+
+    from slimtorch.zoo.efficientnet import INPUT_MEAN, INPUT_STD
+
+    photos = [data.photo(name).permute(2, 0, 1).float() for name in data.UNLABELLED_PHOTOS]
+    crops = []
+    for _ in range(n):
+        img = photos[int(torch.randint(len(photos), (1,), generator=gen))]
+        h, w = img.shape[-2:]
+        side = int(min(h, w) * (0.2 + 0.8 * torch.rand(1, generator=gen).item()))
+        top = int(torch.randint(h - side + 1, (1,), generator=gen))
+        left = int(torch.randint(w - side + 1, (1,), generator=gen))
+        crop = img[None, :, top:top + side, left:left + side]
+        crops.append(F.interpolate(crop, size=(224, 224), mode="bilinear", antialias=True, align_corners=False))
+    x = (torch.cat(crops) - INPUT_MEAN) / INPUT_STD
+    return [(x[i:i + 16],) for i in range(0, n, 16)]
+
+
+def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None) -> list[Batch]:
+    """``n`` calibration samples for zoo model ``name``, drawn with ``seed``."""
+    task = get_entry(name).task
+    n = DEFAULT_SAMPLES[task] if n is None else n
+    if n <= 0:
+        raise SlimError(f"the calibration set needs at least one sample, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    if task == "fmnist-classification":
+        return _fmnist(n, gen)
+    if task == "causal-lm":
+        return _causal_lm(n, gen)
+    if task == "sentence-embedding":
+        return _embedding(n, gen, model.tokenizer)
+    return _imagenet(n, gen)
+
+
+def check_finite(batches: list[Batch]) -> None:
+    """SlimError if any floating tensor in the calibration set holds NaN or Inf."""
+    for i, batch in enumerate(batches):
+        for t in batch:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise SlimError(f"calibration batch {i} holds NaN or Inf values; clean the calibration data")

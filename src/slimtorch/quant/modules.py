@@ -1,0 +1,139 @@
+"""Quantized modules that replace nn.Linear / nn.Conv2d, and the activation quantizer.
+
+Weights are held as integer (or fp8) codes with their scales and zero-points, exactly what is
+saved; the forward pass dequantizes them (a reference path: GPU kernels come later). Input
+activations pass through an :class:`ActQuant`, which observes during calibration, then
+fake-quantizes with frozen parameters (static) or with parameters computed per call (dynamic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtorch.errors import SlimError
+from slimtorch.quant import primitives as P
+from slimtorch.quant.observers import Observer, make_observer
+from slimtorch.spec import QuantSpec
+
+
+class ActQuant(nn.Module):
+    """Quantizes the tensor flowing through it.
+
+    States: ``observing`` (calibration: statistics only, values pass unchanged), then frozen
+    static parameters in the buffers ``scale``/``zero``; a dynamic spec needs no calibration.
+    """
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.observer: Observer | None = None
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero", torch.empty(0))
+
+    def start_observing(self) -> None:
+        if not self.spec.dynamic:
+            self.observer = make_observer(self.spec)
+
+    def freeze(self) -> None:
+        """Turn the observed statistics into static parameters."""
+        if self.observer is not None:
+            scale, zero = self.observer.qparams()
+            self.scale, self.zero = scale, zero
+            self.observer = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.dynamic:
+            scale, zero = P.qparams(*P.min_max(x, self.spec), self.spec)
+            return P.fake_quant(x, scale.to(x.device), zero.to(x.device), self.spec)
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if self.scale.numel() == 0:
+            raise SlimError("static activation quantizer was never calibrated; pass calibration data")
+        return P.fake_quant(x, self.scale, self.zero, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.dtype}, {type(self.spec.granularity).__name__}, dynamic={self.spec.dynamic}"
+
+
+class _QuantWeight(nn.Module):
+    """Common part: weight codes (2-D, ``(out, in_features)``), scale, zero-point, bias, input quantizer."""
+
+    def __init__(self, wspec: QuantSpec, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bias: torch.Tensor | None, act: QuantSpec | None, weight_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.wspec = wspec
+        self.weight_shape = tuple(weight_shape)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero", zero)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act = None if act is None else ActQuant(act)
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight in its original shape."""
+        return P.dequantize(self.qweight, self.w_scale, self.w_zero, self.wspec, dtype).reshape(self.weight_shape)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.act is None else self.act(x)
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+                    zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and zero-point of a weight viewed as 2-D ``(out, -1)``; RTN when no scale is given."""
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    if scale is None:
+        obs = make_observer(spec)
+        obs.update(w2)
+        scale, zero = obs.qparams()
+    return P.quantize(w2, scale, zero, spec), scale, zero
+
+
+class QuantLinear(_QuantWeight):
+    """``y = act(x) @ dequant(W).T + b``. x (..., in) -> (..., out)."""
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, wspec: QuantSpec, act: QuantSpec | None,
+                   qparams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+        q, s, z = qparams or quantize_weight(lin.weight, wspec)
+        return cls(wspec, q, s, z, lin.bias, act, tuple(lin.weight.shape))
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._input(x)
+        return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QuantConv2d(_QuantWeight):
+    """Conv2d with a quantized weight (quantized as ``(out, in/groups * kh * kw)``)."""
+
+    def __init__(self, *args, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros") -> None:
+        super().__init__(*args)
+        if padding_mode != "zeros":
+            raise SlimError(f"Conv2d padding_mode {padding_mode!r} is not supported by QuantConv2d")
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wspec: QuantSpec, act: QuantSpec | None,
+                   qparams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantConv2d:
+        q, s, z = qparams or quantize_weight(conv.weight, wspec)
+        return cls(wspec, q, s, z, conv.bias, act, tuple(conv.weight.shape), stride=conv.stride,
+                   padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                   padding_mode=conv.padding_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        x = self._input(x)
+        return F.conv2d(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                        self.stride, self.padding, self.dilation, self.groups)
+
+
+QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}

@@ -1,0 +1,127 @@
+"""``quantize_``: the one entry point of post-training quantization.
+
+1. Turn the recipe (preset name, YAML file or Recipe) into a Plan for the model.
+2. Run the method, which swaps the planned layers for quantized modules (rtn, gptq, ...).
+3. Calibrate static activation quantizers: observers see the calibration set flowing through
+   the already-quantized model (so each observes what it will see at inference), then freeze.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtorch.calib.data import Batch, check_finite
+from slimtorch.errors import SlimError
+from slimtorch.quant.modules import QUANT_TYPES, ActQuant, _QuantWeight
+from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
+from slimtorch.spec import Plan
+
+Progress = Callable[[Iterable, str], Iterable]
+
+
+def _no_progress(it: Iterable, description: str) -> Iterable:
+    return it
+
+
+@dataclass
+class QuantReport:
+    recipe: str
+    method: str
+    quantized: dict[str, str]
+    skipped: dict[str, str]
+    calib_samples: int
+    seconds: float
+    bits_per_weight: float  # over every Linear/Conv2d weight, scales and zero-points included
+    notes: list[str] = field(default_factory=list)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> None:
+    """Round-to-nearest: each planned layer's weight quantized on its own with its observer."""
+    for name in progress(list(plan), "rtn"):
+        layer = model.get_submodule(name)
+        set_module(model, name, QUANT_TYPES[type(layer)].from_float(layer, plan[name].weight, plan[name].act))
+
+
+METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], None]] = {"rtn": rtn}
+
+
+def resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Path) or str(recipe).endswith((".yaml", ".yml")):
+        return load_recipe(Path(recipe))
+    return get_preset(str(recipe))
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, calib: list[Batch], progress: Progress, description: str) -> None:
+    for batch in progress(calib, description):
+        model(*batch)
+
+
+def calibrate_activations(model: nn.Module, calib: list[Batch], progress: Progress = _no_progress) -> int:
+    """Observe every static ActQuant over ``calib``, then freeze them. Returns how many were calibrated."""
+    static = [m for m in model.modules() if isinstance(m, ActQuant) and not m.spec.dynamic]
+    if not static:
+        return 0
+    if not calib:
+        raise SlimError("this recipe has static activation quantizers: it needs calibration data")
+    for m in static:
+        m.start_observing()
+    run_batches(model, calib, progress, "calibrating activations")
+    for m in static:
+        m.freeze()
+    return len(static)
+
+
+def weight_bits(model: nn.Module) -> float:
+    """Average stored bits per weight element over all Linear/Conv2d layers (float ones at 32)."""
+    bits = elems = 0
+    for m in model.modules():
+        if isinstance(m, _QuantWeight):
+            n = m.qweight.numel()
+            overhead = 32 * m.w_scale.numel() * (1 if m.wspec.symmetric else 2)
+            bits, elems = bits + m.wspec.bits * n + overhead, elems + n
+        elif isinstance(m, nn.Linear | nn.Conv2d):
+            bits, elems = bits + 32 * m.weight.numel(), elems + m.weight.numel()
+    return bits / max(elems, 1)
+
+
+def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] | None = None,
+              method: str = "rtn", progress: Progress = _no_progress) -> QuantReport:
+    """Quantize ``model`` in place.
+
+    Args:
+        model: a float model in eval mode.
+        recipe: a preset name (``W8A8``, ``W4A16-g128``, ...), a YAML recipe path, or a Recipe.
+        calib: calibration batches (tuples of forward arguments); needed by static activations
+            and by data-driven methods.
+        method: ``rtn`` (more to come: gptq, awq, smoothquant).
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise SlimError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    rec = resolve_recipe(recipe)
+    calib = list(calib or [])
+    check_finite(calib)
+    plan, skipped = build_plan(model, rec)
+    if not plan:
+        raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
+    model.eval()
+    METHODS[method](model, plan, calib, progress)
+    calibrate_activations(model, calib, progress)
+    quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
+    return QuantReport(recipe=rec.name, method=method, quantized=quantized, skipped=skipped,
+                       calib_samples=sum(len(b[0]) for b in calib), seconds=time.perf_counter() - t0,
+                       bits_per_weight=weight_bits(model))
