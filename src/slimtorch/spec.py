@@ -107,3 +107,40 @@ class LayerPlan:
 
 
 Plan = dict[str, LayerPlan]  # module name -> LayerPlan
+
+
+def granularity_to_str(g: Granularity) -> str:
+    if isinstance(g, PerTensor):
+        return "tensor"
+    if isinstance(g, PerToken):
+        return "token"
+    if isinstance(g, PerGroup):
+        return f"group:{g.size}"
+    return f"channel:{g.axis}"
+
+
+def granularity_from_str(text: str) -> Granularity:
+    t = str(text).strip().lower()
+    if t == "tensor":
+        return PerTensor()
+    if t == "token":
+        return PerToken()
+    if t == "channel":
+        return PerChannel(0)
+    kind, _, num = t.partition(":")
+    if kind in ("group", "channel") and num.lstrip("-").isdigit():
+        return PerGroup(int(num)) if kind == "group" else PerChannel(int(num))
+    raise SlimError(f"unknown granularity {text!r}; use tensor, channel, channel:AXIS, token or group:N")
+
+
+def spec_to_dict(spec: QuantSpec | None) -> dict | None:
+    if spec is None:
+        return None
+    return {"dtype": spec.dtype, "granularity": granularity_to_str(spec.granularity),
+            "symmetric": spec.symmetric, "observer": spec.observer, "dynamic": spec.dynamic}
+
+
+def spec_from_dict(raw: dict | None) -> QuantSpec | None:
+    if raw is None:
+        return None
+    return QuantSpec(**{**raw, "granularity": granularity_from_str(raw.get("granularity", "channel"))})

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -45,7 +46,8 @@ def progress_bar(it: Iterable, description: str) -> Iterable:
     """A rich progress bar on stderr that disappears when done."""
     items = list(it)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
         task = bar.add_task(description, total=len(items))
         for x in items:
             yield x
@@ -122,6 +124,50 @@ def eval_cmd(
         out.print(f"held-out perplexity {ppl:.2f} vs unigram baseline {uni:.2f} on the same tokens "
                   f"({uni / ppl:.1f}x lower)")
     out.print(f"evaluated in {res.seconds:.1f} s")
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`)."),
+    preset: str = typer.Option(None, "--preset", help="W8A8, W8A8-dynamic, W4A16-g128, W3A16-g128, W2A16-g64, W4A8, FP8."),
+    recipe: Path = typer.Option(None, "--recipe", help="YAML recipe (targets/ignore regexes, weight/act specs)."),
+    method: str = typer.Option("rtn", "--method", help="rtn | gptq | awq | smoothquant."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
+    calib_samples: int = typer.Option(None, "--calib-samples", help="Calibration samples (default per task)."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration draw."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Calibrate and quantize a model, evaluate FP and quantized side by side, save both files."""
+    from slimtorch.cli.quantize_job import check_out_dir, run_quantize
+
+    if (preset is None) == (recipe is None):
+        raise SlimError("give exactly one of --preset NAME or --recipe FILE")
+    check_out_dir(out_dir)
+    res = run_quantize(model, recipe if recipe is not None else preset, method, out_dir, calib_samples, limit,
+                       seed, progress=progress_bar)
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    table = Table(title=f"{model} {res['recipe']} ({res['method']}): {res['dataset']}")
+    for col in ("metric", "FP", "quantized"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for m in res["metrics"]:
+        fp = "" if m["fp"] is None else _fmt(m["fp"])
+        table.add_row(m["name"], fp, _fmt(m["quantized"]))
+    size = res["size"]
+    table.add_row("size", _mib(size["fp_bytes"]) + " (in memory)", _mib(size["quantized_file_bytes"]) + " (file)")
+    table.add_row("bits per weight", "32", f"{size['bits_per_weight']:.2f}")
+    lat = res["latency_ms"]
+    table.add_row("CPU latency (reference path)", f"{lat['fp']:.2f} ms", f"{lat['quantized_reference_path']:.2f} ms")
+    table.add_row("time", "", f"quantize {res['time_s']['quantize']:.1f} s, evaluate {res['time_s']['evaluate']:.1f} s")
+    out.print(table)
+    if res["skipped_layers"]:
+        out.print(f"{len(res['skipped_layers'])} layers kept in float:")
+        for name, why in res["skipped_layers"].items():
+            out.print(f"  {name}: {why}")
+    out.print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'report.json'}")
 
 
 def main() -> None:

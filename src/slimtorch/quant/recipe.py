@@ -8,7 +8,7 @@ A YAML recipe::
     weight: {dtype: uint4, granularity: group:128, symmetric: false, observer: mse}
     act: null                   # or {dtype: int8, granularity: tensor, dynamic: false, ...}
 
-Granularity strings: ``tensor``, ``channel`` (axis 0), ``token``, ``group:N``.
+Granularity strings: ``tensor``, ``channel`` (axis 0), ``channel:AXIS``, ``token``, ``group:N``.
 Layers a recipe targets but that cannot take it (a group size that does not divide the input
 width, say) are skipped and reported with the reason, never silently.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtorch.errors import SlimError
-from slimtorch.spec import LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec
+from slimtorch.spec import LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec, granularity_from_str
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,6 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
-def parse_granularity(text: str):
-    t = str(text).strip().lower()
-    if t == "tensor":
-        return PerTensor()
-    if t == "channel":
-        return PerChannel(0)
-    if t == "token":
-        return PerToken()
-    if t.startswith("group:") and t[6:].isdigit():
-        return PerGroup(int(t[6:]))
-    raise SlimError(f"unknown granularity {text!r}; use tensor, channel, token or group:N")
-
-
 _SPEC_FIELDS = {"dtype", "granularity", "symmetric", "observer", "dynamic"}
 
 
@@ -84,7 +71,7 @@ def _spec(raw, where: str) -> QuantSpec | None:
         raise SlimError(f"recipe field {where!r} has unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}")
     kw = dict(raw)
     if "granularity" in kw:
-        kw["granularity"] = parse_granularity(kw["granularity"])
+        kw["granularity"] = granularity_from_str(kw["granularity"])
     return QuantSpec(**kw)
 
 

@@ -1,0 +1,71 @@
+"""The ``slimtorch quantize`` job: calibrate, quantize, evaluate FP vs quantized, write DIR/model.safetensors
+and DIR/report.json. Returns the report as a dict; rendering is the CLI's job.
+
+Nothing is written until everything else succeeded, and each file is written atomically, so a failed
+run leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from slimtorch.calib.data import calibration_set
+from slimtorch.errors import SlimError
+from slimtorch.eval import evaluate
+from slimtorch.eval.metrics import model_size_bytes
+from slimtorch.io.checkpoint import atomic_write_bytes
+from slimtorch.io.quantized import save_quantized
+from slimtorch.quantize import quantize_, resolve_recipe
+from slimtorch.zoo import get_entry, load_model
+
+
+def check_out_dir(out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SlimError(f"--out {out} is a file; give a folder (it is created if missing)")
+    return out
+
+
+def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_samples: int | None = None,
+                 limit: int | None = None, seed: int = 0, progress=None) -> dict:
+    out = check_out_dir(out)
+    get_entry(model)
+    rec = resolve_recipe(recipe)
+    kw = {} if progress is None else {"progress": progress}
+    fp = load_model(model)
+    calib = calibration_set(model, calib_samples, seed=seed, model=fp)
+    q = copy.deepcopy(fp)
+    report = quantize_(q, rec, calib, method=method, **kw)
+    t0 = time.perf_counter()
+    fp_res = evaluate(model, model=fp, limit=limit, **kw)
+    q_res = evaluate(model, model=q, reference=fp, limit=limit, **kw)
+    eval_seconds = time.perf_counter() - t0
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.safetensors"
+    save_quantized(q, model_path, model, {"recipe": rec.name, "method": method})
+    fp_metrics = {m.name: m.value for m in fp_res.metrics}
+    result = {
+        "model": model, "recipe": rec.name, "method": method,
+        "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "quantized": m.value, "unit": m.unit,
+                     "higher_is_better": m.higher_is_better} for m in q_res.metrics],
+        "dataset": q_res.dataset,
+        "size": {"fp_bytes": model_size_bytes(fp), "quantized_file_bytes": model_path.stat().st_size,
+                 "bits_per_weight": report.bits_per_weight},
+        "latency_ms": {"fp": fp_res.latency_ms, "quantized_reference_path": q_res.latency_ms,
+                       "input": fp_res.latency_input},
+        "time_s": {"quantize": report.seconds, "evaluate": eval_seconds},
+        "calib_samples": report.calib_samples, "seed": seed, "limit": limit,
+        "quantized_layers": report.quantized, "skipped_layers": report.skipped,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "report": {k: v for k, v in asdict(report).items() if k not in ("quantized", "skipped")},
+    }
+    atomic_write_bytes(out / "report.json", (json.dumps(result, indent=2) + "\n").encode())
+    return result
