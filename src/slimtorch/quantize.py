@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from slimtorch.calib.data import Batch, check_finite
+from slimtorch.calib.gptq import Hessian, gptq_quantize
+from slimtorch.calib.runner import sequential_calibrate
 from slimtorch.errors import SlimError
 from slimtorch.quant.modules import QUANT_TYPES, ActQuant, _QuantWeight
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
@@ -50,10 +52,25 @@ def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) ->
     """Round-to-nearest: each planned layer's weight quantized on its own with its observer."""
     for name in progress(list(plan), "rtn"):
         layer = model.get_submodule(name)
-        set_module(model, name, QUANT_TYPES[type(layer)].from_float(layer, plan[name].weight, plan[name].act))
+        set_module(model, name, QUANT_TYPES[type(layer)].from_float(layer, plan[name].weight, None))
 
 
-METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], None]] = {"rtn": rtn}
+def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, act_order: bool = True) -> None:
+    """GPTQ, block by block: each layer's Hessian comes from inputs that already went through the
+    quantized layers before it."""
+    if not calib:
+        raise SlimError("gptq needs calibration data")
+
+    def solve(name: str, layer: nn.Module, stats: Hessian) -> nn.Module:
+        spec = plan[name].weight
+        w2 = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        qparams = gptq_quantize(w2, stats.H, spec, act_order=act_order)
+        return QUANT_TYPES[type(layer)].from_float(layer, spec, None, qparams)
+
+    sequential_calibrate(model, [n for n, p in plan.items() if p.weight is not None], calib, Hessian, solve, progress)
+
+
+METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], None]] = {"rtn": rtn, "gptq": gptq}
 
 
 def resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -107,7 +124,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
         recipe: a preset name (``W8A8``, ``W4A16-g128``, ...), a YAML recipe path, or a Recipe.
         calib: calibration batches (tuples of forward arguments); needed by static activations
             and by data-driven methods.
-        method: ``rtn`` (more to come: gptq, awq, smoothquant).
+        method: ``rtn`` or ``gptq`` (more to come: awq, smoothquant).
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -120,6 +137,9 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
     model.eval()
     METHODS[method](model, plan, calib, progress)
+    for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
+        if p.act is not None:
+            model.get_submodule(name).act = ActQuant(p.act)
     calibrate_activations(model, calib, progress)
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
     return QuantReport(recipe=rec.name, method=method, quantized=quantized, skipped=skipped,

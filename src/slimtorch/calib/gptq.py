@@ -1,0 +1,132 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding
+error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+``gptq_quantize`` is the pure function; ``Hessian`` accumulates ``H = 2/n * sum x x^T`` from captured
+inputs (linear inputs as rows, conv inputs as unfolded patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtorch.errors import SlimError
+from slimtorch.quant import primitives as P
+from slimtorch.quant.observers import make_observer
+from slimtorch.spec import PerChannel, PerGroup, PerTensor, QuantSpec
+
+
+class Hessian:
+    """Running ``H = 2/n * sum_i x_i x_i^T`` over the input rows a layer sees. H: (in, in) float64."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        width = layer.weight[0].numel()
+        self.H = torch.zeros(width, width, dtype=torch.float64)
+        self.n = 0
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layer, nn.Conv2d):
+            c = self.layer
+            if c.groups != 1:
+                raise SlimError("GPTQ supports only groups=1 convolutions")
+            patches = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # (B, C*kh*kw, L)
+            return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return x.reshape(-1, x.shape[-1])
+
+    def add(self, x: torch.Tensor) -> None:
+        r = self.rows(x.detach()).double()
+        m = r.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        r = r * (2.0 / self.n) ** 0.5
+        self.H += r.T @ r
+
+
+def _column_spec(spec: QuantSpec) -> QuantSpec:
+    return replace(spec, granularity=PerChannel(0))
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ for one weight.
+
+    Args:
+        weight: (out, in) float weight (conv weights flattened to (out, in*kh*kw)).
+        H: (in, in) Hessian of the layer inputs.
+        spec: weight QuantSpec (per-tensor, per-channel on axis 0, or per-group).
+        block_size: columns per lazy batch update.
+        damp: fraction of the mean diagonal added to H.
+        act_order: quantize columns by decreasing Hessian diagonal (groups keep their original columns,
+            with parameters from the un-updated weight: "static groups").
+
+    Returns:
+        (codes (out, in), scale, zero) in the scale shapes of primitives.py.
+    """
+    W = weight.detach().double().clone()
+    out_f, in_f = W.shape
+    H = H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    gran = spec.granularity
+    group = gran.size if isinstance(gran, PerGroup) else None
+    if isinstance(gran, PerChannel) and gran.axis % 2 != 0:
+        raise SlimError("GPTQ needs per-channel weight scales on axis 0 (output channels)")
+
+    def fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # w (out, k) -> (out, 1) params
+        obs = make_observer(_column_spec(spec) if not isinstance(gran, PerTensor) else spec)
+        obs.update(w.float())
+        s, z = obs.qparams()
+        return s.expand(out_f, 1) if s.ndim == 0 else s, z.expand(out_f, 1) if z.ndim == 0 else z
+
+    if group is None:
+        col_scale, col_zero = fit(W)
+    elif act_order:
+        gs, gz = zip(*(fit(W[:, g:g + group]) for g in range(0, in_f, group)))
+        group_scale, group_zero = torch.cat(gs, 1), torch.cat(gz, 1)  # (out, G)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise SlimError("GPTQ: the layer's Hessian is not positive definite even after damping; "
+                        "raise the damping or use more calibration samples") from None
+
+    colspec = _column_spec(spec)
+    Q = torch.zeros_like(W)
+    scales = torch.zeros(out_f, in_f, dtype=torch.float32)
+    zeros = torch.zeros(out_f, in_f, dtype=torch.float32)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            if group is not None and not act_order and col % group == 0:
+                col_scale, col_zero = fit(W1[:, i:i + group] if i + group <= W1.shape[1]
+                                          else torch.cat([W1[:, i:], W[:, i2:i1 + i + group]], 1))
+            if group is not None and act_order:
+                col_scale, col_zero = group_scale[:, col // group:col // group + 1], group_zero[:, col // group:col // group + 1]
+            w = W1[:, i:i + 1]
+            q = P.dequantize(P.quantize(w.float(), col_scale, col_zero, colspec), col_scale, col_zero, colspec).double()
+            Q[:, i1 + i] = q[:, 0]
+            scales[:, col], zeros[:, col] = col_scale[:, 0], col_zero[:, 0]
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    Q = Q[:, inv].float()
+    if group is not None:
+        scale, zero = scales[:, ::group].unsqueeze(-1).contiguous(), zeros[:, ::group].unsqueeze(-1).contiguous()
+    elif isinstance(gran, PerTensor):
+        scale, zero = scales[0, 0], zeros[0, 0]
+    else:
+        scale, zero = scales[:, :1].contiguous(), zeros[:, :1].contiguous()
+    return P.quantize(Q, scale, zero, spec), scale, zero

@@ -1,0 +1,60 @@
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slimtorch.calib.data import calibration_set
+from slimtorch.eval import evaluate
+from slimtorch.io.quantized import load_quantized
+from slimtorch.quantize import quantize_
+from slimtorch.zoo import load_model, manifest
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slimtorch", *args], capture_output=True, text=True, timeout=900)
+
+
+def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_quantize_cli_writes_a_model_that_reloads_to_the_same_accuracy(tmp_path):
+    out = tmp_path / "q"
+    r = run("quantize", "fmnist-cnn", "--preset", "W8A8", "--out", str(out), "--limit", "2000", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert json.loads((out / "report.json").read_text())["metrics"] == rep["metrics"]
+    acc = next(m for m in rep["metrics"] if m["name"] == "top1_accuracy")
+    assert abs(acc["quantized"] - acc["fp"]) < 1.0
+    model, meta = load_quantized(out / "model.safetensors")
+    assert meta["recipe"] == "W8A8" and meta["method"] == "rtn"
+    assert evaluate("fmnist-cnn", model=model, limit=2000).metric("top1_accuracy") == acc["quantized"]
+    assert rep["size"]["quantized_file_bytes"] < 0.3 * rep["size"]["fp_bytes"]
+
+
+@pytest.mark.slow
+def test_fmnist_cnn_w8a8_within_half_a_point_on_the_full_test_set():
+    fp = load_model("fmnist-cnn")
+    q = copy.deepcopy(fp)
+    quantize_(q, "W8A8", calibration_set("fmnist-cnn"), "rtn")
+    acc = evaluate("fmnist-cnn", model=q).metric("top1_accuracy")
+    assert abs(acc - manifest()["fmnist-cnn"]["fp_metrics"]["top1_accuracy"]) <= 0.5
+
+
+def test_bad_inputs_are_one_line_exit_2_and_leave_no_model(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    one_line_error(run("quantize", "fmnist-cnn", "--preset", "W8A8", "--out", str(afile)), "is a file")
+    one_line_error(run("quantize", "fmnist-cnn", "--preset", "W5", "--out", str(tmp_path / "o")), "unknown preset")
+    one_line_error(run("quantize", "fmnist-cnn", "--out", str(tmp_path / "o")), "exactly one of --preset")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: W8A8\nignore: ['re:[']\n")
+    one_line_error(run("quantize", "fmnist-cnn", "--recipe", str(recipe), "--out", str(tmp_path / "o")),
+                   "not a valid regex")
+    one_line_error(run("quantize", "nope", "--preset", "W8A8", "--out", str(tmp_path / "o")), "unknown model")
+    assert not (tmp_path / "o").exists()
