@@ -19,10 +19,11 @@ from torch import nn
 from slimtorch.calib.data import Batch, check_finite
 from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.calib.runner import sequential_calibrate
+from slimtorch.calib.smoothing import InputStats, awq_scales, smoothquant_scales
 from slimtorch.errors import SlimError
-from slimtorch.quant.modules import QUANT_TYPES, ActQuant, _QuantWeight
+from slimtorch.quant.modules import QUANT_TYPES, ActQuant, QuantLinear, _QuantWeight, quantize_weight
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
-from slimtorch.spec import Plan
+from slimtorch.spec import Plan, QuantSpec
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -70,7 +71,47 @@ def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, a
     sequential_calibrate(model, [n for n, p in plan.items() if p.weight is not None], calib, Hessian, solve, progress)
 
 
-METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], None]] = {"rtn": rtn, "gptq": gptq}
+def _smoothed(layer: nn.Module, spec, s: torch.Tensor) -> QuantLinear:
+    """QuantLinear of ``W * s`` that multiplies its input by ``1 / s`` (same function, new balance)."""
+    codes, scale, zero = quantize_weight(layer.weight.detach() * s, spec)
+    q = QuantLinear(spec, codes, scale, zero, layer.bias, None, tuple(layer.weight.shape))
+    q.inv_smooth = 1.0 / s
+    return q
+
+
+def _per_layer_scales(scales: Callable[[nn.Module, InputStats, QuantSpec], torch.Tensor], description: str):
+    """A method that smooths each Linear with ``scales(layer, stats, weight_spec)`` (block by block)
+    and RTN-quantizes the other planned layers."""
+
+    def method(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> None:
+        if not calib:
+            raise SlimError(f"{description} needs calibration data")
+
+        def solve(name: str, layer: nn.Module, stats: InputStats) -> nn.Module:
+            spec = plan[name].weight
+            if not isinstance(layer, nn.Linear) or stats.n == 0:
+                return QUANT_TYPES[type(layer)].from_float(layer, spec, None)
+            return _smoothed(layer, spec, scales(layer, stats, spec))
+
+        names = [n for n, p in plan.items() if p.weight is not None]
+        sequential_calibrate(model, names, calib, InputStats, solve, progress)
+
+    return method
+
+
+def smoothquant(alpha: float = 0.5):
+    """SmoothQuant with migration strength ``alpha``, then RTN weights."""
+    return _per_layer_scales(lambda layer, st, spec: smoothquant_scales(st.absmax, layer.weight, alpha), "smoothquant")
+
+
+def awq():
+    """AWQ: activation-aware scale search per Linear, then RTN weights."""
+    return _per_layer_scales(lambda layer, st, spec: awq_scales(layer.weight, st.rows, st.absmean, spec)[0], "awq")
+
+
+METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], None]] = {
+    "rtn": rtn, "gptq": gptq, "smoothquant": smoothquant(), "awq": awq(),
+}
 
 
 def resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -124,7 +165,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
         recipe: a preset name (``W8A8``, ``W4A16-g128``, ...), a YAML recipe path, or a Recipe.
         calib: calibration batches (tuples of forward arguments); needed by static activations
             and by data-driven methods.
-        method: ``rtn`` or ``gptq`` (more to come: awq, smoothquant).
+        method: ``rtn``, ``gptq``, ``awq`` or ``smoothquant``.
     """
     t0 = time.perf_counter()
     if method not in METHODS:

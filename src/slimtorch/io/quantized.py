@@ -109,6 +109,8 @@ def load_quantized(path: Path, base_model: nn.Module | None = None) -> tuple[nn.
             pad = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
             new = QuantConv2d(wspec, codes, scale, zero, bias, aspec, shape, stride=tuple(c["stride"]),
                               padding=pad, dilation=tuple(c["dilation"]), groups=c["groups"])
+        if f"{name}.inv_smooth" in tensors:
+            new.inv_smooth = tensors[f"{name}.inv_smooth"]
         if aspec is not None and not aspec.dynamic:
             new.act.scale, new.act.zero = tensors[f"{name}.act.scale"], tensors[f"{name}.act.zero"]
         set_module(model, name, new)

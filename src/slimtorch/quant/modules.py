@@ -71,12 +71,17 @@ class _QuantWeight(nn.Module):
         self.register_buffer("w_zero", zero)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act = None if act is None else ActQuant(act)
+        # Per-input-channel factor applied to the input before everything else (SmoothQuant / AWQ:
+        # the weight was quantized as W * s, so the input is multiplied by 1 / s). None: no smoothing.
+        self.register_buffer("inv_smooth", None)
 
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight in its original shape."""
         return P.dequantize(self.qweight, self.w_scale, self.w_zero, self.wspec, dtype).reshape(self.weight_shape)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth.to(x.dtype)
         return x if self.act is None else self.act(x)
 
 
