@@ -183,6 +183,8 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
             model.get_submodule(name).act = ActQuant(p.act)
     calibrate_activations(model, calib, progress)
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
+    notes = [f"{n}: a conv input has no tokens, so its activations use one scale per call (per tensor)"
+             for n, p in plan.items() if p.act is not None and rec.act is not None and p.act != rec.act]
     return QuantReport(recipe=rec.name, method=method, quantized=quantized, skipped=skipped,
                        calib_samples=sum(len(b[0]) for b in calib), seconds=time.perf_counter() - t0,
-                       bits_per_weight=weight_bits(model))
+                       bits_per_weight=weight_bits(model), notes=notes)

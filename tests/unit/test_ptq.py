@@ -138,6 +138,7 @@ def test_gptq_through_quantize_is_sequential_and_close():
     q = copy.deepcopy(model)
     rep = quantize_(q, "W8A8-dynamic", _calib(), "gptq")
     assert len(rep.quantized) == 4
+    assert len(rep.notes) == 1 and rep.notes[0].startswith("conv: a conv input has no tokens")
     x = _calib(1)[0][0]
     with torch.no_grad():
         assert (q(x) - model(x)).norm() / model(x).norm() < 0.03

@@ -16,7 +16,7 @@ width, say) are skipped and reported with the reason, never silently.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -32,7 +32,6 @@ class Recipe:
     act: QuantSpec | None = None
     targets: tuple[str, ...] = ("Linear", "Conv2d")
     ignore: tuple[str, ...] = ("lm_head",)
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def weight_only(self) -> bool:
