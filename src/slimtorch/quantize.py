@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +21,11 @@ from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.calib.runner import sequential_calibrate
 from slimtorch.calib.smoothing import InputStats, awq_scales, smoothquant_scales
 from slimtorch.errors import SlimError
-from slimtorch.quant.modules import QUANT_TYPES, ActQuant, QuantLinear, _QuantWeight, quantize_weight
+from slimtorch.progress import Progress, no_progress
+from slimtorch.quant.modules import QUANT_TYPES, ActQuant, QuantLinear, _QuantWeight, quantize_weight, set_module
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
 from slimtorch.spec import Plan, QuantSpec
 
-Progress = Callable[[Iterable, str], Iterable]
-
-
-def _no_progress(it: Iterable, description: str) -> Iterable:
-    return it
 
 
 @dataclass
@@ -42,11 +38,6 @@ class QuantReport:
     seconds: float
     bits_per_weight: float  # over every Linear/Conv2d weight, scales and zero-points included
     notes: list[str] = field(default_factory=list)
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> None:
@@ -128,7 +119,7 @@ def run_batches(model: nn.Module, calib: list[Batch], progress: Progress, descri
         model(*batch)
 
 
-def calibrate_activations(model: nn.Module, calib: list[Batch], progress: Progress = _no_progress) -> int:
+def calibrate_activations(model: nn.Module, calib: list[Batch], progress: Progress = no_progress) -> int:
     """Observe every static ActQuant over ``calib``, then freeze them. Returns how many were calibrated."""
     static = [m for m in model.modules() if isinstance(m, ActQuant) and not m.spec.dynamic]
     if not static:
@@ -157,7 +148,7 @@ def weight_bits(model: nn.Module) -> float:
 
 
 def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] | None = None,
-              method: str = "rtn", progress: Progress = _no_progress) -> QuantReport:
+              method: str = "rtn", progress: Progress = no_progress) -> QuantReport:
     """Quantize ``model`` in place.
 
     Args:

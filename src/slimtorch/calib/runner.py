@@ -10,14 +10,15 @@ model with no block list) are handled first, in one pass of the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from slimtorch.calib.data import Batch
+from slimtorch.progress import Progress
+from slimtorch.quant.modules import set_module
 
-Progress = Callable[[Iterable, str], Iterable]
 # a per-layer solver: (layer name, layer, statistics) -> replacement module
 Solver = Callable[[str, nn.Module, object], nn.Module]
 # makes the statistics object for a layer and feeds it inputs: (layer) -> object with .add(x)
@@ -39,12 +40,7 @@ def find_blocks(model: nn.Module, names: set[str]) -> tuple[str, nn.ModuleList] 
     return best
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def _collect(root: nn.Module, layers: dict[str, nn.Module], make_stats: StatsFactory, run: Callable[[], None]):
+def _collect(layers: dict[str, nn.Module], make_stats: StatsFactory, run: Callable[[], None]):
     stats = {n: make_stats(m) for n, m in layers.items()}
     handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.add(args[0]))
                for n, m in layers.items()]
@@ -67,9 +63,9 @@ def sequential_calibrate(model: nn.Module, names: list[str], calib: list[Batch],
         def full() -> None:
             for batch in progress(calib, "calibrating (whole model)"):
                 model(*batch)
-        stats = _collect(model, outside, make_stats, full)
+        stats = _collect(outside, make_stats, full)
         for n, layer in outside.items():
-            _set(model, n, solve(n, layer, stats[n]))
+            set_module(model, n, solve(n, layer, stats[n]))
     if blocks is None:
         return
     list_name, block_list = blocks
@@ -98,9 +94,9 @@ def sequential_calibrate(model: nn.Module, names: list[str], calib: list[Batch],
                 block(*args, **kwargs)
 
         if layers:
-            stats = _collect(block, layers, make_stats, run_block)
+            stats = _collect(layers, make_stats, run_block)
             for n, layer in layers.items():
-                _set(model, n, solve(n, layer, stats[n]))
+                set_module(model, n, solve(n, layer, stats[n]))
         with torch.no_grad():
             outs = [block(*args, **kwargs) for args, kwargs in inputs]
         inputs = [((o[0] if isinstance(o, tuple) else o, *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]

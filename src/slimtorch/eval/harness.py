@@ -14,14 +14,10 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError
+from slimtorch.progress import Progress, no_progress
 from slimtorch.eval import metrics as M
 from slimtorch.zoo import data, get_entry, load_model
 
-Progress = Callable[[Iterable, str], Iterable]
-
-
-def _no_progress(it: Iterable, description: str) -> Iterable:
-    return it
 
 
 @dataclass(frozen=True)
@@ -80,11 +76,10 @@ def _fmnist(model: nn.Module, ref: nn.Module | None, limit: int | None, progress
 
 @torch.no_grad()
 def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
-    from slimtorch.zoo.lm_data import corpus_tokens, load_tokenizer
+    from slimtorch.zoo.lm_data import corpus_tokens
 
-    tok = load_tokenizer()
     seq = model.cfg.max_seq_len
-    wins = M.windows(corpus_tokens("heldout", tok), seq, limit)
+    wins = M.windows(corpus_tokens("heldout"), seq, limit)
     nll, n, agree = 0.0, 0, 0.0
     for i in progress(range(0, len(wins), 4), "perplexity"):
         batch = wins[i:i + 4]
@@ -94,7 +89,7 @@ def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
         if ref is not None:
             agree += (logits.argmax(-1) == ref(batch).argmax(-1)).sum().item()
     ppl = torch.tensor(nll / n).exp().item()
-    unigram = M.unigram_perplexity(corpus_tokens("train", tok), wins, model.cfg.vocab_size)
+    unigram = M.unigram_perplexity(corpus_tokens("train"), wins, model.cfg.vocab_size)
     out = [Metric("heldout_perplexity", ppl, "", False), Metric("unigram_perplexity", unigram, "", False)]
     if ref is not None:
         out.append(Metric("next_token_agreement", 100.0 * agree / wins.numel(), "%"))
@@ -185,7 +180,7 @@ TASKS: dict[str, Callable[..., _TaskOut]] = {
 
 
 def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | None = None,
-             limit: int | None = None, progress: Progress = _no_progress) -> EvalResult:
+             limit: int | None = None, progress: Progress = no_progress) -> EvalResult:
     """Measure zoo model ``name`` (or ``model``, a compressed copy of it) on its task.
 
     Args:

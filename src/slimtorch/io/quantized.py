@@ -23,7 +23,7 @@ from torch import nn
 from slimtorch.errors import SlimError
 from slimtorch.io.checkpoint import load_tensors, save_tensors
 from slimtorch.quant import formats
-from slimtorch.quant.modules import QuantConv2d, QuantLinear, _QuantWeight
+from slimtorch.quant.modules import QuantConv2d, QuantLinear, _QuantWeight, set_module
 from slimtorch.quant.primitives import FP8_DTYPES
 from slimtorch.spec import spec_from_dict, spec_to_dict
 
@@ -81,8 +81,6 @@ def save_quantized(model: nn.Module, path: Path, base: str, extra: dict | None =
 
 def load_quantized(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by :func:`save_quantized`. Returns (model, metadata)."""
-    from slimtorch.quantize import set_module
-
     tensors, meta = load_tensors(Path(path))
     if meta.get("format") != "slimtorch-quantized":
         raise SlimError(f"{path} is not a slimtorch quantized model (no slimtorch-quantized metadata)")

@@ -142,3 +142,9 @@ class QuantConv2d(_QuantWeight):
 
 
 QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -135,8 +135,8 @@ def _matches(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
     return False
 
 
-def _why_not(module: nn.Module, spec: QuantSpec | None, act: QuantSpec | None) -> str | None:
-    """Why ``module`` cannot take the specs, or None."""
+def _why_not(module: nn.Module, spec: QuantSpec | None) -> str | None:
+    """Why ``module`` cannot take the weight spec, or None."""
     width = module.weight[0].numel()  # input elements per output row (conv: in/groups * kh * kw)
     if spec is not None and isinstance(spec.granularity, PerGroup) and width % spec.granularity.size:
         return f"input width {width} is not a multiple of group size {spec.granularity.size}"
@@ -155,7 +155,7 @@ def build_plan(model: nn.Module, recipe: Recipe) -> tuple[Plan, dict[str, str]]:
         if _matches(name, module, recipe.ignore):
             skipped[name] = "ignored by the recipe"
             continue
-        reason = _why_not(module, recipe.weight, recipe.act)
+        reason = _why_not(module, recipe.weight)
         if reason:
             skipped[name] = f"cannot be quantized: {reason}"
             continue

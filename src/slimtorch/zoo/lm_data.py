@@ -7,6 +7,7 @@ The tokenizer is a byte-level BPE (4,096 entries, trained on the corpus's train 
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -29,8 +30,22 @@ def load_tokenizer(path: Path = TOKENIZER_FILE):
 
 
 def corpus_tokens(split: str, tokenizer=None) -> torch.Tensor:
-    """The split's documents tokenized and concatenated, each followed by ``</s>``: int64 ``(N,)``."""
-    tok = tokenizer or load_tokenizer()
+    """The split's documents tokenized and concatenated, each followed by ``</s>``: int64 ``(N,)``.
+
+    With the shipped tokenizer (``tokenizer=None``) the result is cached per split (tokenizing the
+    train split takes seconds, and evaluation and calibration both need it): treat it as read-only.
+    """
+    if tokenizer is None:
+        return _shipped_tokens(split)
+    return _tokenize(split, tokenizer)
+
+
+@cache
+def _shipped_tokens(split: str) -> torch.Tensor:
+    return _tokenize(split, load_tokenizer())
+
+
+def _tokenize(split: str, tok) -> torch.Tensor:
     docs = [t for _, t in text_corpus(split).documents]
     ids: list[int] = []
     for enc in tok.encode_batch(docs, add_special_tokens=False):
