@@ -58,13 +58,13 @@ def main() -> None:
                 t0 = time.perf_counter()
                 rep = quantize_(q, preset, calib, method)
                 secs = time.perf_counter() - t0
-                res = evaluate(name, model=q, limit=args.limit)
+                res = evaluate(name, model=q, reference=fp, limit=args.limit)
                 rec = {**common, "model": name, "preset": preset, "method": method, "dataset": res.dataset,
                        "fp": {m.name: m.value for m in fp_res.metrics},
                        "quantized": {m.name: m.value for m in res.metrics},
                        "bits_per_weight": rep.bits_per_weight, "quantized_layers": len(rep.quantized),
                        "skipped_layers": len(rep.skipped), "calib_samples": rep.calib_samples,
-                       "quantize_seconds": round(secs, 1)}
+                       "quantize_seconds": round(secs, 1), "notes": rep.notes}
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 with open(RESULTS, "a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,14 +19,13 @@ from torch import nn
 
 from slimtorch.calib.data import Batch, check_finite
 from slimtorch.calib.gptq import Hessian, gptq_quantize
-from slimtorch.calib.runner import sequential_calibrate
-from slimtorch.calib.smoothing import InputStats, awq_scales, smoothquant_scales
+from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smoothquant_choice
+from slimtorch.calib.runner import per_layer, sequential_calibrate
 from slimtorch.errors import SlimError
 from slimtorch.progress import Progress, no_progress
-from slimtorch.quant.modules import QUANT_TYPES, ActQuant, QuantLinear, _QuantWeight, quantize_weight, set_module
+from slimtorch.quant.modules import QUANT_TYPES, ActQuant, _QuantWeight, set_module
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
-from slimtorch.spec import Plan, QuantSpec
-
+from slimtorch.spec import Plan
 
 
 @dataclass
@@ -40,67 +40,64 @@ class QuantReport:
     notes: list[str] = field(default_factory=list)
 
 
-def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> None:
+def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> list[str]:
     """Round-to-nearest: each planned layer's weight quantized on its own with its observer."""
     for name in progress(list(plan), "rtn"):
         layer = model.get_submodule(name)
         set_module(model, name, QUANT_TYPES[type(layer)].from_float(layer, plan[name].weight, None))
+    return []
 
 
-def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, act_order: bool = True) -> None:
+def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, act_order: bool = True) -> list[str]:
     """GPTQ, block by block: each layer's Hessian comes from inputs that already went through the
     quantized layers before it."""
     if not calib:
         raise SlimError("gptq needs calibration data")
 
+    notes: list[str] = []
+
     def solve(name: str, layer: nn.Module, stats: Hessian) -> nn.Module:
         spec = plan[name].weight
+        if stats.H is None:
+            notes.append(f"{name}: grouped (depthwise) convolution, GPTQ does not apply; rounded to nearest")
+            return QUANT_TYPES[type(layer)].from_float(layer, spec, None)
         w2 = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         qparams = gptq_quantize(w2, stats.H, spec, act_order=act_order)
         return QUANT_TYPES[type(layer)].from_float(layer, spec, None, qparams)
 
-    sequential_calibrate(model, [n for n, p in plan.items() if p.weight is not None], calib, Hessian, solve, progress)
+    sequential_calibrate(model, _weight_layers(plan), calib, per_layer(Hessian, solve), progress)
+    return notes
 
 
-def _smoothed(layer: nn.Module, spec, s: torch.Tensor) -> QuantLinear:
-    """QuantLinear of ``W * s`` that multiplies its input by ``1 / s`` (same function, new balance)."""
-    codes, scale, zero = quantize_weight(layer.weight.detach() * s, spec)
-    q = QuantLinear(spec, codes, scale, zero, layer.bias, None, tuple(layer.weight.shape))
-    q.inv_smooth = 1.0 / s
-    return q
+def _weight_layers(plan: Plan) -> list[str]:
+    return [n for n, p in plan.items() if p.weight is not None]
 
 
-def _per_layer_scales(scales: Callable[[nn.Module, InputStats, QuantSpec], torch.Tensor], description: str):
-    """A method that smooths each Linear with ``scales(layer, stats, weight_spec)`` (block by block)
-    and RTN-quantizes the other planned layers."""
+def _rescaling(name: str, choose: Callable[[Plan], ChooseScale], clip: bool):
+    """A method that rescales shared-input groups (folded where exact), then quantizes, block by block."""
 
-    def method(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> None:
+    def method(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> list[str]:
         if not calib:
-            raise SlimError(f"{description} needs calibration data")
-
-        def solve(name: str, layer: nn.Module, stats: InputStats) -> nn.Module:
-            spec = plan[name].weight
-            if not isinstance(layer, nn.Linear) or stats.n == 0:
-                return QUANT_TYPES[type(layer)].from_float(layer, spec, None)
-            return _smoothed(layer, spec, scales(layer, stats, spec))
-
-        names = [n for n, p in plan.items() if p.weight is not None]
-        sequential_calibrate(model, names, calib, InputStats, solve, progress)
+            raise SlimError(f"{name} needs calibration data")
+        notes: list[str] = []
+        sequential_calibrate(model, _weight_layers(plan), calib, rescale_method(plan, choose(plan), clip, notes),
+                             progress)
+        return notes
 
     return method
 
 
 def smoothquant(alpha: float = 0.5):
     """SmoothQuant with migration strength ``alpha``, then RTN weights."""
-    return _per_layer_scales(lambda layer, st, spec: smoothquant_scales(st.absmax, layer.weight, alpha), "smoothquant")
+    return _rescaling("smoothquant", lambda plan: smoothquant_choice(alpha), clip=False)
 
 
-def awq():
-    """AWQ: activation-aware scale search per Linear, then RTN weights."""
-    return _per_layer_scales(lambda layer, st, spec: awq_scales(layer.weight, st.rows, st.absmean, spec)[0], "awq")
+def awq(grid: int = 20):
+    """AWQ: activation-aware scale search per shared-input group, clipping search, then the weights."""
+    return _rescaling("awq", lambda plan: awq_choice(plan, grid), clip=True)
 
 
-METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], None]] = {
+METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], list[str]]] = {
     "rtn": rtn, "gptq": gptq, "smoothquant": smoothquant(), "awq": awq(),
 }
 
@@ -168,7 +165,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
     if not plan:
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
     model.eval()
-    METHODS[method](model, plan, calib, progress)
+    method_notes = METHODS[method](model, plan, calib, progress)
     for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
         if p.act is not None:
             model.get_submodule(name).act = ActQuant(p.act)
@@ -176,6 +173,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
     notes = [f"{n}: a conv input has no tokens, so its activations use one scale per call (per tensor)"
              for n, p in plan.items() if p.act is not None and rec.act is not None and p.act != rec.act]
+    notes += list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", note) for note in method_notes))  # once per block kind
     return QuantReport(recipe=rec.name, method=method, quantized=quantized, skipped=skipped,
                        calib_samples=sum(len(b[0]) for b in calib), seconds=time.perf_counter() - t0,
                        bits_per_weight=weight_bits(model), notes=notes)

@@ -25,19 +25,22 @@ class Hessian:
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
         width = layer.weight[0].numel()
-        self.H = torch.zeros(width, width, dtype=torch.float64)
+        # grouped convolutions: each output sees only its group's inputs, so one Hessian does not
+        # describe the layer; H stays None and the caller rounds to nearest instead
+        grouped = isinstance(layer, nn.Conv2d) and layer.groups != 1
+        self.H = None if grouped else torch.zeros(width, width, dtype=torch.float64)
         self.n = 0
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.layer, nn.Conv2d):
             c = self.layer
-            if c.groups != 1:
-                raise SlimError("GPTQ supports only groups=1 convolutions")
             patches = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # (B, C*kh*kw, L)
             return patches.transpose(1, 2).reshape(-1, patches.shape[1])
         return x.reshape(-1, x.shape[-1])
 
     def add(self, x: torch.Tensor) -> None:
+        if self.H is None:
+            return
         r = self.rows(x.detach()).double()
         m = r.shape[0]
         self.H *= self.n / (self.n + m)

@@ -2,10 +2,11 @@
 
 The model's repeated blocks (the largest ``nn.ModuleList`` holding planned layers: transformer
 layers, ViT blocks) are calibrated one at a time: the inputs of block 0 are captured once, each
-block then runs on the stored inputs with hooks collecting statistics for its layers, its layers
-are quantized, and the block runs again to produce the (now quantized) inputs of the next block.
-Only one block's inputs are held at a time. Planned layers outside the blocks (stems, heads, a
-model with no block list) are handled first, in one pass of the whole model.
+block is then handed to the method together with its stored inputs (a *scope*), the method
+swaps its layers for quantized ones, and the block runs again to produce the (now quantized)
+inputs of the next block. Only one block's inputs are held at a time. Planned layers outside the
+blocks (stems, heads, a model with no block list) form one scope first: the whole model, run on
+the calibration batches.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import torch
 from torch import nn
 
 from slimtorch.calib.data import Batch
-from slimtorch.progress import Progress
+from slimtorch.progress import Progress, no_progress
 from slimtorch.quant.modules import set_module
 
+# stored inputs of a scope: (args, kwargs) per call
+Inputs = list[tuple[tuple, dict]]
+# a method's work on one scope: (model, scope module, planned layer names in it, its inputs, progress)
+ProcessScope = Callable[[nn.Module, nn.Module, list[str], Inputs, Progress], None]
 # a per-layer solver: (layer name, layer, statistics) -> replacement module
 Solver = Callable[[str, nn.Module, object], nn.Module]
 # makes the statistics object for a layer and feeds it inputs: (layer) -> object with .add(x)
@@ -40,7 +45,19 @@ def find_blocks(model: nn.Module, names: set[str]) -> tuple[str, nn.ModuleList] 
     return best
 
 
-def _collect(layers: dict[str, nn.Module], make_stats: StatsFactory, run: Callable[[], None]):
+@torch.no_grad()
+def run_scope(scope: nn.Module, inputs: Inputs, progress: Progress = no_progress, description: str = "") -> list:
+    """Run ``scope`` on each stored input; returns the outputs."""
+    return [scope(*args, **kwargs) for args, kwargs in progress(inputs, description)]
+
+
+def first_tensor(out) -> torch.Tensor:
+    """The main tensor of a module output (a tensor, a tuple's first item, a transformers ModelOutput)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def collect(layers: dict[str, nn.Module], make_stats: StatsFactory, run: Callable[[], object]) -> dict[str, object]:
+    """Statistics of each layer's input over ``run()``."""
     stats = {n: make_stats(m) for n, m in layers.items()}
     handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.add(args[0]))
                for n, m in layers.items()]
@@ -53,23 +70,30 @@ def _collect(layers: dict[str, nn.Module], make_stats: StatsFactory, run: Callab
     return stats
 
 
-def sequential_calibrate(model: nn.Module, names: list[str], calib: list[Batch], make_stats: StatsFactory,
-                         solve: Solver, progress: Progress) -> None:
-    """Replace each layer in ``names`` by ``solve(name, layer, stats)``, block by block."""
+def per_layer(make_stats: StatsFactory, solve: Solver) -> ProcessScope:
+    """A scope method that replaces each layer by ``solve(name, layer, stats of its inputs)``."""
+
+    def process(model: nn.Module, scope: nn.Module, names: list[str], inputs: Inputs, progress: Progress) -> None:
+        layers = {n: model.get_submodule(n) for n in names}
+        stats = collect(layers, make_stats, lambda: run_scope(scope, inputs, progress, "calibrating"))
+        for n, layer in layers.items():
+            set_module(model, n, solve(n, layer, stats[n]))
+
+    return process
+
+
+def sequential_calibrate(model: nn.Module, names: list[str], calib: list[Batch], process: ProcessScope,
+                         progress: Progress) -> None:
+    """Hand each scope (layers outside the blocks with the whole model, then each block) to ``process``."""
     blocks = find_blocks(model, set(names))
     prefix = f"{blocks[0]}." if blocks else None
-    outside = {n: model.get_submodule(n) for n in names if prefix is None or not n.startswith(prefix)}
+    outside = [n for n in names if prefix is None or not n.startswith(prefix)]
     if outside:
-        def full() -> None:
-            for batch in progress(calib, "calibrating (whole model)"):
-                model(*batch)
-        stats = _collect(outside, make_stats, full)
-        for n, layer in outside.items():
-            set_module(model, n, solve(n, layer, stats[n]))
+        process(model, model, outside, [(tuple(b), {}) for b in calib], progress)
     if blocks is None:
         return
     list_name, block_list = blocks
-    inputs: list[tuple[tuple, dict]] = []
+    inputs: Inputs = []
 
     def catch(mod, args, kwargs):
         inputs.append((args, kwargs))
@@ -87,16 +111,8 @@ def sequential_calibrate(model: nn.Module, names: list[str], calib: list[Batch],
         handle.remove()
     for i in progress(range(len(block_list)), "calibrating blocks"):
         block, bname = block_list[i], f"{list_name}.{i}"
-        layers = {n: model.get_submodule(n) for n in names if n.startswith(f"{bname}.")}
-
-        def run_block() -> None:
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
-
+        layers = [n for n in names if n.startswith(f"{bname}.")]
         if layers:
-            stats = _collect(layers, make_stats, run_block)
-            for n, layer in layers.items():
-                set_module(model, n, solve(n, layer, stats[n]))
-        with torch.no_grad():
-            outs = [block(*args, **kwargs) for args, kwargs in inputs]
-        inputs = [((o[0] if isinstance(o, tuple) else o, *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+            process(model, block, layers, inputs, no_progress)
+        outs = run_scope(block, inputs)
+        inputs = [((first_tensor(o), *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError
-from slimtorch.progress import Progress, no_progress
 from slimtorch.eval import metrics as M
+from slimtorch.progress import Progress, no_progress
 from slimtorch.zoo import data, get_entry, load_model
-
 
 
 @dataclass(frozen=True)
