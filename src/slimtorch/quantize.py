@@ -42,7 +42,7 @@ class QuantReport:
 
 def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> list[str]:
     """Round-to-nearest: each planned layer's weight quantized on its own with its observer."""
-    for name in progress(list(plan), "rtn"):
+    for name in progress(_weight_layers(plan), "rtn"):
         layer = model.get_submodule(name)
         set_module(model, name, QUANT_TYPES[type(layer)].from_float(layer, plan[name].weight, None))
     return []
@@ -167,12 +167,18 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
     model.eval()
     method_notes = METHODS[method](model, plan, calib, progress)
     for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
-        if p.act is not None:
+        if p.act is not None and p.weight is None:  # a MatmulInput point becomes the quantizer
+            set_module(model, name, ActQuant(p.act))
+        elif p.act is not None:
             model.get_submodule(name).act = ActQuant(p.act)
     calibrate_activations(model, calib, progress)
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
-    notes = [f"{n}: a conv input has no tokens, so its activations use one scale per call (per tensor)"
-             for n, p in plan.items() if p.act is not None and rec.act is not None and p.act != rec.act]
+    notes = [] if rec.attention is None or any(p.weight is None for p in plan.values()) else [
+        "the recipe quantizes attention, but this model has no MatmulInput points (attention Q/K/V and "
+        "softmax inputs): only its layers were quantized"]
+    notes += [f"{n}: a conv input has no tokens, so its activations use one scale per call (per tensor)"
+             for n, p in plan.items() if p.weight is not None and p.act is not None and rec.act is not None
+             and p.act != rec.act]
     notes += list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", note) for note in method_notes))  # once per block kind
     return QuantReport(recipe=rec.name, method=method, quantized=quantized, skipped=skipped,
                        calib_samples=sum(len(b[0]) for b in calib), seconds=time.perf_counter() - t0,

@@ -58,3 +58,44 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_no_model(tmp_path):
                    "not a valid regex")
     one_line_error(run("quantize", "nope", "--preset", "W8A8", "--out", str(tmp_path / "o")), "unknown model")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """tinyllama-fm written by transformers' save_pretrained, with its tokenizer: a folder not in the zoo."""
+    from slimtorch.zoo.llama import to_hf
+    from slimtorch.zoo.lm_data import hf_tokenizer
+
+    d = tmp_path_factory.mktemp("hf") / "tinyllama-saved"
+    to_hf(load_model("tinyllama-fm")).save_pretrained(d)
+    hf_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+def test_a_save_pretrained_folder_quantizes_exactly_like_the_zoo_entry(tmp_path, hf_folder):
+    args = ["--preset", "W4A16-g128", "--method", "awq", "--limit", "4", "--calib-samples", "8", "--json"]
+    a = run("quantize", str(hf_folder), *args, "--out", str(tmp_path / "a"))
+    b = run("quantize", "tinyllama-fm", *args, "--out", str(tmp_path / "b"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ra, rb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ra["model"] == str(hf_folder.resolve())
+    assert ra["quantized_layers"] == rb["quantized_layers"] and ra["skipped_layers"] == rb["skipped_layers"]
+    for ma, mb in zip(ra["metrics"], rb["metrics"]):  # same tokens, same windows, same quantization
+        assert ma["name"] == mb["name"] and ma["quantized"] == pytest.approx(mb["quantized"], rel=1e-4)
+    model, meta = load_quantized(tmp_path / "a" / "model.safetensors")  # rebuilt from the folder
+    ppl = evaluate(str(hf_folder), model=model, limit=4).metric("heldout_perplexity")
+    assert ppl == pytest.approx(ra["metrics"][0]["quantized"], rel=1e-6)
+
+
+def test_bad_folders_and_calibration_text_are_one_line_exit_2(tmp_path, hf_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run("quantize", str(empty), "--preset", "W8A8", "--out", str(tmp_path / "o")), "without config.json")
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass\n")
+    one_line_error(run("quantize", str(hf_folder), "--preset", "W8A8", "--calib", str(short), "--out",
+                       str(tmp_path / "o")), "needs more than 512")
+    one_line_error(run("quantize", "fmnist-cnn", "--preset", "W8A8", "--calib", str(short), "--out",
+                       str(tmp_path / "o")), "applies to language models")
+    assert not (tmp_path / "o").exists()

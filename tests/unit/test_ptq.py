@@ -210,3 +210,18 @@ def test_smoothing_methods_round_trip_through_save_load(tmp_path, method):
     x = _calib(1)[0][0]
     with torch.no_grad():
         assert torch.equal(model(x), back(x))
+
+
+def test_constant_calibration_set_is_refused_but_a_dead_channel_is_fine():
+    const = [(torch.full((8, 2, 4, 4), 0.5),) for _ in range(2)]
+    with pytest.raises(SlimError, match="zero variance"):
+        quantize_(Tiny().eval(), "W8A8", const)
+    calib = _calib()
+    for (x,) in calib:
+        x[:, 1] = 0.0  # one input channel never varies
+    model = Tiny().eval()
+    q = copy.deepcopy(model)
+    quantize_(q, "W8A8", calib, "smoothquant")
+    with torch.no_grad():
+        out, ref = q(calib[0][0]), model(calib[0][0])
+    assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()) < 0.05

@@ -5,6 +5,8 @@ Each set is a list of batches; a batch is the tuple of positional arguments of t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from slimtorch.errors import SlimError
@@ -28,15 +30,28 @@ def lm_windows(tokens: torch.Tensor, n: int, seq_len: int, gen: torch.Generator)
     return tokens[starts[:, None] + torch.arange(seq_len)[None]]
 
 
-def _causal_lm(n: int, gen: torch.Generator, seq_len: int = 512) -> list[Batch]:
-    """Windows from the tail of the train split that tinyllama-fm's training held back (the last 1/30,
-    used only to pick its checkpoint): the model memorised the rest, and calibrating on memorised text
-    misleads data-driven methods (measured: GPTQ then does no better than RTN on held-out text)."""
-    from slimtorch.zoo.lm_data import corpus_tokens
-
-    tokens = corpus_tokens("train")
-    wins = lm_windows(tokens[-(len(tokens) // 30):], n, seq_len, gen)
+def _causal_lm(n: int, gen: torch.Generator, tokens: torch.Tensor, seq_len: int) -> list[Batch]:
+    wins = lm_windows(tokens, n, seq_len, gen)
     return [(wins[i:i + 8],) for i in range(0, n, 8)]
+
+
+def _lm_tokens(entry, text_file: Path | None, seq_len: int) -> torch.Tensor:
+    """Calibration tokens: ``text_file`` under the model's tokenizer, or else the tail of our corpus's
+    train split that tinyllama-fm's training held back (the last 1/30, used only to pick its
+    checkpoint): the model memorised the rest, and calibrating on memorised text misleads data-driven
+    methods (measured: GPTQ then does no better than RTN on held-out text)."""
+    if text_file is None:
+        tokens = entry.tokens("train")
+        return tokens[-(len(tokens) // 30):]
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SlimError(f"cannot read calibration text {text_file}: {exc}") from None
+    tokens = entry.encode([text])
+    if len(tokens) <= seq_len:
+        raise SlimError(f"calibration text {text_file} has {len(tokens)} tokens; it needs more than {seq_len} "
+                        f"(one window)")
+    return tokens
 
 
 def _embedding(n: int, gen: torch.Generator, tokenizer) -> list[Batch]:
@@ -72,25 +87,44 @@ def _imagenet(n: int, gen: torch.Generator) -> list[Batch]:
     return [(x[i:i + 16],) for i in range(0, n, 16)]
 
 
-def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None) -> list[Batch]:
-    """``n`` calibration samples for zoo model ``name``, drawn with ``seed``."""
-    task = get_entry(name).task
+def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
+                    text_file: Path | None = None) -> list[Batch]:
+    """``n`` calibration samples for model ``name`` (a zoo name or a local folder), drawn with ``seed``.
+
+    ``text_file``: for language models, plain text to draw the windows from instead of our corpus.
+    """
+    entry = get_entry(name)
+    task = entry.task
     n = DEFAULT_SAMPLES[task] if n is None else n
     if n <= 0:
         raise SlimError(f"the calibration set needs at least one sample, got {n}")
+    if text_file is not None and task != "causal-lm":
+        raise SlimError(f"--calib FILE (text) applies to language models; {name} is {task}")
     gen = torch.Generator().manual_seed(seed)
     if task == "fmnist-classification":
         return _fmnist(n, gen)
     if task == "causal-lm":
-        return _causal_lm(n, gen)
+        from slimtorch.zoo.lm_data import lm_dims
+
+        seq_len = min(lm_dims(model)[0], 512) if model is not None else 512
+        return _causal_lm(n, gen, _lm_tokens(entry, text_file, seq_len), seq_len)
     if task == "sentence-embedding":
         return _embedding(n, gen, model.tokenizer)
     return _imagenet(n, gen)
 
 
 def check_finite(batches: list[Batch]) -> None:
-    """SlimError if any floating tensor in the calibration set holds NaN or Inf."""
+    """SlimError if any floating tensor in the calibration set holds NaN or Inf, or if an input is the
+    same value everywhere in the set (zero variance: it would calibrate every range to a point)."""
     for i, batch in enumerate(batches):
         for t in batch:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise SlimError(f"calibration batch {i} holds NaN or Inf values; clean the calibration data")
+    if not batches:
+        return
+    for j, t in enumerate(batches[0]):
+        if t.is_floating_point() and t.numel() > 1:
+            first = t.reshape(-1)[0]
+            if all(bool((b[j] == first).all()) for b in batches):
+                raise SlimError(f"calibration input {j} has zero variance (every value is {first.item():g}); "
+                                f"calibrate on real data")

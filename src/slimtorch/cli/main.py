@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -93,7 +94,7 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON in
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`)."),
+    model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a save_pretrained folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
 ) -> None:
@@ -129,12 +130,15 @@ def eval_cmd(
 @app.command("quantize")
 @user_errors
 def quantize_cmd(
-    model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`)."),
+    model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a transformers "
+                                "save_pretrained folder (a causal LM with its tokenizer)."),
     preset: str = typer.Option(None, "--preset", help="W8A8, W8A8-dynamic, W4A16-g128, W3A16-g128, W2A16-g64, W4A8, FP8."),
     recipe: Path = typer.Option(None, "--recipe", help="YAML recipe (targets/ignore regexes, weight/act specs)."),
     method: str = typer.Option("rtn", "--method", help="rtn | gptq | awq | smoothquant."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
     calib_samples: int = typer.Option(None, "--calib-samples", help="Calibration samples (default per task)."),
+    calib_text: Path = typer.Option(None, "--calib", help="Language models: a text file to calibrate on "
+                                    "(default: our corpus's train split)."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration draw."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -146,7 +150,7 @@ def quantize_cmd(
         raise SlimError("give exactly one of --preset NAME or --recipe FILE")
     check_out_dir(out_dir)
     res = run_quantize(model, recipe if recipe is not None else preset, method, out_dir, calib_samples, limit,
-                       seed, progress=progress_bar)
+                       seed, progress=progress_bar, calib_text=calib_text)
     if as_json:
         print(json.dumps(res, indent=2))
         return
@@ -167,10 +171,14 @@ def quantize_cmd(
         out.print(f"{len(res['skipped_layers'])} layers kept in float:")
         for name, why in res["skipped_layers"].items():
             out.print(f"  {name}: {why}")
+    for note in res["notes"]:
+        out.print(f"note: {note}")
     out.print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'report.json'}")
 
 
 def main() -> None:
+    # transformers' own weight-loading bars would interleave with ours and break one-line errors
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

@@ -34,13 +34,14 @@ def check_out_dir(out: Path) -> Path:
 
 
 def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_samples: int | None = None,
-                 limit: int | None = None, seed: int = 0, progress=None) -> dict:
+                 limit: int | None = None, seed: int = 0, progress=None, calib_text: Path | None = None) -> dict:
+    """``model``: a zoo name or a local transformers folder; ``calib_text``: text to calibrate a language model on."""
     out = check_out_dir(out)
-    get_entry(model)
+    model = get_entry(model).name  # a folder becomes its absolute path: the saved model's base
     rec = resolve_recipe(recipe)
     kw = {} if progress is None else {"progress": progress}
     fp = load_model(model)
-    calib = calibration_set(model, calib_samples, seed=seed, model=fp)
+    calib = calibration_set(model, calib_samples, seed=seed, model=fp, text_file=calib_text)
     q = copy.deepcopy(fp)
     report = quantize_(q, rec, calib, method=method, **kw)
     t0 = time.perf_counter()
@@ -62,7 +63,8 @@ def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_s
         "latency_ms": {"fp": fp_res.latency_ms, "quantized_reference_path": q_res.latency_ms,
                        "input": fp_res.latency_input},
         "time_s": {"quantize": report.seconds, "evaluate": eval_seconds},
-        "calib_samples": report.calib_samples, "seed": seed, "limit": limit,
+        "calib_samples": report.calib_samples, "calib_text": None if calib_text is None else str(calib_text),
+        "seed": seed, "limit": limit, "notes": report.notes,
         "quantized_layers": report.quantized, "skipped_layers": report.skipped,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "report": {k: v for k, v in asdict(report).items() if k not in ("quantized", "skipped")},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -74,21 +75,23 @@ def _fmnist(model: nn.Module, ref: nn.Module | None, limit: int | None, progress
 
 
 @torch.no_grad()
-def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
-    from slimtorch.zoo.lm_data import corpus_tokens
+def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress,
+               tokens: Callable[[str], torch.Tensor]) -> _TaskOut:
+    from slimtorch.zoo.lm_data import lm_dims, logits_of
 
-    seq = model.cfg.max_seq_len
-    wins = M.windows(corpus_tokens("heldout"), seq, limit)
+    seq, vocab = lm_dims(model)
+    seq = min(seq, 512)
+    wins = M.windows(tokens("heldout"), seq, limit)
     nll, n, agree = 0.0, 0, 0.0
     for i in progress(range(0, len(wins), 4), "perplexity"):
         batch = wins[i:i + 4]
-        logits = model(batch)
+        logits = logits_of(model(batch))
         s, c = M.window_nll(logits, batch)
         nll, n = nll + s, n + c
         if ref is not None:
-            agree += (logits.argmax(-1) == ref(batch).argmax(-1)).sum().item()
+            agree += (logits.argmax(-1) == logits_of(ref(batch)).argmax(-1)).sum().item()
     ppl = torch.tensor(nll / n).exp().item()
-    unigram = M.unigram_perplexity(corpus_tokens("train"), wins, model.cfg.vocab_size)
+    unigram = M.unigram_perplexity(tokens("train"), wins, vocab)
     out = [Metric("heldout_perplexity", ppl, "", False), Metric("unigram_perplexity", unigram, "", False)]
     if ref is not None:
         out.append(Metric("next_token_agreement", 100.0 * agree / wins.numel(), "%"))
@@ -183,7 +186,7 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
     """Measure zoo model ``name`` (or ``model``, a compressed copy of it) on its task.
 
     Args:
-        name: zoo model name; picks the task and data.
+        name: zoo model name, or a local transformers folder (a causal LM); picks the task and data.
         model: the model to measure; the zoo's FP model when None.
         reference: a model to compare against (agreement/cosine metrics); none when None.
         limit: evaluate on the first ``limit`` items only (images, windows or sentences).
@@ -195,7 +198,8 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
     t0 = time.perf_counter()
     model = load_model(name) if model is None else model
     model.eval()
-    task = TASKS[entry.task](model, reference, limit, progress)
+    run_task = partial(_causal_lm, tokens=entry.tokens) if entry.task == "causal-lm" else TASKS[entry.task]
+    task = run_task(model, reference, limit, progress)
     seconds = time.perf_counter() - t0
     example = task.example
     latency = M.cpu_latency_ms(lambda: model(*example), repeats=10, warmup=2)

@@ -5,8 +5,9 @@ File layout (one safetensors file):
 * ``<layer>.qweight``: codes packed along the input dimension (formats.py); fp8 codes as raw bytes.
 * ``<layer>.w_scale`` / ``<layer>.w_zero``, ``<layer>.act.scale`` / ``.act.zero``
   for static activations, and every other tensor of the model as it is.
-* metadata ``slimtorch``: the base model (a zoo name), the recipe and method, and per quantized
-  layer its kind, weight shape, specs and conv arguments. Tensors shared by several names (tied
+* metadata ``slimtorch``: the base model (a zoo name or a local folder), the recipe and method, per
+  quantized layer its kind, weight shape, specs and conv arguments, and the spec of each quantized
+  matmul input point (``points``: attention Q/K/V/probabilities). Tensors shared by several names (tied
   embeddings) are stored once and listed under ``aliases``.
 
 Loading builds the base model, swaps in the quantized modules with the unpacked codes and loads
@@ -23,7 +24,7 @@ from torch import nn
 from slimtorch.errors import SlimError
 from slimtorch.io.checkpoint import load_tensors, save_tensors
 from slimtorch.quant import formats
-from slimtorch.quant.modules import QuantConv2d, QuantLinear, _QuantWeight, set_module
+from slimtorch.quant.modules import ActQuant, QuantConv2d, QuantLinear, _QuantWeight, set_module
 from slimtorch.quant.primitives import FP8_DTYPES
 from slimtorch.spec import spec_from_dict, spec_to_dict
 
@@ -59,6 +60,8 @@ def save_quantized(model: nn.Module, path: Path, base: str, extra: dict | None =
                             else m.padding, "dilation": list(m.dilation), "groups": m.groups}
         layers[name] = info
         tensors[f"{name}.qweight"] = _pack_codes(m)
+    points = {n: spec_to_dict(m.spec) for n, m in model.named_modules()
+              if isinstance(m, ActQuant) and not any(n == f"{q}.act" for q in qnames)}
     for key, t in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
         if owner in qnames and leaf in ("qweight",):
@@ -75,7 +78,7 @@ def save_quantized(model: nn.Module, path: Path, base: str, extra: dict | None =
         else:
             seen[ident] = key
     meta = {"format": "slimtorch-quantized", "version": FORMAT_VERSION, "base": base, "layers": layers,
-            "aliases": aliases, **(extra or {})}
+            "points": points, "aliases": aliases, **(extra or {})}
     save_tensors(path, tensors, meta)
 
 
@@ -112,6 +115,11 @@ def load_quantized(path: Path, base_model: nn.Module | None = None) -> tuple[nn.
         if aspec is not None and not aspec.dynamic:
             new.act.scale, new.act.zero = tensors[f"{name}.act.scale"], tensors[f"{name}.act.zero"]
         set_module(model, name, new)
+    for name, raw in meta.get("points", {}).items():
+        point = ActQuant(spec_from_dict(raw))
+        if not point.spec.dynamic:
+            point.scale, point.zero = tensors[f"{name}.scale"], tensors[f"{name}.zero"]
+        set_module(model, name, point)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith(".qweight")]
     if missing or unexpected:

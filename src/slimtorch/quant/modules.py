@@ -58,6 +58,12 @@ class ActQuant(nn.Module):
         return f"{self.spec.dtype}, {type(self.spec.granularity).__name__}, dynamic={self.spec.dynamic}"
 
 
+class MatmulInput(nn.Identity):
+    """A named point where a tensor enters a matmul that has no weight: attention's Q, K, V and softmax
+    probabilities. Models place these (our zoo's ViT and TinyLlama do); a recipe with an ``attention``
+    spec replaces each by an :class:`ActQuant`. Until then it is the identity."""
+
+
 class _QuantWeight(nn.Module):
     """Common part: weight codes (2-D, ``(out, in_features)``), scale, zero-point, bias, input quantizer."""
 

@@ -7,8 +7,11 @@ A YAML recipe::
     ignore: [lm_head, 're:.*\\.0\\..*']
     weight: {dtype: uint4, granularity: group:128, symmetric: false, observer: mse}
     act: null                   # or {dtype: int8, granularity: tensor, dynamic: false, ...}
+    attention: {dtype: int8, granularity: tensor, symmetric: false}   # optional: Q, K, V, softmax output
 
 Granularity strings: ``tensor``, ``channel`` (axis 0), ``channel:AXIS``, ``token``, ``group:N``.
+``attention`` quantizes the matmul inputs that have no weight (attention Q, K, V and the softmax
+probabilities), at the :class:`~slimtorch.quant.modules.MatmulInput` points a model defines.
 Layers a recipe targets but that cannot take it (a group size that does not divide the input
 width, say) are skipped and reported with the reason, never silently.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtorch.errors import SlimError
+from slimtorch.quant.modules import MatmulInput
 from slimtorch.spec import LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec, granularity_from_str
 
 
@@ -32,6 +36,7 @@ class Recipe:
     act: QuantSpec | None = None
     targets: tuple[str, ...] = ("Linear", "Conv2d")
     ignore: tuple[str, ...] = ("lm_head",)
+    attention: QuantSpec | None = None  # the spec of every MatmulInput point (Q, K, V, probabilities)
 
     @property
     def weight_only(self) -> bool:
@@ -101,7 +106,7 @@ def load_recipe(path: Path) -> Recipe:
         raise SlimError(f"recipe {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise SlimError(f"recipe {path} must be a YAML mapping")
-    allowed = {"preset", "targets", "ignore", "weight", "act"}
+    allowed = {"preset", "targets", "ignore", "weight", "act", "attention"}
     unknown = set(raw) - allowed
     if unknown:
         raise SlimError(f"recipe {path} has unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -111,11 +116,13 @@ def load_recipe(path: Path) -> Recipe:
         rec = replace(rec, weight=_spec(raw["weight"], "weight"))
     if "act" in raw:
         rec = replace(rec, act=_spec(raw["act"], "act"))
+    if "attention" in raw:
+        rec = replace(rec, attention=_spec(raw["attention"], "attention"))
     if "targets" in raw:
         rec = replace(rec, targets=_patterns(raw["targets"], "targets"))
     if "ignore" in raw:
         rec = replace(rec, ignore=_patterns(raw["ignore"], "ignore"))
-    if rec.weight is None and rec.act is None:
+    if rec.weight is None and rec.act is None and rec.attention is None:
         raise SlimError(f"recipe {path} quantizes nothing: give it a preset, a weight or an act spec")
     return rec
 
@@ -150,6 +157,12 @@ def build_plan(model: nn.Module, recipe: Recipe) -> tuple[Plan, dict[str, str]]:
     plan: Plan = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
+        if isinstance(module, MatmulInput) and recipe.attention is not None:
+            if _matches(name, module, recipe.ignore):
+                skipped[name] = "ignored by the recipe"
+            else:
+                plan[name] = LayerPlan(weight=None, act=recipe.attention)
+            continue
         if not isinstance(module, nn.Linear | nn.Conv2d) or not _matches(name, module, recipe.targets):
             continue
         if _matches(name, module, recipe.ignore):

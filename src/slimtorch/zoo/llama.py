@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.quant.modules import MatmulInput
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -69,16 +71,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
+        # matmul inputs without weights: identities unless a recipe quantizes attention
+        self.q_in, self.k_in, self.v_in, self.probs = MatmulInput(), MatmulInput(), MatmulInput(), MatmulInput()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # (B, T, C)
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.q_in(apply_rope(q, cos, sin)), self.k_in(apply_rope(k, cos, sin))
+        v = self.v_in(v)
         rep = self.n_heads // self.n_kv  # query head h reads kv head h // rep
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        if type(self.probs) is MatmulInput:  # probabilities not quantized: the fused kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * self.hd**-0.5  # (B, H, T, T)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            y = self.probs(torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)) @ v
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

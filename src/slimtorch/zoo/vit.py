@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtorch.quant.modules import MatmulInput
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
@@ -16,11 +18,14 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # matmul inputs without weights: identities unless a recipe quantizes attention
+        self.q_in, self.k_in, self.v_in, self.probs = MatmulInput(), MatmulInput(), MatmulInput(), MatmulInput()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, D)
-        att = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim**-0.5, dim=-1)  # (B, H, T, T)
+        q, k, v = self.q_in(q), self.k_in(k), self.v_in(v)
+        att = self.probs(torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim**-0.5, dim=-1))  # (B, H, T, T)
         return self.proj((att @ v).transpose(1, 2).reshape(b, t, c))
 
 
