@@ -55,3 +55,25 @@ def test_conv_and_attention_counts():
 def test_unknown_hardware():
     with pytest.raises(SlimError, match="unknown hardware 'tpu'"):
         get_hardware("tpu")
+
+
+def test_model_estimate_linear_flops_are_two_per_weight_per_token():
+    import torch
+
+    from slimtorch.cost.estimate import estimate
+    from slimtorch.quant.recipe import build_plan
+    from slimtorch.zoo.llama import LlamaConfig, TinyLlama
+
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=16)
+    model = TinyLlama(cfg).eval()
+    plan, _ = build_plan(model, get_preset("W8A8"))
+    prefill, decode = estimate(model, plan, (torch.zeros(1, 8, dtype=torch.long),), H100, batch=2, tokens=100,
+                               context=300)
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    lin = [c for c in prefill.layers if c.kind == "linear"]
+    assert sum(c.flops for c in lin) == 2 * linear_weights * 2 * 100
+    assert sum(c.flops for c in decode.layers if c.kind == "linear") == 2 * linear_weights * 2
+    assert decode.kv_cache_bytes == 2 * 2 * 2 * 2 * 8 * 300 * 2  # 2 (K,V) x L x B x KV x D x T x bf16
+    q = next(c for c in lin if c.name.endswith("q_proj"))
+    assert q.compute == "int8" and q.bytes == 32 * 32 + 32 * 4 + 200 * 32 * 2 * 2  # int8 codes, fp32 scales, x and y
+    assert next(c for c in lin if c.name == "lm_head").bytes == 64 * 32 * 2 + 200 * 32 * 2 + 200 * 64 * 2  # bf16

@@ -176,6 +176,73 @@ def quantize_cmd(
     out.print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'report.json'}")
 
 
+@app.command("cost")
+@user_errors
+def cost_cmd(
+    model: str = typer.Argument(..., help="Zoo model name or a save_pretrained folder."),
+    preset: str = typer.Option(None, "--preset", help="Quantization preset (default: bf16, nothing quantized)."),
+    recipe: Path = typer.Option(None, "--recipe", help="YAML recipe instead of a preset."),
+    hardware: str = typer.Option("h100", "--hardware", help="h100, h200, a100, l4, rtx4090, m2, mobile-npu."),
+    batch: int = typer.Option(1, "--batch", help="Sequences (or images) per call."),
+    tokens: int = typer.Option(512, "--tokens", help="Language models: prompt tokens (prefill)."),
+    context: int = typer.Option(512, "--context", help="Language models: KV-cache length during decode."),
+    plot: Path = typer.Option(None, "--plot", help="Write the roofline plot of the layers to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Predict a model's cost on a chip with a roofline: per-layer FLOPs, bytes, bound and time."""
+    from slimtorch.calib.data import calibration_set
+    from slimtorch.cost.estimate import estimate
+    from slimtorch.cost.hardware import get_hardware
+    from slimtorch.cost.plot import roofline_png
+    from slimtorch.quant.recipe import build_plan
+    from slimtorch.quantize import resolve_recipe
+    from slimtorch.zoo import get_entry, load_model
+
+    if preset is not None and recipe is not None:
+        raise SlimError("give at most one of --preset NAME or --recipe FILE")
+    for opt, v in (("--batch", batch), ("--tokens", tokens), ("--context", context)):
+        if v <= 0:
+            raise SlimError(f"{opt} must be a positive number, got {v}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise SlimError(f"--plot {plot} must end in .png")
+    hw = get_hardware(hardware)
+    name = get_entry(model).name
+    m = load_model(name)
+    plan, label = {}, "bf16"
+    if preset is not None or recipe is not None:
+        rec = resolve_recipe(recipe if recipe is not None else preset)
+        plan, label = build_plan(m, rec)[0], rec.name
+    example = tuple(t[:1, :64] if t.ndim == 2 else t[:1] for t in calibration_set(name, 1, model=m)[0])
+    phases = estimate(m, plan, example, hw, batch, tokens, context)
+    if plot is not None:
+        roofline_png(phases, hw, plot, f"{model} {label}")
+    result = {"model": model, "recipe": label, "hardware": hw.name, "source": hw.source, "batch": batch,
+              "phases": [{"phase": p.phase, **p.total(hw), "kv_cache_bytes": p.kv_cache_bytes, "notes": p.notes,
+                          "layers": [{"name": c.name, "kind": c.kind, "flops": c.flops, "bytes": c.bytes,
+                                      "intensity": c.intensity, "compute": c.compute, "bound": c.bound(hw),
+                                      "time_s": c.time(hw)} for c in p.layers]} for p in phases]}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for p, raw in zip(phases, result["phases"]):
+        table = Table(title=f"{model} {label} on {hw.name}: {p.phase} (batch {batch})")
+        table.add_column("layer", overflow="fold")
+        for col in ("compute", "GFLOP", "MB moved", "FLOP/B", "bound", "time us"):
+            table.add_column(col, justify="left" if col in ("bound", "compute") else "right")
+        for c in raw["layers"]:
+            table.add_row(c["name"], c["compute"], f"{c['flops'] / 1e9:.3f}", f"{c['bytes'] / 1e6:.3f}",
+                          f"{c['intensity']:.1f}", c["bound"], f"{c['time_s'] * 1e6:.2f}")
+        table.add_row("total", "", f"{raw['flops'] / 1e9:.3f}", f"{raw['bytes'] / 1e6:.3f}", "", "",
+                      f"{raw['time_s'] * 1e6:.2f}")
+        out.print(table)
+        if p.kv_cache_bytes:
+            out.print(f"KV cache: {_mib(int(p.kv_cache_bytes))}")
+        for note in p.notes:
+            out.print(f"note: {note}")
+    if plot is not None:
+        out.print(f"wrote {plot}")
+
+
 def main() -> None:
     # transformers' own weight-loading bars would interleave with ours and break one-line errors
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
