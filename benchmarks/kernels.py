@@ -1,0 +1,176 @@
+"""GPU linear-layer benchmark: bf16 vs our int4 weight-only / fp8 / int8 kernels vs torchao, with the
+roofline's prediction for each case. Needs CUDA (run through the device tool).
+
+    PYTHONPATH=src python benchmarks/kernels.py [--out DIR] [--quick]
+
+Each case is timed two ways: eager calls, and the same calls replayed from a CUDA graph (launch
+overhead removed), each the median of 5 trials of 50 calls after warm-up, with weights rotated
+among enough copies to exceed L2. Appends JSON lines to DIR/kernels.jsonl (default
+benchmarks/results/), every record with its bf16 baseline from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slimtorch.cost.hardware import get_hardware
+from slimtorch.cost.roofline import linear_cost
+from slimtorch.kernels import reference as R
+from slimtorch.quant.recipe import get_preset
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824)]  # (K, N)
+MS = [1, 16, 128, 2048, 8192]
+L2_BYTES = 50 * 2**20
+
+
+def _time(fn, sets: int, calls: int = 50, trials: int = 5, graph: bool = False) -> float:
+    """Median microseconds per call; call i uses input set i % sets."""
+    for i in range(3):
+        fn(i % sets)
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn(0)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                fn(i % sets)
+        run = g.replay
+    else:
+        def run():
+            for i in range(calls):
+                fn(i % sets)
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / calls)
+    return statistics.median(times)
+
+
+def _torchao_fns(k: int, n: int, weights: list[torch.Tensor]):
+    """torchao's int4 weight-only, int8 dynamic and fp8 row-wise dynamic, compiled; None where unavailable."""
+    out = {}
+    try:
+        import torchao.quantization as tq
+    except Exception as exc:  # noqa: BLE001
+        return {"torchao": f"import failed: {exc}"}
+    configs = {
+        "torchao_int4wo": lambda: tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+        "torchao_int8dyn": lambda: tq.Int8DynamicActivationInt8WeightConfig(),
+        "torchao_fp8row": lambda: tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow()),
+    }
+    for name, cfg in configs.items():
+        try:
+            mods = []
+            for w in weights:
+                lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+                lin.weight.data.copy_(w)
+                tq.quantize_(lin, cfg())
+                mods.append(lin)
+            compiled = [torch.compile(m) for m in mods]
+            out[name] = compiled
+        except Exception as exc:  # noqa: BLE001
+            out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 8192}")
+    ap.add_argument("--no-torchao", action="store_true")
+    args = ap.parse_args()
+    from slimtorch.kernels.int4 import int4_weight_only_linear
+    from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
+
+    hw = get_hardware("h100")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": commit, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "command": "python " + " ".join(sys.argv)}
+    try:
+        import torchao
+        common["torchao"] = torchao.__version__
+    except Exception:  # noqa: BLE001
+        common["torchao"] = None
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_file = args.out / "kernels.jsonl"
+    shapes = SHAPES[1:2] if args.quick else SHAPES
+    ms = [1, 16, 8192] if args.quick else MS
+    presets = {"int4wo": get_preset("W4A16-g128"), "int8": get_preset("W8A8-dynamic"), "fp8": get_preset("FP8")}
+    print(f"{'K':>6} {'N':>6} {'M':>5} {'method':>16} {'eager us':>9} {'graph us':>9} {'x bf16':>7} {'pred us':>8}")
+    for k, n in shapes:
+        sets = max(2, -(-3 * L2_BYTES // (k * n * 2)))  # bf16 weights: 3x L2 across the sets
+        torch.manual_seed(0)
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
+        q4 = [R.quantize_int4_weight(w.float(), 128) for w in weights]
+        q8 = [R.quantize_weight_channels(w.float(), torch.int8) for w in weights]
+        qf8 = [R.quantize_weight_channels(w.float(), torch.float8_e4m3fn) for w in weights]
+        ao = {} if args.no_torchao else _torchao_fns(k, n, weights)
+        for m in ms:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+            ref = F.linear(xs[0], weights[0])
+            fns = {
+                "bf16": lambda i: F.linear(xs[i], weights[i]),
+                "ours_int4wo": lambda i: int4_weight_only_linear(xs[i], *q4[i]),
+                "ours_int8": lambda i: int8_linear(xs[i], *q8[i]),
+                "ours_fp8": lambda i: fp8_linear(xs[i], *qf8[i]),
+            }
+            for name, mods in ao.items():
+                if isinstance(mods, list):
+                    fns[name] = lambda i, mods=mods: mods[i](xs[i])
+            base = None
+            for name, fn in fns.items():
+                rec = {**common, "K": k, "N": n, "M": m, "method": name}
+                try:
+                    with torch.no_grad():
+                        y = fn(0)
+                        rec["rel_err_vs_bf16"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                        rec["eager_us"] = _time(fn, sets)
+                        rec["graph_us"] = _time(fn, sets, graph=True)
+                except Exception as exc:  # noqa: BLE001
+                    rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                    traceback.print_exc(limit=2)
+                if name == "bf16":
+                    base = rec
+                preset = next((p for key, p in presets.items() if name.endswith(key)), None)
+                cost = linear_cost("x", m, k, n, preset.weight if preset else None, preset.act if preset else None)
+                rec["predicted_us"] = cost.time(hw) * 1e6
+                rec["predicted_bound"] = cost.bound(hw)
+                if base is not None and "graph_us" in rec and "graph_us" in base:
+                    rec["speedup_graph"] = base["graph_us"] / rec["graph_us"]
+                    rec["speedup_eager"] = base["eager_us"] / rec["eager_us"]
+                    rec["baseline_graph_us"], rec["baseline_eager_us"] = base["graph_us"], base["eager_us"]
+                with open(out_file, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if "error" in rec:
+                    print(f"{k:>6} {n:>6} {m:>5} {name:>16} ERROR {rec['error'][:80]}", flush=True)
+                else:
+                    print(f"{k:>6} {n:>6} {m:>5} {name:>16} {rec['eager_us']:9.1f} {rec['graph_us']:9.1f} "
+                          f"{rec.get('speedup_graph', 1.0):7.2f} {rec['predicted_us']:8.1f}", flush=True)
+    for name, mods in ao.items() if not args.no_torchao else ():
+        if isinstance(mods, str):
+            print(f"{name}: {mods}")
+
+
+if __name__ == "__main__":
+    main()
