@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 8192}")
     ap.add_argument("--no-torchao", action="store_true")
     args = ap.parse_args()
-    from slimtorch.kernels.int4 import int4_weight_only_linear
+    from slimtorch.kernels.int4 import DEQUANT_FROM_M, int4_weight_only_linear
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     hw = get_hardware("h100")
@@ -132,9 +132,12 @@ def main() -> None:
             fns = {
                 "bf16": lambda i: F.linear(xs[i], weights[i]),
                 "ours_int4wo": lambda i: int4_weight_only_linear(xs[i], *q4[i]),
+                "ours_int4wo_fused": lambda i: int4_weight_only_linear(xs[i], *q4[i], fused_only=True),
                 "ours_int8": lambda i: int8_linear(xs[i], *q8[i]),
                 "ours_fp8": lambda i: fp8_linear(xs[i], *qf8[i]),
             }
+            if m < DEQUANT_FROM_M:  # the same path as ours_int4wo
+                del fns["ours_int4wo_fused"]
             for name, mods in ao.items():
                 if isinstance(mods, list):
                     fns[name] = lambda i, mods=mods: mods[i](xs[i])
@@ -152,7 +155,7 @@ def main() -> None:
                     traceback.print_exc(limit=2)
                 if name == "bf16":
                     base = rec
-                preset = next((p for key, p in presets.items() if name.endswith(key)), None)
+                preset = next((p for key, p in presets.items() if key in name), None)
                 cost = linear_cost("x", m, k, n, preset.weight if preset else None, preset.act if preset else None)
                 rec["predicted_us"] = cost.time(hw) * 1e6
                 rec["predicted_bound"] = cost.bound(hw)

@@ -59,8 +59,22 @@ def test_int4_kernel_matches_reference(m, k, n):
     w = torch.randn(n, k, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     packed, scale, zero = R.quantize_int4_weight(w, 128)
-    y = int4_weight_only_linear(x, packed, scale, zero)
-    assert rel(y, R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)) < 1e-2  # bf16 weights in the dot
+    ref = R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)
+    for fused_only in (False, True):  # large M: dequantize + cuBLAS, unless fused_only
+        y = int4_weight_only_linear(x, packed, scale, zero, fused_only=fused_only)
+        assert rel(y, ref) < 1e-2  # bf16 weights in the dot
+
+
+@pytest.mark.gpu
+@gpu
+def test_int4_dequantize_kernel_is_exact():
+    from slimtorch.kernels.int4 import dequantize_int4
+
+    w = torch.randn(384, 512, device="cuda")
+    packed, scale, zero = R.quantize_int4_weight(w, 128)
+    q = R.unpack_int4(packed).float().reshape(384, 4, 128)
+    ref = ((q - zero[..., None]) * scale[..., None]).reshape(384, 512)
+    assert torch.equal(dequantize_int4(packed, scale, zero, torch.float32), ref)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """fp8 and int8 W8A8 linears: a Triton kernel quantizes activations per row (one read of x, one
 write of the codes and scales), then the vendor GEMM runs on the codes with both scales applied:
-fp8 through ``torch._scaled_mm`` (row-wise scales fused in its epilogue, bf16 out), int8 through
-``torch._int_mm`` (int32 out) and a Triton epilogue that applies the scales and casts to bf16.
+fp8 through ``torch._scaled_mm`` (row-wise scales fused in its epilogue, bf16 out), int8 through a
+Triton GEMM with an int32 accumulator and both scales applied in its epilogue (bf16 out: no int32
+round trip through memory).
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ import triton.language as tl
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
+    if ONE_PASS:  # the whole row fits in registers: read it once
+        v = tl.load(x_ptr + row * stride_x + rk, mask=rk < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / QMAX
+        tl.store(s_ptr + row, scale)
+        v = v / scale
+        if IS_INT:
+            v = tl.extra.cuda.libdevice.rint(v)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        tl.store(q_ptr + row * stride_q + rk, v.to(q_ptr.dtype.element_ty), mask=rk < K)
+        return
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         v = tl.load(x_ptr + row * stride_x + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
@@ -36,8 +47,11 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     q = torch.empty(m, k, device=x.device, dtype=dtype)
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     is_int = dtype == torch.int8
+    block = triton.next_power_of_2(k)
+    one_pass = block <= 16384
     _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=127.0 if is_int else 448.0,
-                             IS_INT=is_int, BLOCK_K=min(4096, triton.next_power_of_2(k)), num_warps=8)
+                             IS_INT=is_int, BLOCK_K=block if one_pass else 4096, ONE_PASS=one_pass,
+                             num_warps=8 if block <= 8192 else 16)
     return q, s
 
 
@@ -49,26 +63,62 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torc
     return y.reshape(*x.shape[:-1], -1)
 
 
+def _mm_configs():
+    out = []
+    for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4),
+                                      (64, 128, 128, 4, 4), (128, 256, 64, 8, 4), (256, 128, 128, 8, 3),
+                                      (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (32, 64, 256, 4, 4)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                                 num_stages=stages))
+    return out
+
+
+def _mm_prune(configs, named_args, **kwargs):
+    small = named_args["M"] <= 32
+    return [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == small]
+
+
+@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _mm_prune})
 @triton.jit
-def _dequant_kernel(acc_ptr, xs_ptr, ws_ptr, y_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
-    xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-    ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], (acc * xs[:, None] * ws[None, :]).to(y_ptr.dtype.element_ty),
-             mask=mask)
+def _int8_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c (M, N) = (a (M, K) int8 @ b (N, K)^T int8) * as (M,) * bs (N,): int32 accumulate, scales fused."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_p = a_ptr + rm[:, None] * stride_am + rk[None, :]
+    b_p = b_ptr + rn[None, :] * stride_bn + rk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_p, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
+        b = tl.load(b_p, mask=(rn[None, :] < N) & (k0 + rk[:, None] < K), other=0)
+        acc = tl.dot(a, b, acc)
+        a_p += BLOCK_K
+        b_p += BLOCK_K
+    sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
+    sb = tl.load(bs_ptr + rn, mask=rn < N, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) bf16; wq (N, K) int8; w_scale (N,) float32 -> (..., N) bf16."""
     x2 = x.reshape(-1, x.shape[-1])
-    m, n = x2.shape[0], wq.shape[0]
+    m, k, n = x2.shape[0], x2.shape[1], wq.shape[0]
     xq, xs = quantize_rows(x2, torch.int8)
-    if m <= 16:  # _int_mm needs M > 16: pad
-        xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - m))
-    acc = torch._int_mm(xq, wq.t())[:m]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    _dequant_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 128))](acc, xs, w_scale, y, m, n, BLOCK_M=64, BLOCK_N=128)
+    bucket = 16 if m <= 16 else 32 if m <= 32 else 128 if m <= 128 else 2048
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _int8_mm_kernel[grid](xq, wq, xs, w_scale, y, m, n, k, bucket, xq.stride(0), wq.stride(0), y.stride(0))
     return y.reshape(*x.shape[:-1], n)
