@@ -28,7 +28,7 @@ from slimtorch.cost.roofline import linear_cost
 from slimtorch.kernels import reference as R
 from slimtorch.quant.recipe import get_preset
 
-SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824)]  # (K, N)
+SHAPES = [(4096, 11008), (8192, 8192), (4096, 4096), (11008, 4096), (5120, 13824)]  # (K, N)
 MS = [1, 16, 128, 2048, 8192]
 L2_BYTES = 50 * 2**20
 
@@ -114,7 +114,7 @@ def main() -> None:
         common["torchao"] = None
     args.out.mkdir(parents=True, exist_ok=True)
     out_file = args.out / "kernels.jsonl"
-    shapes = SHAPES[1:2] if args.quick else SHAPES
+    shapes = SHAPES[:1] if args.quick else SHAPES
     ms = [1, 16, 8192] if args.quick else MS
     presets = {"int4wo": get_preset("W4A16-g128"), "int8": get_preset("W8A8-dynamic"), "fp8": get_preset("FP8")}
     print(f"{'K':>6} {'N':>6} {'M':>5} {'method':>16} {'eager us':>9} {'graph us':>9} {'x bf16':>7} {'pred us':>8}")

@@ -1,10 +1,12 @@
 """int4 weight-only linear (groups of 128, asymmetric, two codes per byte) in Triton.
 
 One kernel, two regimes:
-* decode (M <= 16): memory-bound; each program streams a ``BLOCK_N x K`` slab of packed weights
-  once, dequantizes it in registers and reduces against the few activation rows. Weight bytes
-  dominate, so time ~ N*K/2 / bandwidth: about 4x less than bf16 for the weights alone.
-* prefill (larger M): the same dequantize-in-registers tiles feed ``tl.dot`` (a tiled GEMM).
+* one row (decode, batch 1): a GEMV that streams each ``BLOCK_N x K`` slab of packed weights once and
+  never materialises dequantized weights: per group ``s * (q . x - z * sum x)``, with the low and
+  high nibbles multiplied by the even and odd entries of x. Memory-bound: time ~ N*K/2 / bandwidth.
+* up to ``DEQUANT_FROM_M`` rows: a tiled GEMM whose weight tiles are dequantized in registers.
+* more rows (prefill): dequantize once to bf16 and call cuBLAS; the dequantization costs a pass
+  over the weights, small next to a compute-bound GEMM.
 
 Format: see reference.py (``packed (N, K/2)`` uint8, ``scale``/``zero`` ``(N, K/G)`` float32).
 """
@@ -16,54 +18,74 @@ import triton
 import triton.language as tl
 
 
-def _configs():
+def _mm_configs():
     out = []
-    for bn in (32, 64, 128):  # decode
-        for warps in (4, 8):
-            for stages in (3, 4, 6):
-                out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128}, num_warps=warps,
-                                         num_stages=stages))
-    for bm in (64, 128):  # prefill
-        for bn in (64, 128):
-            for bk in (64, 128):
+    for bm in (16, 32, 64):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
                 for stages in (3, 4):
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8,
+                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128}, num_warps=warps,
                                              num_stages=stages))
     return out
 
 
-def _prune(configs, named_args, **kwargs):
+def _mm_prune(configs, named_args, **kwargs):
     m = named_args["M"]
-    want = (16,) if m <= 16 else (64,) if m <= 128 else (64, 128)
-    return [c for c in configs if c.kwargs["BLOCK_M"] in want]
+    want = 16 if m <= 16 else 32 if m <= 32 else 64
+    return [c for c in configs if c.kwargs["BLOCK_M"] == want]
 
 
 def _m_bucket(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 128 if m <= 128 else 2048
+    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 128 if m <= 128 else 1024
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+                          for bn in (16, 32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)], key=["N", "K"])
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """One activation row: y[n] = sum_g s[n,g] * (sum_k q[n,k] x[k] - z[n,g] * sum_k x[k]) over each group."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rj = tl.arange(0, GROUP // 2)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, GROUP):
+        wp = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + rj)[None, :], mask=n_mask[:, None], other=0)
+        xe = tl.load(x_ptr + k0 + 2 * rj).to(tl.float32)  # even k: low nibbles
+        xo = tl.load(x_ptr + k0 + 2 * rj + 1).to(tl.float32)  # odd k: high nibbles
+        dot = tl.sum((wp & 0xF).to(tl.float32) * xe[None, :] + (wp >> 4).to(tl.float32) * xo[None, :], axis=1)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)
+        z = tl.load(z_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)
+        acc += s * (dot - z * tl.sum(xe + xo, axis=0))
+    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _mm_prune})
 @triton.jit
 def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_ym,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Several activation rows: low and high nibbles are dequantized as two (BLOCK_N, BLOCK_K/2) bf16 tiles
+    and multiplied with the even and odd columns of x (no interleaving in registers)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk2 = tl.arange(0, BLOCK_K // 2)
-    rk = tl.arange(0, BLOCK_K)
+    rj = tl.arange(0, BLOCK_K // 2)
     m_mask = rm < M
     n_mask = rn < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        wp = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + rk2)[None, :], mask=n_mask[:, None], other=0)
-        q = tl.join(wp & 0xF, wp >> 4).reshape(BLOCK_N, BLOCK_K)  # low nibble = even k
+        wp = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + rj)[None, :], mask=n_mask[:, None], other=0)
         g = k0 // GROUP
-        s = tl.load(s_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)
-        z = tl.load(z_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)
-        w = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(tl.bfloat16)  # (BLOCK_N, BLOCK_K)
-        xt = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + rk)[:, None], mask=m_mask[None, :], other=0.0)
-        acc = tl.dot(w, xt, acc)  # (BLOCK_N, BLOCK_M): the dequantized tile is the register operand
+        s = tl.load(s_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)[:, None]
+        z = tl.load(z_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)[:, None]
+        lo = (((wp & 0xF).to(tl.float32) - z) * s).to(tl.bfloat16)
+        hi = (((wp >> 4).to(tl.float32) - z) * s).to(tl.bfloat16)
+        xe = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + 2 * rj)[:, None], mask=m_mask[None, :], other=0.0)
+        xo = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + 2 * rj + 1)[:, None], mask=m_mask[None, :], other=0.0)
+        acc = tl.dot(lo, xe, acc)
+        acc = tl.dot(hi, xo, acc)
     tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[None, :] & n_mask[:, None])
 
@@ -111,6 +133,11 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.
     m = x2.shape[0]
     if m >= DEQUANT_FROM_M and not fused_only:
         return torch.nn.functional.linear(x, dequantize_int4(packed, scale, zero, x.dtype))
+    if m == 1:
+        y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+        _int4_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            x2, packed, scale, zero, y, n, k, packed.stride(0), scale.stride(0), GROUP=group)
+        return y.reshape(*x.shape[:-1], n)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
     def grid(meta):

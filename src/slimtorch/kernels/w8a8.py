@@ -99,7 +99,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stri
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_p, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
         b = tl.load(b_p, mask=(rn[None, :] < N) & (k0 + rk[:, None] < K), other=0)
-        acc = tl.dot(a, b, acc)
+        acc += tl.dot(a, b)
         a_p += BLOCK_K
         b_p += BLOCK_K
     sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
