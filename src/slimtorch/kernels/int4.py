@@ -39,26 +39,53 @@ def _m_bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 128 if m <= 128 else 1024
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-                          for bn in (16, 32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)], key=["N", "K"])
+@triton.jit
+def _nibble_f32(words, i: tl.constexpr):
+    """Nibble ``i`` of each int32 word as float32, without an int->float conversion: OR the 4 bits into
+    the mantissa of 2^23 and subtract 2^23."""
+    q = (words >> (4 * i)) & 0xF
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+def _gemv_prune(configs, named_args, **kwargs):
+    groups = named_args["K"] // 128
+    return [c for c in configs if groups % c.kwargs["CHUNK"] == 0] or configs[:1]
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "CHUNK": ch}, num_warps=w)
+                          for bn in (16, 32, 64) for ch in (1, 2, 4, 8) for w in (1, 2, 4, 8)],
+                 key=["N", "K"], prune_configs_by={"early_config_prune": _gemv_prune})
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-    """One activation row: y[n] = sum_g s[n,g] * (sum_k q[n,k] x[k] - z[n,g] * sum_k x[k]) over each group."""
+                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """One activation row: y[n] = sum_g s[n,g] * (sum_k q[n,k] x[k] - z[n,g] * sum_k x[k]) over each group.
+
+    The packed weight is read as int32 words (8 codes each; code i of word j is k = 8j + i), CHUNK
+    groups per step, so that many loads are in flight at once (a GEMV is latency-bound otherwise);
+    products accumulate in a tile reduced once at the end."""
+    W: tl.constexpr = GROUP // 8  # words per group
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    rj = tl.arange(0, GROUP // 2)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, GROUP):
-        wp = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + rj)[None, :], mask=n_mask[:, None], other=0)
-        xe = tl.load(x_ptr + k0 + 2 * rj).to(tl.float32)  # even k: low nibbles
-        xo = tl.load(x_ptr + k0 + 2 * rj + 1).to(tl.float32)  # odd k: high nibbles
-        dot = tl.sum((wp & 0xF).to(tl.float32) * xe[None, :] + (wp >> 4).to(tl.float32) * xo[None, :], axis=1)
-        g = k0 // GROUP
-        s = tl.load(s_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)
-        z = tl.load(z_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)
-        acc += s * (dot - z * tl.sum(xe + xo, axis=0))
-    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+    rc = tl.arange(0, CHUNK)
+    rj = tl.arange(0, W)
+    acc = tl.zeros((BLOCK_N, CHUNK, W), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
+    for g0 in range(0, K // GROUP, CHUNK):
+        cols = (g0 + rc)[:, None] * W + rj[None, :]  # (CHUNK, W) word index
+        words = tl.load(w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :], mask=n_mask[:, None, None],
+                        other=0)
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + (g0 + rc)[None, :], mask=n_mask[:, None], other=0.0)
+        z = tl.load(z_ptr + rn[:, None] * stride_sn + (g0 + rc)[None, :], mask=n_mask[:, None], other=0.0)
+        part = tl.zeros((BLOCK_N, CHUNK, W), dtype=tl.float32)
+        xsum = tl.zeros((CHUNK, W), dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + cols * 8 + i).to(tl.float32)  # (CHUNK, W)
+            part += _nibble_f32(words, i) * xi[None, :, :]
+            xsum += xi
+        acc += part * s[:, :, None]
+        zacc += s * z * tl.sum(xsum, axis=1)[None, :]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(zacc, axis=1)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _mm_prune})
@@ -80,8 +107,9 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm
         g = k0 // GROUP
         s = tl.load(s_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)[:, None]
         z = tl.load(z_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)[:, None]
-        lo = (((wp & 0xF).to(tl.float32) - z) * s).to(tl.bfloat16)
-        hi = (((wp >> 4).to(tl.float32) - z) * s).to(tl.bfloat16)
+        w32 = wp.to(tl.int32)
+        lo = ((_nibble_f32(w32, 0) - z) * s).to(tl.bfloat16)
+        hi = ((_nibble_f32(w32, 1) - z) * s).to(tl.bfloat16)
         xe = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + 2 * rj)[:, None], mask=m_mask[None, :], other=0.0)
         xo = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + 2 * rj + 1)[:, None], mask=m_mask[None, :], other=0.0)
         acc = tl.dot(lo, xe, acc)
@@ -135,8 +163,9 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.
         return torch.nn.functional.linear(x, dequantize_int4(packed, scale, zero, x.dtype))
     if m == 1:
         y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+        words = packed.view(torch.int32)  # (N, K/8): 8 codes per word, little-endian
         _int4_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x2, packed, scale, zero, y, n, k, packed.stride(0), scale.stride(0), GROUP=group)
+            x2, words, scale, zero, y, n, k, words.stride(0), scale.stride(0), GROUP=group)
         return y.reshape(*x.shape[:-1], n)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
