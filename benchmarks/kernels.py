@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,9 @@ def main() -> None:
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     hw = get_hardware("h100")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    # the device tool's copy of the tree may report another HEAD: pass the real one in SLIMTORCH_COMMIT
+    commit = os.environ.get("SLIMTORCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
     common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": commit, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python " + " ".join(sys.argv)}

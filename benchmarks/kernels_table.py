@@ -1,0 +1,43 @@
+"""Print the kernel benchmark records as Markdown (the README's table): speed-up over bf16 from the
+same run, CUDA-graph replay (eager in brackets), and the roofline's predicted time.
+
+    python benchmarks/kernels_table.py [--shape 4096x11008]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "kernels.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default=None, help="K x N, e.g. 4096x11008")
+    args = ap.parse_args()
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    last = {}
+    for r in rows:
+        last[(r["K"], r["N"], r["M"], r["method"])] = r
+    methods = list(dict.fromkeys(k[3] for k in last))
+    print("| K x N | M | " + " | ".join(methods) + " |")
+    print("|---|---:|" + "---:|" * len(methods))
+    for k, n, m in dict.fromkeys((k[0], k[1], k[2]) for k in last):
+        if args.shape and f"{k}x{n}" != args.shape:
+            continue
+        cells = []
+        for meth in methods:
+            r = last.get((k, n, m, meth))
+            if r is None:
+                cells.append("")
+            elif "error" in r:
+                cells.append("error")
+            elif meth == "bf16":
+                cells.append(f"{r['graph_us']:.1f} us")
+            else:
+                cells.append(f"{r['speedup_graph']:.2f}x ({r['speedup_eager']:.2f}x)")
+        print(f"| {k}x{n} | {m} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
