@@ -106,7 +106,7 @@ def main() -> None:
     from slimtorch.kernels.int4 import DEQUANT_FROM_M, int4_weight_only_linear
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
-    hw = get_hardware("h100")
+    hw = get_hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
     # the device tool's copy of the tree may report another HEAD: pass the real one in SLIMTORCH_COMMIT
     commit = os.environ.get("SLIMTORCH_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
@@ -173,6 +173,7 @@ def main() -> None:
                 preset = next((p for key, p in presets.items() if key in name), None)
                 cost = linear_cost("x", m, k, n, preset.weight if preset else None, preset.act if preset else None)
                 rec["predicted_us"] = cost.time(hw) * 1e6
+                rec["predicted_for"] = hw.name
                 rec["predicted_bound"] = cost.bound(hw)
                 if base is not None and "graph_us" in rec and "graph_us" in base:
                     rec["speedup_graph"] = base["graph_us"] / rec["graph_us"]
