@@ -23,7 +23,7 @@ from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smo
 from slimtorch.calib.runner import per_layer, sequential_calibrate
 from slimtorch.errors import SlimError
 from slimtorch.progress import Progress, no_progress
-from slimtorch.quant.modules import QUANT_TYPES, ActQuant, _QuantWeight, set_module
+from slimtorch.quant.modules import ActQuant, _QuantWeight, quant_type_for, set_module
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
 from slimtorch.spec import Plan
 
@@ -44,7 +44,7 @@ def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) ->
     """Round-to-nearest: each planned layer's weight quantized on its own with its observer."""
     for name in progress(_weight_layers(plan), "rtn"):
         layer = model.get_submodule(name)
-        set_module(model, name, QUANT_TYPES[type(layer)].from_float(layer, plan[name].weight, None))
+        set_module(model, name, quant_type_for(layer).from_float(layer, plan[name].weight, None))
     return []
 
 
@@ -60,10 +60,10 @@ def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, a
         spec = plan[name].weight
         if stats.H is None:
             notes.append(f"{name}: grouped (depthwise) convolution, GPTQ does not apply; rounded to nearest")
-            return QUANT_TYPES[type(layer)].from_float(layer, spec, None)
+            return quant_type_for(layer).from_float(layer, spec, None)
         w2 = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         qparams = gptq_quantize(w2, stats.H, spec, act_order=act_order)
-        return QUANT_TYPES[type(layer)].from_float(layer, spec, None, qparams)
+        return quant_type_for(layer).from_float(layer, spec, None, qparams)
 
     sequential_calibrate(model, _weight_layers(plan), calib, per_layer(Hessian, solve), progress)
     return notes

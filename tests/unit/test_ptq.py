@@ -225,3 +225,22 @@ def test_constant_calibration_set_is_refused_but_a_dead_channel_is_fine():
     with torch.no_grad():
         out, ref = q(calib[0][0]), model(calib[0][0])
     assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_conv_subclasses_are_planned_only_when_they_can_be_reproduced():
+    from slimtorch.zoo.efficientnet import SameConv2d
+
+    class Custom(nn.Conv2d):  # overrides forward without declaring what it does
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(SameConv2d(3, 8, 3, stride=2), Custom(8, 8, 1)).eval()
+    plan, skipped = build_plan(model, get_preset("W8A8"))
+    assert list(plan) == ["0"] and "overrides forward" in skipped["1"]
+    x = torch.randn(2, 3, 15, 15)  # odd size: TF 'SAME' pads asymmetrically
+    q = copy.deepcopy(model)
+    quantize_(q, "W8A8-dynamic", None, "rtn")
+    assert isinstance(q[0], QuantConv2d) and q[0].same_padding
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert out.shape == ref.shape == (2, 8, 8, 8) and ((out - ref).norm() / ref.norm()) < 0.02

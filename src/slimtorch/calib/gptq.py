@@ -15,6 +15,7 @@ from torch import nn
 
 from slimtorch.errors import SlimError
 from slimtorch.quant import primitives as P
+from slimtorch.quant.modules import same_pads
 from slimtorch.quant.observers import make_observer
 from slimtorch.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
@@ -34,6 +35,8 @@ class Hessian:
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.layer, nn.Conv2d):
             c = self.layer
+            if getattr(c, "tf_same_padding", False):  # the padding the layer applies itself
+                x = F.pad(x, same_pads(tuple(x.shape[-2:]), c.kernel_size, c.stride))
             patches = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # (B, C*kh*kw, L)
             return patches.transpose(1, 2).reshape(-1, patches.shape[1])
         return x.reshape(-1, x.shape[-1])

@@ -19,7 +19,7 @@ from slimtorch.calib.groups import InputGroup, find_groups, fold_output_scale, s
 from slimtorch.calib.runner import Inputs, ProcessScope, collect, first_tensor, run_scope
 from slimtorch.calib.smoothing import InputStats, awq_search, clip_search, fake_scaled_weight, smoothquant_scales
 from slimtorch.progress import Progress
-from slimtorch.quant.modules import QUANT_TYPES, QuantLinear, quantize_weight, set_module
+from slimtorch.quant.modules import QuantLinear, quant_type_for, quantize_weight, set_module
 from slimtorch.spec import Plan
 
 # layers whose outputs form attention scores: AWQ's reference leaves their clipping alone
@@ -94,7 +94,7 @@ def rescale_method(plan: Plan, choose: ChooseScale, clip: bool, notes: list[str]
         for n in names:  # convs: plain RTN
             if n not in linear:
                 layer = model.get_submodule(n)
-                set_module(model, n, QUANT_TYPES[type(layer)].from_float(layer, plan[n].weight, None))
+                set_module(model, n, quant_type_for(layer).from_float(layer, plan[n].weight, None))
         if not linear:
             return
         groups = find_groups(model, scope, linear, inputs)

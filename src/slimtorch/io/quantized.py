@@ -57,7 +57,8 @@ def save_quantized(model: nn.Module, path: Path, base: str, extra: dict | None =
                 "weight": spec_to_dict(m.wspec), "act": spec_to_dict(m.act.spec if m.act else None)}
         if isinstance(m, QuantConv2d):
             info["conv"] = {"stride": list(m.stride), "padding": list(m.padding) if not isinstance(m.padding, str)
-                            else m.padding, "dilation": list(m.dilation), "groups": m.groups}
+                            else m.padding, "dilation": list(m.dilation), "groups": m.groups,
+                            "same_padding": m.same_padding}
         layers[name] = info
         tensors[f"{name}.qweight"] = _pack_codes(m)
     points = {n: spec_to_dict(m.spec) for n, m in model.named_modules()
@@ -109,7 +110,8 @@ def load_quantized(path: Path, base_model: nn.Module | None = None) -> tuple[nn.
             c = info["conv"]
             pad = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
             new = QuantConv2d(wspec, codes, scale, zero, bias, aspec, shape, stride=tuple(c["stride"]),
-                              padding=pad, dilation=tuple(c["dilation"]), groups=c["groups"])
+                              padding=pad, dilation=tuple(c["dilation"]), groups=c["groups"],
+                              same_padding=c.get("same_padding", False))
         if f"{name}.inv_smooth" in tensors:
             new.inv_smooth = tensors[f"{name}.inv_smooth"]
         if aspec is not None and not aspec.dynamic:

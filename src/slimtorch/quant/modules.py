@@ -124,14 +124,28 @@ class QuantLinear(_QuantWeight):
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-class QuantConv2d(_QuantWeight):
-    """Conv2d with a quantized weight (quantized as ``(out, in/groups * kh * kw)``)."""
+def same_pads(hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]) -> list[int]:
+    """TensorFlow 'SAME' padding for an input of spatial size ``hw``: F.pad order (left, right, top, bottom)."""
+    pads = []
+    for size, k, s in zip(hw[::-1], kernel[::-1], stride[::-1]):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
 
-    def __init__(self, *args, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros") -> None:
+
+class QuantConv2d(_QuantWeight):
+    """Conv2d with a quantized weight (quantized as ``(out, in/groups * kh * kw)``).
+
+    ``same_padding``: pad like TensorFlow's 'SAME' from the input size at each call (a float conv
+    declares this with a class attribute ``tf_same_padding = True``, as the zoo's EfficientNet does)."""
+
+    def __init__(self, *args, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
+                 same_padding: bool = False) -> None:
         super().__init__(*args)
         if padding_mode != "zeros":
             raise SlimError(f"Conv2d padding_mode {padding_mode!r} is not supported by QuantConv2d")
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.same_padding = same_padding
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, wspec: QuantSpec, act: QuantSpec | None,
@@ -139,15 +153,30 @@ class QuantConv2d(_QuantWeight):
         q, s, z = qparams or quantize_weight(conv.weight, wspec)
         return cls(wspec, q, s, z, conv.bias, act, tuple(conv.weight.shape), stride=conv.stride,
                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                   padding_mode=conv.padding_mode)
+                   padding_mode=conv.padding_mode, same_padding=getattr(conv, "tf_same_padding", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        if self.same_padding:
+            pads = same_pads(tuple(x.shape[-2:]), tuple(self.weight_shape[-2:]), tuple(self.stride))
+            x = F.pad(x, pads) if any(pads) else x
         x = self._input(x)
         return F.conv2d(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
                         self.stride, self.padding, self.dilation, self.groups)
 
 
 QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+def quant_type_for(module: nn.Module) -> type[_QuantWeight] | None:
+    """The quantized module that can replace ``module`` faithfully, or None.
+
+    Linear/Conv2d and subclasses that keep their parent's forward qualify; a Conv2d subclass that
+    overrides forward qualifies only when it declares TF 'SAME' padding (``tf_same_padding``)."""
+    for base, qtype in QUANT_TYPES.items():
+        if isinstance(module, base):
+            if type(module).forward is base.forward or getattr(type(module), "tf_same_padding", False):
+                return qtype
+    return None
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtorch.errors import SlimError
-from slimtorch.quant.modules import MatmulInput
+from slimtorch.quant.modules import MatmulInput, quant_type_for
 from slimtorch.spec import LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec, granularity_from_str
 
 
@@ -135,7 +135,7 @@ def get_preset(name: str) -> Recipe:
 
 def _matches(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
     for p in patterns:
-        if p.isidentifier() and p == type(module).__name__:
+        if p.isidentifier() and any(p == c.__name__ for c in type(module).__mro__):  # the class or a base
             return True
         if re.fullmatch(p.removeprefix("re:"), name):
             return True
@@ -149,6 +149,8 @@ def _why_not(module: nn.Module, spec: QuantSpec | None) -> str | None:
         return f"input width {width} is not a multiple of group size {spec.granularity.size}"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"padding_mode {module.padding_mode!r}"
+    if quant_type_for(module) is None:
+        return f"{type(module).__name__} overrides forward; a quantized Linear/Conv2d would not reproduce it"
     return None
 
 

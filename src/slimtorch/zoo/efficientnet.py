@@ -10,11 +10,11 @@ the TensorFlow original.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from slimtorch.quant.modules import same_pads
 
 BN_EPS = 1e-3
 # ImageNet preprocessing of the TensorFlow Lite models: (pixel - 127) / 128, pixels in 0..255.
@@ -25,13 +25,12 @@ STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80)
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow 'SAME' padding computed from the input size."""
+    """Conv2d with TensorFlow 'SAME' padding computed from the input size (QuantConv2d keeps it)."""
+
+    tf_same_padding = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        pads = []
-        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
+        pads = same_pads(tuple(x.shape[-2:]), self.kernel_size, self.stride)
         return super().forward(F.pad(x, pads) if any(pads) else x)
 
 
