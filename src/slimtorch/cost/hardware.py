@@ -53,12 +53,12 @@ class Hardware:
 _FALLBACK = {"fp32": ("fp32",), "bf16": ("bf16", "fp32"), "fp8": ("fp8", "bf16", "fp32"),
              "int8": ("int8", "bf16", "fp32")}
 
+_HOPPER = {"bf16": 989.4 * TERA, "fp8": 1978.9 * TERA, "int8": 1978.9 * TERA, "fp32": 66.9 * TERA}
+
 HARDWARE: dict[str, Hardware] = {
     h.name: h for h in (
-        Hardware("h100", {"bf16": 989.4 * TERA, "fp8": 1978.9 * TERA, "int8": 1978.9 * TERA, "fp32": 66.9 * TERA},
-                 3.35e12, 80e9, "NVIDIA H100 SXM5 datasheet"),
-        Hardware("h200", {"bf16": 989.4 * TERA, "fp8": 1978.9 * TERA, "int8": 1978.9 * TERA, "fp32": 66.9 * TERA},
-                 4.8e12, 141e9, "NVIDIA H200 SXM datasheet"),
+        Hardware("h100", _HOPPER, 3.35e12, 80e9, "NVIDIA H100 SXM5 datasheet"),
+        Hardware("h200", _HOPPER, 4.8e12, 141e9, "NVIDIA H200 SXM datasheet"),  # the H100's compute
         Hardware("a100", {"bf16": 312 * TERA, "int8": 624 * TERA, "fp32": 19.5 * TERA},
                  2.039e12, 80e9, "NVIDIA A100 SXM4 80GB datasheet"),
         Hardware("l4", {"bf16": 121 * TERA, "fp8": 242.5 * TERA, "int8": 242.5 * TERA, "fp32": 30.3 * TERA},
