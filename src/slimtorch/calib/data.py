@@ -104,9 +104,9 @@ def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
     if task == "fmnist-classification":
         return _fmnist(n, gen)
     if task == "causal-lm":
-        from slimtorch.zoo.lm_data import lm_dims
+        from slimtorch.zoo.lm_data import MAX_WINDOW, lm_dims
 
-        seq_len = min(lm_dims(model)[0], 512) if model is not None else 512
+        seq_len = lm_dims(model)[0] if model is not None else MAX_WINDOW
         return _causal_lm(n, gen, _lm_tokens(entry, text_file, seq_len), seq_len)
     if task == "sentence-embedding":
         return _embedding(n, gen, model.tokenizer)

@@ -80,7 +80,6 @@ def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
     from slimtorch.zoo.lm_data import lm_dims, logits_of
 
     seq, vocab = lm_dims(model)
-    seq = min(seq, 512)
     wins = M.windows(tokens("heldout"), seq, limit)
     nll, n, agree = 0.0, 0, 0.0
     for i in progress(range(0, len(wins), 4), "perplexity"):

@@ -60,12 +60,17 @@ def encode_documents(docs: list[str], tok) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+# windows for evaluation and calibration: the model's context, at most this many tokens
+MAX_WINDOW = 512
+
+
 def lm_dims(model) -> tuple[int, int]:
-    """(context length, vocabulary size) of our TinyLlama or a transformers causal LM."""
+    """(window length, vocabulary size) of our TinyLlama or a transformers causal LM: the window is
+    the model's context length, capped at MAX_WINDOW."""
     cfg = getattr(model, "cfg", None)
     if cfg is not None and hasattr(cfg, "max_seq_len"):
-        return cfg.max_seq_len, cfg.vocab_size
-    return model.config.max_position_embeddings, model.config.vocab_size
+        return min(cfg.max_seq_len, MAX_WINDOW), cfg.vocab_size
+    return min(model.config.max_position_embeddings, MAX_WINDOW), model.config.vocab_size
 
 
 def logits_of(out) -> torch.Tensor:
