@@ -77,3 +77,9 @@ def test_model_estimate_linear_flops_are_two_per_weight_per_token():
     q = next(c for c in lin if c.name.endswith("q_proj"))
     assert q.compute == "int8" and q.bytes == 32 * 32 + 32 * 4 + 200 * 32 * 2 * 2  # int8 codes, fp32 scales, x and y
     assert next(c for c in lin if c.name == "lm_head").bytes == 64 * 32 * 2 + 200 * 32 * 2 + 200 * 64 * 2  # bf16
+
+
+def test_measured_ceiling_profiles_scale_every_peak_by_bf16s_fraction():
+    h = get_hardware("h200-measured")
+    assert h.mem_bandwidth == 4.3e12 and h.peak("bf16") == pytest.approx(788e12)
+    assert h.peak("int8") == pytest.approx(1978.9e12 * 788 / 989.4)

@@ -19,6 +19,11 @@ Sources:
 * Apple M2 (10-core GPU): Apple M2 press release (June 2022): 3.6 TFLOPS GPU, 100 GB/s unified
   memory, 15.8 TOPS Neural Engine. The GPU's FP16 rate is taken equal to FP32 (no separate
   figure published); int8 runs on the Neural Engine.
+* Measured ceilings (``h100-measured``, ``h200-measured``): this workplace's device notes
+  (KINDS.md, 2026-10/11), a large device-to-device copy (bytes read plus written) and an
+  8192^3 bf16 matrix product on random data: H100 3.0 TB/s and 798 TFLOP/s, H200 4.3 TB/s and
+  788 TFLOP/s. Other dtypes are scaled by the same fraction of their peak as bf16 reached (an
+  assumption until each is measured).
 * Mobile NPU (Apple A17 Pro class): Apple A17 Pro press release (Sept 2023): Neural Engine 35 TOPS
   (int8). Memory: LPDDR5-6400 on a 64-bit bus, 51.2 GB/s, derived from the memory type (Apple
   publishes no figure); fp16 at half the int8 rate, an assumption marked here.
@@ -71,6 +76,18 @@ HARDWARE: dict[str, Hardware] = {
                  51.2e9, 8e9, "Apple A17 Pro press release; bandwidth derived"),
     )
 }
+
+
+def measured(hw: Hardware, name: str, bf16_flops: float, bandwidth: float, source: str) -> Hardware:
+    """``hw`` with measured ceilings: bandwidth as measured, every peak scaled by bf16's measured fraction."""
+    frac = bf16_flops / hw.peak_flops["bf16"]
+    return Hardware(name, {k: v * frac for k, v in hw.peak_flops.items()}, bandwidth, hw.memory_bytes, source)
+
+
+HARDWARE["h100-measured"] = measured(HARDWARE["h100"], "h100-measured", 798 * TERA, 3.0e12,
+                                     "measured here: copy 3.0 TB/s, bf16 GEMM 798 TFLOP/s")
+HARDWARE["h200-measured"] = measured(HARDWARE["h200"], "h200-measured", 788 * TERA, 4.3e12,
+                                     "measured here: copy 4.3 TB/s, bf16 GEMM 788 TFLOP/s")
 
 
 def get_hardware(name: str) -> Hardware:
