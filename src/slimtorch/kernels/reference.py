@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import torch
 
+from slimtorch.quant import formats
+
 FP8_MAX = 448.0  # float8_e4m3fn
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """codes (N, K) with values 0..15 -> (N, K/2) uint8, low nibble = even column."""
-    c = codes.to(torch.uint8)
-    return (c[:, 0::2] & 0xF) | (c[:, 1::2] << 4)
+    """codes (N, K) with values 0..15 -> (N, K/2) uint8, low nibble = even column: the saved-model
+    format of quant/formats.py, so a saved uint4 model's codes feed the kernel as they are."""
+    return formats.pack(codes, 4, 0)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 codes."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return formats.unpack(packed, 4, 0, 2 * packed.shape[-1]).to(torch.uint8)
 
 
 def quantize_int4_weight(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
