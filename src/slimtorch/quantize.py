@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtorch.calib.data import Batch, check_finite
+from slimtorch.calib.data import Batch, check_calibration
 from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smoothquant_choice
 from slimtorch.calib.runner import per_layer, sequential_calibrate
@@ -160,7 +160,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
         raise SlimError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     rec = resolve_recipe(recipe)
     calib = list(calib or [])
-    check_finite(calib)
+    check_calibration(calib)
     plan, skipped = build_plan(model, rec)
     if not plan:
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")

@@ -113,7 +113,7 @@ def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
     return _imagenet(n, gen)
 
 
-def check_finite(batches: list[Batch]) -> None:
+def check_calibration(batches: list[Batch]) -> None:
     """SlimError if any floating tensor in the calibration set holds NaN or Inf, or if an input is the
     same value everywhere in the set (zero variance: it would calibrate every range to a point)."""
     for i, batch in enumerate(batches):

@@ -118,6 +118,7 @@ def clip_search(weight: torch.Tensor, rows: torch.Tensor, spec: QuantSpec, grid:
     g = gran.size if isinstance(gran, PerGroup) else W.shape[1]
     x = rows.float()[:max_rows].reshape(-1, W.shape[1] // g, g)  # (n, G, g)
     lo_all, hi_all = P.min_max(W, spec)  # (out, G, 1) or (out, 1)
+    shape = lo_all.shape[1:]
     lo_all, hi_all = lo_all.reshape(W.shape[0], -1, 1), hi_all.reshape(W.shape[0], -1, 1)
     best_lo, best_hi = lo_all.clone(), hi_all.clone()
     for o in range(0, W.shape[0], out_batch):
@@ -130,17 +131,11 @@ def clip_search(weight: torch.Tensor, rows: torch.Tensor, spec: QuantSpec, grid:
             c = amax * (1 - i / grid)
             clo, chi = torch.maximum(lo, -c), torch.minimum(hi, c)
             scale, zero = P.qparams(clo, chi, spec)
-            scale, zero = scale.reshape(_param_shape(w2, spec)), zero.reshape(_param_shape(w2, spec))
+            scale, zero = scale.reshape(w2.shape[0], *shape), zero.reshape(w2.shape[0], *shape)
             wq = P.dequantize(P.quantize(w2, scale, zero, spec), scale, zero, spec).reshape(w.shape)
             err = torch.einsum("ngk,ogk->nog", x, wq - w).pow(2).mean(0).unsqueeze(-1)  # (ob, G, 1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo[o:o + out_batch] = torch.where(better, clo, best_lo[o:o + out_batch])
             best_hi[o:o + out_batch] = torch.where(better, chi, best_hi[o:o + out_batch])
-    return P.qparams(best_lo.reshape(_param_shape(W, spec)), best_hi.reshape(_param_shape(W, spec)), spec)
-
-
-def _param_shape(w: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
-    """The scale shape of primitives.py for a 2-D weight (PerGroup: (out, G, 1); PerChannel(0): (out, 1))."""
-    g = spec.granularity
-    return (w.shape[0], w.shape[1] // g.size, 1) if isinstance(g, PerGroup) else (w.shape[0], 1)
+    return P.qparams(best_lo.reshape(lo_all.shape), best_hi.reshape(lo_all.shape), spec)
