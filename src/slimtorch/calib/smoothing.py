@@ -138,4 +138,4 @@ def clip_search(weight: torch.Tensor, rows: torch.Tensor, spec: QuantSpec, grid:
             best_err = torch.where(better, err, best_err)
             best_lo[o:o + out_batch] = torch.where(better, clo, best_lo[o:o + out_batch])
             best_hi[o:o + out_batch] = torch.where(better, chi, best_hi[o:o + out_batch])
-    return P.qparams(best_lo.reshape(lo_all.shape), best_hi.reshape(lo_all.shape), spec)
+    return P.qparams(best_lo.reshape(W.shape[0], *shape), best_hi.reshape(W.shape[0], *shape), spec)
