@@ -13,7 +13,7 @@ from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import quantize_weight
 from slimtorch.quant.recipe import get_preset
 from slimtorch.quantize import quantize_
-from slimtorch.spec import PerGroup, QuantSpec
+from slimtorch.spec import PerChannel, PerGroup, QuantSpec
 from slimtorch.zoo.llama import LlamaConfig, TinyLlama
 
 CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=16)
@@ -118,3 +118,11 @@ def test_clip_search_never_worse_than_no_clipping_and_shrinks_an_outlier_group()
     assert (e_clip <= e_plain + 1e-6).all()  # shrink 0 is in the grid
     assert e_clip.sum() < e_plain.sum()
     assert scale[0, 0, 0] < plain[1][0, 0, 0]  # the outlier group's range was shrunk
+
+
+def test_clip_search_returns_the_scale_shape_of_its_granularity():
+    W, x = torch.randn(8, 64), torch.randn(100, 64)
+    for spec, shape in ((QuantSpec("int4", PerChannel(0)), (8, 1)),
+                        (QuantSpec("uint4", PerGroup(32), symmetric=False), (8, 2, 1))):
+        scale, zero = clip_search(W, x, spec)
+        assert scale.shape == zero.shape == shape == quantize_weight(W, spec)[1].shape
