@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--ms", default=None, help="e.g. 1,16")
     ap.add_argument("--methods", default=None, help="comma-separated subset, e.g. bf16,ours_int4wo")
     args = ap.parse_args()
-    from slimtorch.kernels.int4 import DEQUANT_FROM_M, int4_weight_only_linear
+    from slimtorch.kernels.int4 import DEQUANT_FROM_M, int4_weight_only_linear, prepare_int4
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     hw = get_hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
@@ -129,10 +129,10 @@ def main() -> None:
     presets = {"int4wo": get_preset("W4A16-g128"), "int8": get_preset("W8A8-dynamic"), "fp8": get_preset("FP8")}
     print(f"{'K':>6} {'N':>6} {'M':>5} {'method':>16} {'eager us':>9} {'graph us':>9} {'x bf16':>7} {'pred us':>8}")
     for k, n in shapes:
-        sets = max(2, -(-3 * L2_BYTES // (k * n * 2)))  # bf16 weights: 3x L2 across the sets
+        sets = max(3, -(-3 * L2_BYTES // (k * n // 2)))  # int4 weights (the smallest): 3x L2 across the sets
         torch.manual_seed(0)
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
-        q4 = [R.quantize_int4_weight(w.float(), 128) for w in weights]
+        q4 = [prepare_int4(*R.quantize_int4_weight(w.float(), 128)) for w in weights]
         q8 = [R.quantize_weight_channels(w.float(), torch.int8) for w in weights]
         qf8 = [R.quantize_weight_channels(w.float(), torch.float8_e4m3fn) for w in weights]
         ao = {} if args.no_torchao else _torchao_fns(k, n, weights)
@@ -141,8 +141,8 @@ def main() -> None:
             ref = F.linear(xs[0], weights[0])
             fns = {
                 "bf16": lambda i: F.linear(xs[i], weights[i]),
-                "ours_int4wo": lambda i: int4_weight_only_linear(xs[i], *q4[i]),
-                "ours_int4wo_fused": lambda i: int4_weight_only_linear(xs[i], *q4[i], fused_only=True),
+                "ours_int4wo": lambda i: int4_weight_only_linear(xs[i], q4[i]),
+                "ours_int4wo_fused": lambda i: int4_weight_only_linear(xs[i], q4[i], path="mm"),
                 "ours_int8": lambda i: int8_linear(xs[i], *q8[i]),
                 "ours_fp8": lambda i: fp8_linear(xs[i], *qf8[i]),
             }

@@ -51,30 +51,63 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("m", [1, 7, 16, 100, 1024])
-@pytest.mark.parametrize("k,n", [(256, 384), (4096, 11008)])
+@pytest.mark.parametrize("k,n", [(256, 384), (4096, 11008), (11008, 4096)])
 def test_int4_kernel_matches_reference(m, k, n):
-    from slimtorch.kernels.int4 import int4_weight_only_linear
+    from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
 
     torch.manual_seed(m)
     w = torch.randn(n, k, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     packed, scale, zero = R.quantize_int4_weight(w, 128)
     ref = R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)
-    for fused_only in (False, True):  # large M: dequantize + cuBLAS, unless fused_only
-        y = int4_weight_only_linear(x, packed, scale, zero, fused_only=fused_only)
-        assert rel(y, ref) < 1e-2  # bf16 weights in the dot
+    kw = prepare_int4(packed, scale, zero)
+    paths = ["mm", "dequant"] + (["gemv"] if m == 1 else [])
+    for path in paths:
+        assert rel(int4_weight_only_linear(x, kw, path=path), ref) < 1e-2, path  # bf16 output / bf16 weights in dots
+    assert rel(int4_weight_only_linear(x, kw), ref) < 1e-2
+    # the direct (memoised) launch gives the same result as the first, JIT-dispatched one
+    assert torch.equal(int4_weight_only_linear(x, kw), int4_weight_only_linear(x, kw))
 
 
 @pytest.mark.gpu
 @gpu
-def test_int4_dequantize_kernel_is_exact():
-    from slimtorch.kernels.int4 import dequantize_int4
+def test_int4_dequantize_kernel_matches_the_float_dequantization():
+    from slimtorch.kernels.int4 import dequantize_int4, prepare_int4
 
     w = torch.randn(384, 512, device="cuda")
     packed, scale, zero = R.quantize_int4_weight(w, 128)
     q = R.unpack_int4(packed).float().reshape(384, 4, 128)
     ref = ((q - zero[..., None]) * scale[..., None]).reshape(384, 512)
-    assert torch.equal(dequantize_int4(packed, scale, zero, torch.float32), ref)
+    # s*(q - z) computed as 16s*(1 + q/16) - (16s + s*z): a few float32 roundings of 16s
+    assert torch.allclose(dequantize_int4(prepare_int4(packed, scale, zero), torch.float32).T, ref, rtol=0,
+                          atol=1e-6 * scale.max().item() * 16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("preset", ["W4A16-g128", "W4A8-int4-only", "W8A8-dynamic", "FP8"])
+def test_quantlinear_dispatches_to_the_kernel_on_cuda(preset):
+    """The module's CUDA forward (kernel) against its own reference forward (use_kernels off)."""
+    from slimtorch.quant.modules import QuantLinear
+    from slimtorch.quant.recipe import get_preset
+    from slimtorch.spec import PerGroup, QuantSpec
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1024, 768, device="cuda")
+    if preset == "W4A8-int4-only":  # signed int4 groups, weight only
+        wspec, act = QuantSpec("int4", PerGroup(128)), None
+    else:
+        r = get_preset(preset)
+        wspec, act = r.weight, r.act
+    mod = QuantLinear.from_float(lin, wspec, act)
+    assert mod.kernel() is not None
+    for m in (1, 16, 300):
+        x = torch.randn(3, m, 1024, device="cuda", dtype=torch.bfloat16)
+        y = mod(x)
+        mod.use_kernels = False
+        ref = mod(x.float())
+        mod.use_kernels = True
+        assert y.shape == ref.shape and rel(y, ref) < 2e-2
 
 
 @pytest.mark.gpu
@@ -91,3 +124,26 @@ def test_w8a8_kernels_match_reference(dtype, m):
     wq, ws = R.quantize_weight_channels(w, dtype)
     y = (int8_linear if dtype == torch.int8 else fp8_linear)(x, wq, ws)
     assert rel(y, R.w8a8_linear_ref(x.float(), wq, ws)) < 1e-2
+
+
+def test_kernel_kind_follows_the_specs():
+    from slimtorch.kernels.dispatch import kernel_kind
+    from slimtorch.quant.recipe import get_preset
+
+    kinds = {name: kernel_kind(get_preset(name).weight, get_preset(name).act)
+             for name in ("W4A16-g128", "W8A8-dynamic", "FP8", "W8A8", "W3A16-g128", "W4A8")}
+    # static activation scales and 3-bit / W4A8 have no kernel: they keep the reference path
+    assert kinds == {"W4A16-g128": "int4", "W8A8-dynamic": "int8", "FP8": "fp8", "W8A8": None, "W3A16-g128": None,
+                     "W4A8": None}
+
+
+def test_quantlinear_on_cpu_has_no_kernel_and_runs_the_reference():
+    from slimtorch.quant.modules import QuantLinear
+    from slimtorch.quant.recipe import get_preset
+
+    r = get_preset("W4A16-g128")
+    lin = torch.nn.Linear(256, 32)
+    mod = QuantLinear.from_float(lin, r.weight, r.act)
+    x = torch.randn(4, 256)
+    assert mod.kernel() is None
+    assert torch.allclose(mod(x), x @ mod.weight().T + lin.bias, atol=1e-5)

@@ -1,177 +1,252 @@
-"""int4 weight-only linear (groups of 128, asymmetric, two codes per byte) in Triton.
+"""int4 weight-only linear (groups of 128, asymmetric) in Triton.
 
-One kernel, two regimes:
-* one row (decode, batch 1): a GEMV that streams each ``BLOCK_N x K`` slab of packed weights once and
-  never materialises dequantized weights: per group ``s * (q . x - z * sum x)``, with the low and
-  high nibbles multiplied by the even and odd entries of x. Memory-bound: time ~ N*K/2 / bandwidth.
-* up to ``DEQUANT_FROM_M`` rows: a tiled GEMM whose weight tiles are dequantized in registers.
-* more rows (prefill): dequantize once to bf16 and call cuBLAS; the dequantization costs a pass
-  over the weights, small next to a compute-bound GEMM.
+The saved format (reference.py: ``packed (N, K/2)`` uint8, ``scale``/``zero`` ``(N, K/G)`` float32) is
+turned once, by :func:`prepare_int4`, into the kernels' layout, :class:`Int4Weight`:
 
-Format: see reference.py (``packed (N, K/2)`` uint8, ``scale``/``zero`` ``(N, K/G)`` float32).
+* ``words (N/16, K/8, 16)`` int32: the saved bytes read as int32 words (8 codes each, code i of word j
+  is k = 8j + i), in blocks of 16 output channels, each block's words stored K-row after K-row. A
+  row of a tile is 16 channels = 64 contiguous bytes (16-byte loads, consecutive threads on
+  consecutive channels), and a program streams its blocks from one contiguous stretch of memory;
+* ``a = 16 * scale`` and ``b = scale * zero``, ``(N/16, K/G, 16)`` float32, blocked the same way.
+
+The address of channel n in row j of a blocked array is ``(n // 16) * block_stride + 16 j + n % 16``.
+
+A code q is turned into the float ``1 + q/16`` with two integer operations (shift it into the top
+four mantissa bits, then one AND/OR with the bits of 1.0), no int-to-float conversion:
+``s * (q - z) = a * (1 + q/16) - (a + b)``, and in a dot product
+``sum s (q - z) x = a * (sum (1 + q/16) x - sum x) - b * sum x``.
+
+Three paths, by the number of activation rows M:
+
+* M = 1 (decode): a GEMV on the CUDA cores that streams the packed weight once; memory-bound.
+* M up to ``DEQUANT_FROM_M``: a tiled GEMM whose weight tiles are dequantized in registers and fed to
+  the tensor cores as eight K=16 products per group (one per code position in a word), optionally
+  split over K (fp32 partial sums added atomically) so that small M still fills the chip.
+* more rows (prefill): dequantize once to bf16 and call cuBLAS; the extra pass over the weights is
+  small next to a compute-bound GEMM.
+
+Each launch takes its block sizes from :func:`gemv_config` / :func:`mm_config` (picked from the
+measurements in benchmarks/results/kernels.jsonl) and calls the compiled kernel directly, without
+an autotuner in the call path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 
-def _mm_configs():
-    out = []
-    for bm in (16, 32, 64):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (3, 4):
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128}, num_warps=warps,
-                                             num_stages=stages))
-    return out
+@dataclass(frozen=True)
+class Int4Weight:
+    """An int4 weight in the kernels' layout (see the module docstring)."""
+
+    words: torch.Tensor  # (N/16, K/8, 16) int32
+    a: torch.Tensor  # (N/16, K/G, 16) float32: 16 * scale
+    b: torch.Tensor  # (N/16, K/G, 16) float32: scale * zero
+    group: int
+
+    @property
+    def n(self) -> int:
+        return self.words.shape[0] * 16
+
+    @property
+    def k(self) -> int:
+        return self.words.shape[1] * 8
 
 
-def _mm_prune(configs, named_args, **kwargs):
-    m = named_args["M"]
-    want = 16 if m <= 16 else 32 if m <= 32 else 64
-    return [c for c in configs if c.kwargs["BLOCK_M"] == want]
+def prepare_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Weight:
+    """The saved format -> the kernels' layout (one transpose of the weight; done once per layer)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if n % 16 or k % 128 or scale.shape != zero.shape or scale.shape[0] != n or k % scale.shape[1] \
+            or (k // scale.shape[1]) % 16:
+        raise ValueError(f"int4 weight of shape {(n, k)} with scales {tuple(scale.shape)}: the kernels need N a "
+                         "multiple of 16, K of 128, and groups of a multiple of 16")
 
+    def blocked(t: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N/16, C, 16)
+        return t.reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
 
-def _m_bucket(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 128 if m <= 128 else 1024
+    words = packed.contiguous().view(torch.int32)  # (N, K/8); little-endian: byte 0 holds codes 0 and 1
+    s, z = scale.float(), zero.float()
+    return Int4Weight(blocked(words), blocked(16 * s), blocked(s * z), k // scale.shape[1])
 
 
 @triton.jit
-def _nibble_f32(words, i: tl.constexpr):
-    """Nibble ``i`` of each int32 word as float32, without an int->float conversion: OR the 4 bits into
-    the mantissa of 2^23 and subtract 2^23."""
-    q = (words >> (4 * i)) & 0xF
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _unit(words, i: tl.constexpr):
+    """Code i of each int32 word as the float 1 + q/16: the 4 bits moved to mantissa bits 19..22."""
+    if 4 * i <= 19:
+        t = words << (19 - 4 * i)
+    else:
+        t = words >> (4 * i - 19)
+    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
-def _gemv_prune(configs, named_args, **kwargs):
-    groups = named_args["K"] // 128
-    return [c for c in configs if groups % c.kwargs["CHUNK"] == 0] or configs[:1]
-
-
-@triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "CHUNK": ch}, num_warps=w)
-                          for bn in (16, 32, 64) for ch in (1, 2, 4, 8) for w in (1, 2, 4, 8)],
-                 key=["N", "K"], prune_configs_by={"early_config_prune": _gemv_prune})
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """One activation row: y[n] = sum_g s[n,g] * (sum_k q[n,k] x[k] - z[n,g] * sum_k x[k]) over each group.
+def _cols(rn, rows):
+    """Offsets of channels rn in a blocked (N/16, rows, 16) array, row 0."""
+    return (rn // 16) * (rows * 16) + rn % 16
 
-    The packed weight is read as int32 words (8 codes each; code i of word j is k = 8j + i), CHUNK
-    groups per step, so that many loads are in flight at once (a GEMV is latency-bound otherwise);
-    products accumulate in a tile reduced once at the end."""
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CHUNK: tl.constexpr, STAGES: tl.constexpr):
+    """y[n] = sum_k x[k] w[n, k] for one row x; each step reads CHUNK groups x BLOCK_N channels."""
     W: tl.constexpr = GROUP // 8  # words per group
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
+    wcol = _cols(rn, K // 8)
+    mcol = _cols(rn, K // GROUP)
     rc = tl.arange(0, CHUNK)
-    rj = tl.arange(0, W)
-    acc = tl.zeros((BLOCK_N, CHUNK, W), dtype=tl.float32)
-    zacc = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
-    for g0 in range(0, K // GROUP, CHUNK):
-        cols = (g0 + rc)[:, None] * W + rj[None, :]  # (CHUNK, W) word index
-        words = tl.load(w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :], mask=n_mask[:, None, None],
-                        other=0)
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + (g0 + rc)[None, :], mask=n_mask[:, None], other=0.0)
-        z = tl.load(z_ptr + rn[:, None] * stride_sn + (g0 + rc)[None, :], mask=n_mask[:, None], other=0.0)
-        part = tl.zeros((BLOCK_N, CHUNK, W), dtype=tl.float32)
+    rw = tl.arange(0, W)
+    acc = tl.zeros((CHUNK, W, BLOCK_N), dtype=tl.float32)
+    for step in tl.range(0, K // (GROUP * CHUNK), num_stages=STAGES):
+        g = step * CHUNK + rc
+        j = g[:, None] * W + rw[None, :]  # (CHUNK, W) word rows
+        words = tl.load(w_ptr + j[:, :, None] * 16 + wcol[None, None, :])
+        a = tl.load(a_ptr + g[:, None] * 16 + mcol[None, :])[:, None, :]
+        b = tl.load(b_ptr + g[:, None] * 16 + mcol[None, :])[:, None, :]
+        part = tl.zeros((CHUNK, W, BLOCK_N), dtype=tl.float32)
         xsum = tl.zeros((CHUNK, W), dtype=tl.float32)
         for i in tl.static_range(8):
-            xi = tl.load(x_ptr + cols * 8 + i).to(tl.float32)  # (CHUNK, W)
-            part += _nibble_f32(words, i) * xi[None, :, :]
+            xi = tl.load(x_ptr + j * 8 + i).to(tl.float32)
+            part += _unit(words, i) * xi[:, :, None]
             xsum += xi
-        acc += part * s[:, :, None]
-        zacc += s * z * tl.sum(xsum, axis=1)[None, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(zacc, axis=1)
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+        acc += a * (part - xsum[:, :, None]) - b * xsum[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=0), axis=0)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty))
 
 
-@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _mm_prune})
 @triton.jit
-def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_ym,
-                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Several activation rows: low and high nibbles are dequantized as two (BLOCK_N, BLOCK_K/2) bf16 tiles
-    and multiplied with the even and odd columns of x (no interleaving in registers)."""
+def _mm_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, GROUP: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
+    """y (M, N) = x (M, K) @ w^T, one group (K = GROUP) per step as 8 products of K = 16: code position i
+    of every word in the group against columns 8j + i of x. With SPLIT_K > 1, y is a zeroed float32
+    buffer and each program adds its share of the groups atomically."""
+    W: tl.constexpr = GROUP // 8
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, BLOCK_K // 2)
+    wcol = _cols(rn, K // 8)
+    mcol = _cols(rn, K // GROUP)
+    rw = tl.arange(0, W)
     m_mask = rm < M
-    n_mask = rn < N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        wp = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + rj)[None, :], mask=n_mask[:, None], other=0)
-        g = k0 // GROUP
-        s = tl.load(s_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)[:, None]
-        z = tl.load(z_ptr + rn * stride_sn + g, mask=n_mask, other=0.0)[:, None]
-        w32 = wp.to(tl.int32)
-        lo = ((_nibble_f32(w32, 0) - z) * s).to(tl.bfloat16)
-        hi = ((_nibble_f32(w32, 1) - z) * s).to(tl.bfloat16)
-        xe = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + 2 * rj)[:, None], mask=m_mask[None, :], other=0.0)
-        xo = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + 2 * rj + 1)[:, None], mask=m_mask[None, :], other=0.0)
-        acc = tl.dot(lo, xe, acc)
-        acc = tl.dot(hi, xo, acc)
-    tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[None, :] & n_mask[:, None])
+    groups = K // GROUP
+    per = tl.cdiv(groups, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in tl.range(pid_k * per, tl.minimum(pid_k * per + per, groups), num_stages=STAGES):
+        words = tl.load(w_ptr + (g * W + rw)[:, None] * 16 + wcol[None, :])
+        a = tl.load(a_ptr + g * 16 + mcol)[None, :]
+        c = a + tl.load(b_ptr + g * 16 + mcol)[None, :]
+        for i in tl.static_range(8):
+            wi = (_unit(words, i) * a - c).to(tl.bfloat16)  # (W, BLOCK_N): rows k = g*GROUP + 8j + i
+            xi = tl.load(x_ptr + rm[:, None] * stride_xm + (g * GROUP + 8 * rw + i)[None, :],
+                         mask=m_mask[:, None], other=0.0)
+            acc = tl.dot(xi.to(tl.bfloat16), wi, acc)
+    ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None])
+    else:
+        tl.atomic_add(ptrs, acc, mask=m_mask[:, None], sem="relaxed")
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(w_ptr, a_ptr, b_ptr, out_ptr, N, K, stride_o, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out (K, N) = w^T dequantized, one group of rows per program column."""
+    W: tl.constexpr = GROUP // 8
+    g = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    n_mask = rn < N
-    wp = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :],
-                 mask=n_mask[:, None], other=0)
-    q = tl.join(wp & 0xF, wp >> 4).reshape(BLOCK_N, BLOCK_K)
-    s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)
-    z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)
-    w = (q.to(tl.float32) - z[:, None]) * s[:, None]
-    tl.store(out_ptr + rn[:, None] * K + (k0 + tl.arange(0, BLOCK_K))[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=n_mask[:, None])
+    rw = tl.arange(0, W)
+    words = tl.load(w_ptr + (g * W + rw)[:, None] * 16 + _cols(rn, K // 8)[None, :])
+    a = tl.load(a_ptr + g * 16 + _cols(rn, K // GROUP))[None, :]
+    c = a + tl.load(b_ptr + g * 16 + _cols(rn, K // GROUP))[None, :]
+    for i in tl.static_range(8):
+        wi = _unit(words, i) * a - c
+        tl.store(out_ptr + (g * GROUP + 8 * rw + i)[:, None] * stride_o + rn[None, :], wi.to(out_ptr.dtype.element_ty))
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The (N, K) weight in ``dtype``."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    group = k // scale.shape[1]
-    out = torch.empty(n, k, device=packed.device, dtype=dtype)
-    _dequant_kernel[(triton.cdiv(n, 32), k // 128)](packed, scale, zero, out, n, k, packed.stride(0),
-                                                    scale.stride(0), GROUP=group, BLOCK_N=32, BLOCK_K=128,
-                                                    num_warps=4)
+def dequantize_int4(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The transposed weight ``(K, N)`` in ``dtype`` (``x @ result`` is the linear)."""
+    out = torch.empty(w.k, w.n, device=w.words.device, dtype=dtype)
+    block = 128 if w.n % 128 == 0 else 16
+    _launch(_dequant_kernel, (w.n // block, w.k // w.group), (w.words, w.a, w.b, out, w.n, w.k, out.stride(0)),
+            {"GROUP": w.group, "BLOCK_N": block, "num_warps": 4})
     return out
+
+
+def _spec(v) -> tuple:
+    """What Triton specialises a kernel argument on: dtype and 16-byte alignment, or an int's size."""
+    if isinstance(v, torch.Tensor):
+        return v.dtype, v.data_ptr() % 16 == 0
+    return v == 1, v % 16 == 0, -2**31 <= v < 2**31
+
+
+_COMPILED: dict = {}  # a memo of compiled kernels: (kernel, meta, argument specialisation) -> CompiledKernel
+
+
+def _launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
+    """``kernel[grid](*args, **meta)``; after the first launch with the same specialisation, the compiled
+    kernel is called directly, skipping the JIT's per-call argument binding (tens of microseconds a
+    call on a slow host, more than a decode-sized kernel takes on the GPU)."""
+    key = (kernel, tuple(meta.items()), tuple(_spec(a) for a in args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = kernel[grid](*args, **meta)
+        return
+    values = [*args, *(meta[name] for name in kernel.arg_names[len(args):])]
+    compiled[grid + (1,) * (3 - len(grid))](*values, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
 
 
 # from this many rows on, dequantizing to bf16 once and calling cuBLAS beats the fused kernel
-# (measured on an H200: benchmarks/results/kernels.jsonl)
 DEQUANT_FROM_M = 1024
 
 
-def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                            zero: torch.Tensor, fused_only: bool = False) -> torch.Tensor:
-    """x (..., K) bf16 -> (..., N) bf16 with the int4 weight (see reference.py for the format)."""
-    k = x.shape[-1]
-    n = packed.shape[0]
-    group = k // scale.shape[1]
-    x2 = x.reshape(-1, k).contiguous()
+def gemv_config(n: int, k: int) -> dict:
+    """Block sizes of the M = 1 kernel (BLOCK_N, CHUNK, STAGES, num_warps)."""
+    groups = k // 128
+    chunk = next(c for c in (4, 2, 1) if groups % c == 0)
+    return {"BLOCK_N": 16, "CHUNK": chunk, "STAGES": 2, "num_warps": 4}
+
+
+def mm_config(m: int, n: int, k: int) -> dict:
+    """Block sizes of the tiled kernel (BLOCK_M, BLOCK_N, SPLIT_K, STAGES, num_warps): enough programs
+    (split over K where the tiles are few) to keep every SM streaming weights."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = next(b for b in (128, 64, 32, 16) if n % b == 0)
+    tiles = (n // block_n) * triton.cdiv(m, block_m)
+    split = max(1, min(8, k // 128, 600 // tiles))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split, "STAGES": 2, "num_warps": 4}
+
+
+def int4_weight_only_linear(x: torch.Tensor, w: Int4Weight, path: str | None = None,
+                            config: dict | None = None) -> torch.Tensor:
+    """x (..., K) bf16 -> (..., N) bf16. ``path`` forces "gemv", "mm" or "dequant" (default: by M);
+    ``config`` overrides the block sizes of that path."""
+    k, n = w.k, w.n
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
-    if m >= DEQUANT_FROM_M and not fused_only:
-        return torch.nn.functional.linear(x, dequantize_int4(packed, scale, zero, x.dtype))
-    if m == 1:
+    path = path or ("gemv" if m == 1 else "mm" if m < DEQUANT_FROM_M else "dequant")
+    if path == "dequant":
+        return (x2 @ dequantize_int4(w, x.dtype)).reshape(*x.shape[:-1], n)
+    if path == "gemv":
+        if m != 1:
+            raise ValueError("the gemv path takes one row")
+        cfg = config or gemv_config(n, k)
+        if n % cfg["BLOCK_N"]:
+            raise ValueError(f"BLOCK_N {cfg['BLOCK_N']} does not divide N = {n}")
         y = torch.empty(1, n, device=x.device, dtype=x.dtype)
-        words = packed.view(torch.int32)  # (N, K/8): 8 codes per word, little-endian
-        _int4_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x2, words, scale, zero, y, n, k, words.stride(0), scale.stride(0), GROUP=group)
+        _launch(_gemv_kernel, (n // cfg["BLOCK_N"],), (x2, w.words, w.a, w.b, y, n, k), {"GROUP": w.group, **cfg})
         return y.reshape(*x.shape[:-1], n)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-
-    def grid(meta):
-        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"])
-
-    _int4_kernel[grid](x2, packed, scale, zero, y, m, n, k, _m_bucket(m), x2.stride(0), packed.stride(0),
-                       scale.stride(0), y.stride(0), GROUP=group)
-    return y.reshape(*x.shape[:-1], n)
+    cfg = config or mm_config(m, n, k)
+    if n % cfg["BLOCK_N"]:
+        raise ValueError(f"BLOCK_N {cfg['BLOCK_N']} does not divide N = {n}")
+    split = cfg["SPLIT_K"]
+    y = (torch.zeros if split > 1 else torch.empty)(m, n, device=x.device,
+                                                    dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (n // cfg["BLOCK_N"], triton.cdiv(m, cfg["BLOCK_M"]), split)
+    _launch(_mm_kernel, grid, (x2, w.words, w.a, w.b, y, m, n, k, x2.stride(0), y.stride(0)), {"GROUP": w.group, **cfg})
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

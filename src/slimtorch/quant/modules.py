@@ -103,7 +103,11 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None
 
 
 class QuantLinear(_QuantWeight):
-    """``y = act(x) @ dequant(W).T + b``. x (..., in) -> (..., out)."""
+    """``y = act(x) @ dequant(W).T + b``. x (..., in) -> (..., out).
+
+    ``use_kernels`` (default True): run the GPU kernel where one applies; False keeps the reference."""
+
+    use_kernels = True
 
     @classmethod
     def from_float(cls, lin: nn.Linear, wspec: QuantSpec, act: QuantSpec | None,
@@ -119,7 +123,28 @@ class QuantLinear(_QuantWeight):
     def out_features(self) -> int:
         return self.weight_shape[0]
 
+    def kernel(self):
+        """The GPU kernel for this layer's specs (slimtorch.kernels.dispatch), built once per placement of
+        the weights; None on CPU or where no kernel applies."""
+        key = (self.qweight.device, self.qweight.data_ptr())
+        cached = self.__dict__.get("_kernel")
+        if cached is None or cached[0] != key:
+            from slimtorch.kernels.dispatch import linear_kernel
+
+            fn = linear_kernel(self.wspec, self.act.spec if self.act is not None else None, self.qweight,
+                               self.w_scale, self.w_zero) if self.qweight.is_cuda else None
+            self.__dict__["_kernel"] = cached = (key, fn)
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """On CUDA with bf16 inputs, the layer's kernel where one applies (dynamic activation
+        quantization included); elsewhere the reference: fake-quantized input, dequantized weight."""
+        fn = self.kernel() if x.is_cuda and x.dtype == torch.bfloat16 and self.use_kernels else None
+        if fn is not None:
+            if self.inv_smooth is not None:
+                x = x * self.inv_smooth.to(x.dtype)
+            y = fn(x)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         x = self._input(x)
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

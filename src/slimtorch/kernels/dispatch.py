@@ -1,0 +1,62 @@
+"""Which GPU kernel runs a quantized linear, and its weights in that kernel's layout.
+
+``linear_kernel(wspec, act, qweight, scale, zero)`` looks at the specs: int4/uint4 groups (weight
+only), int8 per-channel weights with dynamic per-token int8 activations, and fp8 e4m3 per-channel
+weights with dynamic per-token fp8 activations have kernels; anything else returns None and the
+module keeps its reference (dequantize + float matmul) path. The returned function takes bf16
+activations of shape (..., K); the kernels quantize activations themselves, as the module's
+dynamic activation quantizer would (symmetric, per row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from slimtorch.spec import PerChannel, PerGroup, PerToken, QuantSpec
+
+KernelFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _dynamic_rows(act: QuantSpec | None, dtype: str) -> bool:
+    return (act is not None and act.dtype == dtype and act.dynamic and act.symmetric
+            and isinstance(act.granularity, PerToken))
+
+
+def kernel_kind(wspec: QuantSpec, act: QuantSpec | None) -> str | None:
+    """"int4", "int8", "fp8", or None when no kernel implements this pair of specs."""
+    if wspec.dtype in ("uint4", "int4") and isinstance(wspec.granularity, PerGroup) and act is None:
+        return "int4"
+    per_channel = isinstance(wspec.granularity, PerChannel) and wspec.granularity.axis == 0 and wspec.symmetric
+    if per_channel and wspec.dtype == "int8" and _dynamic_rows(act, "int8"):
+        return "int8"
+    if per_channel and wspec.dtype == "fp8_e4m3" and _dynamic_rows(act, "fp8_e4m3"):
+        return "fp8"
+    return None
+
+
+def linear_kernel(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor) -> KernelFn | None:
+    """A function x (..., K) bf16 -> (..., N) bf16 running the kernel on these weights (CUDA tensors),
+    or None where no kernel applies (specs, or shapes the kernel does not take)."""
+    kind = kernel_kind(wspec, act)
+    if kind is None or not qweight.is_cuda:
+        return None
+    n, k = qweight.shape
+    if kind == "int4":
+        from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
+        from slimtorch.kernels.reference import pack_int4
+
+        g = wspec.granularity.size
+        if n % 16 or k % 128 or g % 16 or k % g:
+            return None
+        offset = 8 if wspec.dtype == "int4" else 0  # signed codes -8..7 -> 0..15, zero-point moved alike
+        codes = (qweight.to(torch.int16) + offset).to(torch.uint8)
+        w = prepare_int4(pack_int4(codes), scale.reshape(n, k // g), zero.reshape(n, k // g).float() + offset)
+        return lambda x: int4_weight_only_linear(x, w)
+    from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
+
+    fn = int8_linear if kind == "int8" else fp8_linear
+    wq, ws = qweight.contiguous(), scale.reshape(n).float().contiguous()
+    return lambda x: fn(x, wq, ws)
