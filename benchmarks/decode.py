@@ -4,7 +4,8 @@
 
 Three versions of one model: bf16; our int4 weight-only (uint4, groups of 128, RTN) through
 QuantLinear, which dispatches to slimtorch.kernels on CUDA; torchao's int4 weight-only (tinygemm).
-The block linears are quantized; embeddings and the LM head stay bf16 in all three. One decode step
+q/k/v and gate/up are fused into one linear each, as
+serving engines do. The block linears are quantized; embeddings and the LM head stay bf16 in all three. One decode step
 (every layer, attention over a KV cache of --context positions, the LM head) is captured in a CUDA
 graph and replayed; tokens/s = 1 / median step time. Eager steps are timed too. Appends records to
 DIR/decode.jsonl.
@@ -32,7 +33,7 @@ LLAMA_7B = {"d": 4096, "ffn": 11008, "heads": 32, "vocab": 32000}
 
 
 def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * w
+    return F.rms_norm(x, (x.shape[-1],), w, 1e-6)
 
 
 class Block(nn.Module):
@@ -40,22 +41,21 @@ class Block(nn.Module):
         super().__init__()
         self.heads, self.hd = heads, d // heads
         self.n1, self.n2 = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.gate_proj, self.up_proj = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, d, bias=False)
+        self.qkv_proj, self.o_proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.gate_up_proj, self.down_proj = nn.Linear(d, 2 * ffn, bias=False), nn.Linear(ffn, d, bias=False)
         self.register_buffer("k_cache", torch.zeros(1, heads, context, d // heads))
         self.register_buffer("v_cache", torch.zeros(1, heads, context, d // heads))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = rms(x, self.n1)
-        q, k, v = (p(h).view(1, 1, self.heads, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj,
-                                                                               self.v_proj))
+        q, k, v = self.qkv_proj(h).view(1, 1, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
         a = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)  # the whole cache: fixed cost per step
         x = x + self.o_proj(a.transpose(1, 2).reshape(1, 1, -1))
         h = rms(x, self.n2)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 class Decoder(nn.Module):

@@ -65,8 +65,9 @@ def test_int4_kernel_matches_reference(m, k, n):
     for path in paths:
         assert rel(int4_weight_only_linear(x, kw, path=path), ref) < 1e-2, path  # bf16 output / bf16 weights in dots
     assert rel(int4_weight_only_linear(x, kw), ref) < 1e-2
-    # the direct (memoised) launch gives the same result as the first, JIT-dispatched one
-    assert torch.equal(int4_weight_only_linear(x, kw), int4_weight_only_linear(x, kw))
+    # the direct (memoised) launch gives the result of the first, JIT-dispatched one (split-K sums
+    # are added atomically in any order: equal up to float32 rounding)
+    assert rel(int4_weight_only_linear(x, kw), int4_weight_only_linear(x, kw)) < 1e-3
 
 
 @pytest.mark.gpu

@@ -203,20 +203,24 @@ def _launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
 DEQUANT_FROM_M = 1024
 
 
-def gemv_config(n: int, k: int) -> dict:
-    """Block sizes of the M = 1 kernel (BLOCK_N, CHUNK, STAGES, num_warps)."""
+def gemv_config(n: int, k: int) -> dict | None:
+    """Block sizes of the M = 1 kernel (BLOCK_N, CHUNK, STAGES, num_warps), or None where the split-K
+    tiled kernel is faster at M = 1: when K/128 is not a multiple of 4 (K = 11008 has 86 groups), the
+    GEMV can read only 1 or 2 groups a step (benchmarks/results/int4_sweep.jsonl, H100)."""
     groups = k // 128
-    chunk = next(c for c in (4, 2, 1) if groups % c == 0)
-    return {"BLOCK_N": 16, "CHUNK": chunk, "STAGES": 2, "num_warps": 4}
+    if groups % 4:
+        return None
+    return {"BLOCK_N": 16, "CHUNK": 8 if groups % 8 == 0 and n <= 4096 else 4, "STAGES": 3, "num_warps": 4}
 
 
 def mm_config(m: int, n: int, k: int) -> dict:
     """Block sizes of the tiled kernel (BLOCK_M, BLOCK_N, SPLIT_K, STAGES, num_warps): enough programs
-    (split over K where the tiles are few) to keep every SM streaming weights."""
+    (split over K where the tiles are few) to keep every SM streaming weights. Best on an H100 for
+    M <= 16 at every benchmark shape: 16 x 128 tiles, K split 16 ways."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = next(b for b in (128, 64, 32, 16) if n % b == 0)
     tiles = (n // block_n) * triton.cdiv(m, block_m)
-    split = max(1, min(8, k // 128, 600 // tiles))
+    split = max(1, min(16, k // 128, 1400 // tiles))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split, "STAGES": 2, "num_warps": 4}
 
 
@@ -229,13 +233,13 @@ def int4_weight_only_linear(x: torch.Tensor, w: Int4Weight, path: str | None = N
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    path = path or ("gemv" if m == 1 else "mm" if m < DEQUANT_FROM_M else "dequant")
+    path = path or ("gemv" if m == 1 and gemv_config(n, k) else "mm" if m < DEQUANT_FROM_M else "dequant")
     if path == "dequant":
         return (x2 @ dequantize_int4(w, x.dtype)).reshape(*x.shape[:-1], n)
     if path == "gemv":
         if m != 1:
             raise ValueError("the gemv path takes one row")
-        cfg = config or gemv_config(n, k)
+        cfg = config or gemv_config(n, k) or {"BLOCK_N": 16, "CHUNK": 1, "STAGES": 3, "num_warps": 4}
         if n % cfg["BLOCK_N"]:
             raise ValueError(f"BLOCK_N {cfg['BLOCK_N']} does not divide N = {n}")
         y = torch.empty(1, n, device=x.device, dtype=x.dtype)

@@ -112,7 +112,7 @@ class QuantLinear(_QuantWeight):
     @classmethod
     def from_float(cls, lin: nn.Linear, wspec: QuantSpec, act: QuantSpec | None,
                    qparams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
-        q, s, z = qparams or quantize_weight(lin.weight, wspec)
+        q, s, z = (t.to(lin.weight.device) for t in qparams or quantize_weight(lin.weight, wspec))
         return cls(wspec, q, s, z, lin.bias, act, tuple(lin.weight.shape))
 
     @property
