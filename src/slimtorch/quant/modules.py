@@ -98,7 +98,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None
     if scale is None:
         obs = make_observer(spec)
         obs.update(w2)
-        scale, zero = obs.qparams()
+        scale, zero = (t.to(w2.device) for t in obs.qparams())  # observers keep their statistics on the CPU
     return P.quantize(w2, scale, zero, spec), scale, zero
 
 
