@@ -16,6 +16,9 @@ def main() -> None:
     ap.add_argument("--shape", default=None, help="K x N, e.g. 4096x11008")
     args = ap.parse_args()
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    device = rows[-1]["device"]  # the newest run's GPU: ratios only compare records of one device
+    rows = [r for r in rows if r["device"] == device]
+    print(f"{device}, torch {rows[-1]['torch']}, torchao {rows[-1].get('torchao')}\n")
     last = {}
     for r in rows:
         last[(r["K"], r["N"], r["M"], r["method"])] = r
