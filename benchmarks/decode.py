@@ -18,7 +18,6 @@ import copy
 import datetime
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,8 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimtorch.quant.modules import QuantLinear, set_module
-from slimtorch.spec import PerGroup, QuantSpec
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import median_us  # noqa: E402
+
+from slimtorch.quant.modules import QuantLinear, set_module  # noqa: E402
+from slimtorch.spec import PerGroup, QuantSpec  # noqa: E402
 
 LLAMA_7B = {"d": 4096, "ffn": 11008, "heads": 32, "vocab": 32000}
 
@@ -109,19 +111,11 @@ def time_steps(model: nn.Module, steps: int = 30, trials: int = 5) -> tuple[floa
         with torch.cuda.graph(g):
             model(token, pos)
 
-        def measure(run) -> float:
-            run()
-            torch.cuda.synchronize()
-            out = []
-            for _ in range(trials):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
+        def measure(step) -> float:
+            def run():
                 for _ in range(steps):
-                    run()
-                b.record()
-                torch.cuda.synchronize()
-                out.append(a.elapsed_time(b) * 1000 / steps)
-            return statistics.median(out)
+                    step()
+            return median_us(run, steps, trials)
 
         return measure(g.replay), measure(lambda: model(token, pos))
 

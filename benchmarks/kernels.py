@@ -34,6 +34,21 @@ MS = [1, 16, 128, 2048, 8192]
 L2_BYTES = 50 * 2**20
 
 
+def median_us(run, calls: int, trials: int) -> float:
+    """Median over ``trials`` of the CUDA-event time of ``run()`` (which makes ``calls`` calls), per call."""
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / calls)
+    return statistics.median(times)
+
+
 def _time(fn, sets: int, calls: int = 50, trials: int = 5, graph: bool = False) -> float:
     """Median microseconds per call; call i uses input set i % sets."""
     for i in range(3):
@@ -54,17 +69,7 @@ def _time(fn, sets: int, calls: int = 50, trials: int = 5, graph: bool = False) 
         def run():
             for i in range(calls):
                 fn(i % sets)
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times)
+    return median_us(run, calls, trials)
 
 
 def _torchao_fns(k: int, n: int, weights: list[torch.Tensor]):
