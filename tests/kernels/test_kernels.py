@@ -72,6 +72,23 @@ def test_int4_kernel_matches_reference(m, k, n):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("group", [64, 256])
+def test_int4_kernels_take_groups_other_than_128(group):
+    """The GEMV's groups-per-step must divide K / group (K = 1024, groups of 256: 4 groups), or its
+    loop would skip the tail of K."""
+    from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
+
+    torch.manual_seed(group)
+    w = torch.randn(64, 1024, device="cuda")
+    packed, scale, zero = R.quantize_int4_weight(w, group)
+    kw = prepare_int4(packed, scale, zero)
+    for m in (1, 5, 40):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        assert rel(int4_weight_only_linear(x, kw), R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
 def test_int4_dequantize_kernel_matches_the_float_dequantization():
     from slimtorch.kernels.int4 import dequantize_int4, prepare_int4
 

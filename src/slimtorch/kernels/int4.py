@@ -160,8 +160,9 @@ def _dequant_kernel(w_ptr, a_ptr, b_ptr, out_ptr, N, K, stride_o, GROUP: tl.cons
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rw = tl.arange(0, W)
     words = tl.load(w_ptr + (g * W + rw)[:, None] * 16 + _cols(rn, K // 8)[None, :])
-    a = tl.load(a_ptr + g * 16 + _cols(rn, K // GROUP))[None, :]
-    c = a + tl.load(b_ptr + g * 16 + _cols(rn, K // GROUP))[None, :]
+    mcol = _cols(rn, K // GROUP)
+    a = tl.load(a_ptr + g * 16 + mcol)[None, :]
+    c = a + tl.load(b_ptr + g * 16 + mcol)[None, :]
     for i in tl.static_range(8):
         wi = _unit(words, i) * a - c
         tl.store(out_ptr + (g * GROUP + 8 * rw + i)[:, None] * stride_o + rn[None, :], wi.to(out_ptr.dtype.element_ty))
@@ -204,24 +205,25 @@ def _launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
 DEQUANT_FROM_M = 17
 
 
-def gemv_config(n: int, k: int) -> dict | None:
+def gemv_config(n: int, k: int, group: int = 128) -> dict | None:
     """Block sizes of the M = 1 kernel (BLOCK_N, CHUNK, STAGES, num_warps), or None where the split-K
-    tiled kernel is faster at M = 1: when K/128 is not a multiple of 4 (K = 11008 has 86 groups), the
-    GEMV can read only 1 or 2 groups a step (benchmarks/results/int4_sweep.jsonl, H100)."""
-    groups = k // 128
+    tiled kernel is faster at M = 1: when the number of groups is not a multiple of 4 (K = 11008 has 86
+    groups of 128), the GEMV can read only 1 or 2 groups a step (benchmarks/results/int4_sweep.jsonl,
+    H100). CHUNK always divides the number of groups: the kernel's loop has no remainder step."""
+    groups = k // group
     if groups % 4:
         return None
     return {"BLOCK_N": 16, "CHUNK": 8 if groups % 8 == 0 and n <= 4096 else 4, "STAGES": 3, "num_warps": 4}
 
 
-def mm_config(m: int, n: int, k: int) -> dict:
+def mm_config(m: int, n: int, k: int, group: int = 128) -> dict:
     """Block sizes of the tiled kernel (BLOCK_M, BLOCK_N, SPLIT_K, STAGES, num_warps): enough programs
     (split over K where the tiles are few) to keep every SM streaming weights. Best on an H100 for
     M <= 16 at every benchmark shape: 16 x 128 tiles, K split 16 ways."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = next(b for b in (128, 64, 32, 16) if n % b == 0)
     tiles = (n // block_n) * triton.cdiv(m, block_m)
-    split = max(1, min(16, k // 128, 1400 // tiles))
+    split = max(1, min(16, k // group, 1400 // tiles))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split, "STAGES": 2, "num_warps": 4}
 
 
@@ -234,19 +236,20 @@ def int4_weight_only_linear(x: torch.Tensor, w: Int4Weight, path: str | None = N
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    path = path or ("gemv" if m == 1 and gemv_config(n, k) else "mm" if m < DEQUANT_FROM_M else "dequant")
+    gemv = gemv_config(n, k, w.group) if m == 1 else None
+    path = path or ("gemv" if gemv else "mm" if m < DEQUANT_FROM_M else "dequant")
     if path == "dequant":
         return (x2 @ dequantize_int4(w, x.dtype)).reshape(*x.shape[:-1], n)
     if path == "gemv":
         if m != 1:
             raise ValueError("the gemv path takes one row")
-        cfg = config or gemv_config(n, k) or {"BLOCK_N": 16, "CHUNK": 1, "STAGES": 3, "num_warps": 4}
+        cfg = config or gemv or {"BLOCK_N": 16, "CHUNK": 1, "STAGES": 3, "num_warps": 4}
         if n % cfg["BLOCK_N"]:
             raise ValueError(f"BLOCK_N {cfg['BLOCK_N']} does not divide N = {n}")
         y = torch.empty(1, n, device=x.device, dtype=x.dtype)
         _launch(_gemv_kernel, (n // cfg["BLOCK_N"],), (x2, w.words, w.a, w.b, y, n, k), {"GROUP": w.group, **cfg})
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or mm_config(m, n, k)
+    cfg = config or mm_config(m, n, k, w.group)
     if n % cfg["BLOCK_N"]:
         raise ValueError(f"BLOCK_N {cfg['BLOCK_N']} does not divide N = {n}")
     split = cfg["SPLIT_K"]
