@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import L2_BYTES, _time  # noqa: E402
+from kernels import _time, rotation_sets  # noqa: E402
 
 from slimtorch.kernels import reference as R  # noqa: E402
 from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4  # noqa: E402
@@ -54,12 +54,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
-        sets = max(3, -(-3 * L2_BYTES // (k * n // 2)))  # int4 weights: 3x L2 across the sets
+        sets = rotation_sets(k * n // 2)  # int4 weights
         torch.manual_seed(0)
         ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(sets)]
         q = [R.quantize_int4_weight(w, 128) for w in ws]
         kw = [prepare_int4(*t) for t in q]
-        wb = [w.bfloat16() for w in ws[:max(2, -(-3 * L2_BYTES // (k * n * 2)))]]
+        wb = [w.bfloat16() for w in ws[:rotation_sets(k * n * 2, least=2)]]
         del ws
         for m in (int(v) for v in args.ms.split(",")):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]

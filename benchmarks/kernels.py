@@ -34,6 +34,11 @@ MS = [1, 16, 128, 2048, 8192]
 L2_BYTES = 50 * 2**20
 
 
+def rotation_sets(set_bytes: int, least: int = 3) -> int:
+    """How many copies of a weight to rotate among so that together they fill L2 three times over."""
+    return max(least, -(-3 * L2_BYTES // set_bytes))
+
+
 def median_us(run, calls: int, trials: int) -> float:
     """Median over ``trials`` of the CUDA-event time of ``run()`` (which makes ``calls`` calls), per call."""
     run()
@@ -134,7 +139,7 @@ def main() -> None:
     presets = {"int4wo": get_preset("W4A16-g128"), "int8": get_preset("W8A8-dynamic"), "fp8": get_preset("FP8")}
     print(f"{'K':>6} {'N':>6} {'M':>5} {'method':>16} {'eager us':>9} {'graph us':>9} {'x bf16':>7} {'pred us':>8}")
     for k, n in shapes:
-        sets = max(3, -(-3 * L2_BYTES // (k * n // 2)))  # int4 weights (the smallest): 3x L2 across the sets
+        sets = rotation_sets(k * n // 2)  # int4 weights, the smallest
         torch.manual_seed(0)
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
         q4 = [prepare_int4(*R.quantize_int4_weight(w.float(), 128)) for w in weights]

@@ -85,9 +85,11 @@ class _QuantWeight(nn.Module):
         """The dequantized weight in its original shape."""
         return P.dequantize(self.qweight, self.w_scale, self.w_zero, self.wspec, dtype).reshape(self.weight_shape)
 
+    def _smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.inv_smooth is None else x * self.inv_smooth.to(x.dtype)
+
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth.to(x.dtype)
+        x = self._smoothed(x)
         return x if self.act is None else self.act(x)
 
 
@@ -140,10 +142,8 @@ class QuantLinear(_QuantWeight):
         """On CUDA with bf16 inputs, the layer's kernel where one applies (dynamic activation
         quantization included); elsewhere the reference: fake-quantized input, dequantized weight."""
         fn = self.kernel() if x.is_cuda and x.dtype == torch.bfloat16 and self.use_kernels else None
-        if fn is not None:
-            if self.inv_smooth is not None:
-                x = x * self.inv_smooth.to(x.dtype)
-            y = fn(x)
+        if fn is not None:  # the kernel quantizes activations itself
+            y = fn(self._smoothed(x))
             return y if self.bias is None else y + self.bias.to(y.dtype)
         x = self._input(x)
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
