@@ -70,12 +70,21 @@ def test_int4_kernel_matches_reference(m, k, n):
     assert rel(int4_weight_only_linear(x, kw), int4_weight_only_linear(x, kw)) < 1e-3
 
 
+def test_int4_kernels_take_power_of_two_groups_from_128():
+    from slimtorch.kernels.int4 import supported
+
+    assert supported(4096, 4096, 128) and supported(11008, 4096, 256) and supported(32, 1024, 1024)
+    # groups of 64 (a K = 8 tensor-core product), not a power of two, not dividing K, N not in blocks of 16
+    assert not any([supported(32, 1024, 64), supported(32, 1152, 384), supported(32, 1152, 256),
+                    supported(40, 1024, 128)])
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("group", [64, 256])
+@pytest.mark.parametrize("group", [256, 512])
 def test_int4_kernels_take_groups_other_than_128(group):
     """The GEMV's groups-per-step must divide K / group (K = 1024, groups of 256: 4 groups), or its
-    loop would skip the tail of K."""
+    loop would skip the tail of K."""  # groups of 512: 2 per row, GEMV falls back to the tiled kernel
     from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
 
     torch.manual_seed(group)

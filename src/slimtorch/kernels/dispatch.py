@@ -45,11 +45,11 @@ def linear_kernel(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor
         return None
     n, k = qweight.shape
     if kind == "int4":
-        from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
+        from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4, supported
         from slimtorch.kernels.reference import pack_int4
 
         g = wspec.granularity.size
-        if n % 16 or k % 128 or g % 16 or k % g:
+        if not supported(n, k, g):
             return None
         offset = 8 if wspec.dtype == "int4" else 0  # signed codes -8..7 -> 0..15, zero-point moved alike
         codes = (qweight.to(torch.int16) + offset).to(torch.uint8)

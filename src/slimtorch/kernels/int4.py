@@ -57,13 +57,19 @@ class Int4Weight:
         return self.words.shape[1] * 8
 
 
+def supported(n: int, k: int, group: int) -> bool:
+    """Whether the kernels take this shape: blocks of 16 channels, and a group's words (group / 8) a
+    power of two of at least 16, the K of one tensor-core product."""
+    return n % 16 == 0 and group >= 128 and group & (group - 1) == 0 and k % group == 0
+
+
 def prepare_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Weight:
     """The saved format -> the kernels' layout (one transpose of the weight; done once per layer)."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    if n % 16 or k % 128 or scale.shape != zero.shape or scale.shape[0] != n or k % scale.shape[1] \
-            or (k // scale.shape[1]) % 16:
+    if scale.shape != zero.shape or scale.shape[0] != n or k % scale.shape[1] \
+            or not supported(n, k, k // scale.shape[1]):
         raise ValueError(f"int4 weight of shape {(n, k)} with scales {tuple(scale.shape)}: the kernels need N a "
-                         "multiple of 16, K of 128, and groups of a multiple of 16")
+                         "multiple of 16 and groups of 128, 256, 512... inputs that divide K")
 
     def blocked(t: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N/16, C, 16)
         return t.reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
