@@ -70,8 +70,26 @@ def test_int4_kernel_matches_reference(m, k, n):
     assert rel(int4_weight_only_linear(x, kw), int4_weight_only_linear(x, kw)) < 1e-3
 
 
+def test_int4_kernel_layout_holds_code_k_of_channel_n_where_the_kernels_read_it():
+    from slimtorch.kernels.int4_layout import prepare_int4
+
+    torch.manual_seed(0)
+    n, k = 48, 512
+    packed, scale, zero = R.quantize_int4_weight(torch.randn(n, k), 128)
+    w = prepare_int4(packed, scale, zero)
+    assert (w.words.shape, w.a.shape, w.group, w.n, w.k) == ((3, 64, 16), (3, 4, 16), 128, n, k)
+    codes = R.unpack_int4(packed).long()
+    ch, kk = torch.meshgrid(torch.arange(n), torch.arange(k), indexing="ij")
+    # channel n, position k: block n // 16, word k // 8 of that block's row, lane n % 16, nibble k % 8
+    word = w.words[ch // 16, kk // 8, ch % 16].long() & 0xFFFFFFFF
+    assert torch.equal((word >> (4 * (kk % 8))) & 15, codes)
+    g = kk[:, ::128] // 128
+    assert torch.equal(w.a[ch[:, ::128] // 16, g, ch[:, ::128] % 16], 16 * scale)
+    assert torch.equal(w.b[ch[:, ::128] // 16, g, ch[:, ::128] % 16], scale * zero)
+
+
 def test_int4_kernels_take_power_of_two_groups_from_128():
-    from slimtorch.kernels.int4 import supported
+    from slimtorch.kernels.int4_layout import supported
 
     assert supported(4096, 4096, 128) and supported(11008, 4096, 256) and supported(32, 1024, 1024)
     # groups of 64 (a K = 8 tensor-core product), not a power of two, not dividing K, N not in blocks of 16

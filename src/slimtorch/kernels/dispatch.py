@@ -45,7 +45,8 @@ def linear_kernel(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor
         return None
     n, k = qweight.shape
     if kind == "int4":
-        from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4, supported
+        from slimtorch.kernels.int4 import int4_weight_only_linear
+        from slimtorch.kernels.int4_layout import prepare_int4, supported
         from slimtorch.kernels.reference import pack_int4
 
         g = wspec.granularity.size
