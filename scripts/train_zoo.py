@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtorch.io.checkpoint import save_tensors
+from slimtorch.zoo.augment import shift_flip
 from slimtorch.zoo.cnn import FmnistCNN
 from slimtorch.zoo.data import fashion_mnist
 from slimtorch.zoo.llama import LlamaConfig, TinyLlama
@@ -39,20 +40,6 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float = 0.
         return peak * (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * p))
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 2-px shift (background pad, crop) and horizontal flip. x: (B, 28, 28) -> (B, 1, 28, 28)."""
-    b = x.shape[0]
-    pad = F.pad(x, (2, 2, 2, 2), value=float(x.min()))
-    dx = torch.randint(0, 5, (b,), device=x.device, generator=gen)
-    dy = torch.randint(0, 5, (b,), device=x.device, generator=gen)
-    rows = (dy[:, None] + torch.arange(28, device=x.device)[None])  # (B, 28)
-    cols = (dx[:, None] + torch.arange(28, device=x.device)[None])
-    out = pad[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    flip = torch.rand(b, device=x.device, generator=gen) < 0.5
-    out = torch.where(flip[:, None, None], out.flip(-1), out)
-    return out.unsqueeze(1)
 
 
 @torch.no_grad()
@@ -89,7 +76,7 @@ def train_classifier(name: str, model: torch.nn.Module, epochs: int, opt_name: s
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, total, warmup=2 * steps_per_epoch, peak=lr)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(augment(xtr[idx, 0], gen)), ytr[idx], label_smoothing=0.1)
+                loss = F.cross_entropy(model(shift_flip(xtr[idx, 0], gen)), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -154,6 +154,11 @@ def quantize_cmd(
     if as_json:
         print(json.dumps(res, indent=2))
         return
+    _print_report(model, res, out_dir)
+
+
+def _print_report(model: str, res: dict, out_dir: Path) -> None:
+    """The FP-vs-quantized table of a quantize or train-qat report, then its notes."""
     table = Table(title=f"{model} {res['recipe']} ({res['method']}): {res['dataset']}")
     for col in ("metric", "FP", "quantized"):
         table.add_column(col, justify="right" if col != "metric" else "left")
@@ -165,7 +170,7 @@ def quantize_cmd(
     table.add_row("bits per weight", "32", f"{size['bits_per_weight']:.2f}")
     lat = res["latency_ms"]
     table.add_row("CPU latency (reference path)", f"{lat['fp']:.2f} ms", f"{lat['quantized_reference_path']:.2f} ms")
-    table.add_row("time", "", f"quantize {res['time_s']['quantize']:.1f} s, evaluate {res['time_s']['evaluate']:.1f} s")
+    table.add_row("time", "", ", ".join(f"{k} {v:.1f} s" for k, v in res["time_s"].items()))
     out.print(table)
     if res["skipped_layers"]:
         out.print(f"{len(res['skipped_layers'])} layers kept in float:")
@@ -174,6 +179,50 @@ def quantize_cmd(
     for note in res["notes"]:
         out.print(f"note: {note}")
     out.print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'report.json'}")
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, top-1 on 2,000 test images "
+            f"{row.get('metric', float('nan')):.2f}%, {row['seconds']:.0f} s")
+
+
+@app.command("train-qat")
+@user_errors
+def train_qat_cmd(
+    model: str = typer.Argument(..., help="fmnist-cnn or fmnist-vit."),
+    method: str = typer.Option("lsq", "--method", help="lsq | pact | sat."),
+    bits: str = typer.Option("4", "--bits", help="N (weights and inputs), WnAm, or Wn (weights only)."),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs over Fashion-MNIST train."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for model.safetensors, report.json, checkpoints/."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 with adam, 0.01 with sgd)."),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam | sgd."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    kd: float = typer.Option(1.0, "--kd", help="Weight of distillation from the FP model (0: labels only)."),
+    first_last_bits: int = typer.Option(8, "--first-last-bits", help="Bits of the first and last layers "
+                                        "(0: same as the rest)."),
+    limit_train: int = typer.Option(None, "--limit-train", help="Train on the first N images only."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate on the first N test images only."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from DIR/checkpoints/last.safetensors."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Quantization-aware training with distillation from the FP model; saves the quantize format."""
+    from slimtorch.cli.qat_job import run_train_qat
+    from slimtorch.cli.quantize_job import check_out_dir
+    from slimtorch.qat import TrainConfig
+
+    check_out_dir(out_dir)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, kd_weight=kd, seed=seed,
+                      lr=lr if lr is not None else 1e-3 if optimizer == "adam" else 0.01,
+                      weight_decay=0.0 if optimizer == "adam" else 5e-5)
+    res = run_train_qat(model, method, bits, out_dir, cfg, limit_train, limit, device, resume,
+                        first_last_bits or None, progress=progress_bar,
+                        log=lambda line: err.print(_epoch_line(json.loads(line), epochs)))
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    _print_report(model, res, out_dir)
 
 
 @app.command("cost")

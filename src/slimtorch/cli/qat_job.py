@@ -1,0 +1,112 @@
+"""The ``slimtorch train-qat`` job: plan, prepare, train with distillation from the float model, convert,
+evaluate FP vs quantized, write DIR/model.safetensors and DIR/report.json (the ``quantize`` report's
+format plus a ``training`` section). Checkpoints go to DIR/checkpoints/ after every epoch; ``resume``
+continues from there. The final files are written only once training and evaluation succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from slimtorch.cli.quantize_job import check_out_dir
+from slimtorch.errors import SlimError
+from slimtorch.eval import evaluate
+from slimtorch.eval.metrics import model_size_bytes, top1_accuracy
+from slimtorch.io.checkpoint import atomic_write_bytes
+from slimtorch.io.quantized import save_quantized
+from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.quantize import weight_bits
+from slimtorch.spec import spec_to_dict
+from slimtorch.zoo import data, get_entry, load_model
+from slimtorch.zoo.augment import shift_flip
+
+
+def parse_bits(text: str) -> tuple[int, int | None]:
+    """``4`` -> (4, 4); ``W4A8`` -> (4, 8); ``W4`` / ``W4A16`` -> (4, None): weight-only."""
+    t = text.strip().upper()
+    if t.isdigit():
+        return int(t), int(t)
+    m = re.fullmatch(r"W(\d)(?:A(\d+))?", t)
+    if not m:
+        raise SlimError(f"--bits {text!r}: write N (weights and inputs), WnAm, or Wn (weights only)")
+    a = None if m.group(2) in (None, "16", "32") else int(m.group(2))
+    return int(m.group(1)), a
+
+
+def _accuracy(x: torch.Tensor, y: torch.Tensor):
+    @torch.no_grad()
+    def run(model) -> float:
+        return top1_accuracy(torch.cat([model(x[i:i + 1000]) for i in range(0, len(x), 1000)]), y)
+
+    return run
+
+
+def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfig, limit_train: int | None = None,
+                  limit: int | None = None, device: str | None = None, resume: bool = False,
+                  first_last_bits: int | None = 8, progress=None, log=None) -> dict:
+    out = check_out_dir(out)
+    if method not in METHODS:
+        raise SlimError(f"unknown QAT method {method!r}; choose one of: {', '.join(METHODS)}")
+    entry = get_entry(model)
+    if entry.task != "fmnist-classification":
+        raise SlimError(f"train-qat trains the Fashion-MNIST classifiers (fmnist-cnn, fmnist-vit); {model} is a "
+                        f"{entry.task} model")
+    w_bits, a_bits = parse_bits(bits)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SlimError("--device cuda: no CUDA device here")
+    kw = {} if progress is None else {"progress": progress}
+    fp = load_model(model)
+    train, test = data.fashion_mnist("train"), data.fashion_mnist("test")
+    x, y = train.normalized(), train.labels
+    if limit_train:
+        x, y = x[:limit_train], y[:limit_train]
+    plan = qat_plan(fp, w_bits, a_bits, (x[:256],), first_last_bits)
+    student = prepare_qat(copy.deepcopy(fp), plan, method).to(dev)
+    teacher = copy.deepcopy(fp).to(dev)
+    meta = {"model": model, "method": method, "plan": {n: {"weight": spec_to_dict(p.weight), "act": spec_to_dict(p.act)}
+                                                        for n, p in plan.items()}}
+    xt, yt = test.normalized(), test.labels
+    t0 = time.perf_counter()
+    history = train_qat(student, teacher, x.to(dev), y.to(dev), cfg, ckpt_dir=out / "checkpoints", resume=resume,
+                        augment=shift_flip, evaluate=_accuracy(xt[:2000].to(dev), yt[:2000].to(dev)), meta=meta,
+                        log=log, **kw)
+    train_seconds = time.perf_counter() - t0
+    q = convert(student.cpu())
+    t0 = time.perf_counter()
+    fp_res = evaluate(model, model=fp, limit=limit, **kw)
+    q_res = evaluate(model, model=q, reference=fp, limit=limit, **kw)
+    eval_seconds = time.perf_counter() - t0
+    label = f"QAT-{method}-W{w_bits}" + (f"A{a_bits}" if a_bits else "A16")
+    model_path = out / "model.safetensors"
+    save_quantized(q, model_path, model, {"recipe": label, "method": f"qat-{method}"})
+    fp_metrics = {m.name: m.value for m in fp_res.metrics}
+    result = {
+        "model": model, "recipe": label, "method": f"qat-{method}",
+        "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "quantized": m.value, "unit": m.unit,
+                     "higher_is_better": m.higher_is_better} for m in q_res.metrics],
+        "dataset": q_res.dataset,
+        "size": {"fp_bytes": model_size_bytes(fp), "quantized_file_bytes": model_path.stat().st_size,
+                 "bits_per_weight": weight_bits(q)},
+        "latency_ms": {"fp": fp_res.latency_ms, "quantized_reference_path": q_res.latency_ms,
+                       "input": fp_res.latency_input},
+        "time_s": {"train": train_seconds, "evaluate": eval_seconds},
+        "seed": cfg.seed, "limit": limit,
+        "notes": [f"first and last layers at {first_last_bits} bits" if first_last_bits else
+                  "every layer at the same widths",
+                  "training.history's metric: top-1 on the first 2,000 test images, after each epoch"],
+        "quantized_layers": {n: f"W:{p.weight.dtype} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()},
+        "skipped_layers": {},
+        "training": {"config": cfg.__dict__ | {"feature_layers": list(cfg.feature_layers)},
+                     "train_samples": len(x), "device": str(dev), "history": history.epochs},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    atomic_write_bytes(out / "report.json", (json.dumps(result, indent=2) + "\n").encode())
+    return result

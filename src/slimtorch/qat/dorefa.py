@@ -1,0 +1,96 @@
+"""DoReFa weight quantization (Zhou et al., 2016) with SAT's rescaling (Jin et al., "Towards efficient
+training for neural network quantization", arXiv 1912.10207).
+
+``w~ = tanh(w) / max|tanh(w)|``, ``u = (w~ + 1) / 2`` in [0, 1], ``w_q = 2 Q_b(u) - 1`` with one of the
+schemes of the AdaBits/SAT code (straight-through gradient through the rounding):
+
+* ``original``: ``Q(u) = round(n u) / n``, ``n = 2^b - 1`` (levels include -1 and 1);
+* ``modified``: ``Q(u) = min(floor(2^b u), 2^b - 1) / 2^b`` (the code's default for weights: a
+  lower bit-width is the higher one with its low bits dropped);
+* ``centered``: ``modified + 0.5 / 2^b`` (levels symmetric about 0).
+
+SAT's rule (``rescale=True``): ``w* = w_q / (sqrt(n_out) * std(w_q))``, ``n_out`` the output
+channels times the kernel area, std not differentiated, so that the layer's output variance does not
+depend on the bit-width; SAT applies it to the last linear layer (layers followed by batch norm are
+unaffected by a constant factor).
+
+The codes are integers ``k`` with ``w* = c * (k - z)`` for one scale ``c`` per tensor, so the trained
+layer exports exactly to the core's format (``uint<b>`` with a half-integer zero-point for
+``original`` and ``centered``; ``int<b>`` for ``modified``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slimtorch.errors import SlimError
+from slimtorch.qat.ste import floor_ste, round_ste
+from slimtorch.spec import PerTensor, QuantSpec
+
+SCHEMES = ("original", "modified", "centered")
+
+
+def dorefa_levels(u: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+    """Integer level ``k`` of ``u`` in [0, 1] (straight-through), and the map ``Q(u) = (k + offset) / d``."""
+    if scheme == "original":
+        return round_ste(u * (2**bits - 1))
+    if scheme in ("modified", "centered"):
+        return torch.clamp(floor_ste(u * 2**bits), max=2**bits - 1)
+    raise SlimError(f"unknown DoReFa scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+
+
+def _affine(bits: int, scheme: str) -> tuple[float, float]:
+    """(d, zero) with ``2 Q(u) - 1 = (2 / d) * (k - zero)``."""
+    if scheme == "original":
+        return 2**bits - 1, (2**bits - 1) / 2
+    return 2**bits, 2 ** (bits - 1) - (0.5 if scheme == "centered" else 0.0)
+
+
+def dorefa_weight(w: torch.Tensor, bits: int, scheme: str = "modified") -> torch.Tensor:
+    """``w_q`` in [-1, 1] (before any rescaling)."""
+    t = torch.tanh(w)
+    u = (t / t.abs().max().clamp(min=1e-12) + 1) / 2
+    d, zero = _affine(bits, scheme)
+    return (dorefa_levels(u, bits, scheme) - zero) * (2 / d)
+
+
+def sat_rescale(wq: torch.Tensor) -> torch.Tensor:
+    """SAT's constant ``1 / (sqrt(n_out) * std(w_q))`` (not differentiated), n_out = shape[0] * kernel area."""
+    n_out = wq.shape[0] * (wq[0, 0].numel() if wq.ndim > 2 else 1)
+    return 1.0 / (math.sqrt(n_out) * wq.detach().float().std().clamp(min=1e-12))
+
+
+class DoReFaWeight(nn.Module):
+    """Weight quantizer: DoReFa levels, optionally SAT-rescaled. No learned parameters."""
+
+    def __init__(self, bits: int, scheme: str = "modified", rescale: bool = False) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise SlimError(f"unknown DoReFa scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        self.bits, self.scheme, self.rescale = bits, scheme, rescale
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        wq = dorefa_weight(w, self.bits, self.scheme)
+        return wq * sat_rescale(wq).to(wq.dtype) if self.rescale else wq
+
+    @torch.no_grad()
+    def export_weight(self, w: torch.Tensor) -> tuple[QuantSpec, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(spec, codes (out, -1), scale, zero) with ``(codes - zero) * scale == forward(w)``."""
+        t = torch.tanh(w.float())
+        u = (t / t.abs().max().clamp(min=1e-12) + 1) / 2
+        k = dorefa_levels(u, self.bits, self.scheme)
+        d, zero = _affine(self.bits, self.scheme)
+        c = 2 / d * (float(sat_rescale((k - zero) * (2 / d))) if self.rescale else 1.0)
+        if self.scheme == "modified":  # integer zero-point: signed codes, symmetric
+            spec, codes, z = QuantSpec(f"int{self.bits}", PerTensor()), (k - zero).to(torch.int8), 0.0
+        else:
+            spec, codes, z = QuantSpec(f"uint{self.bits}", PerTensor(), symmetric=False), k.to(torch.int8), zero
+        if self.bits == 8 and spec.dtype == "uint8":
+            codes = k.to(torch.uint8)
+        return spec, codes.reshape(w.shape[0], -1), torch.tensor(c), torch.tensor(z)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}"

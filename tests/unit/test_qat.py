@@ -1,0 +1,215 @@
+"""QAT quantizers against hand-computed forwards and gradients; prepare/convert equivalence; the training
+loop's exact resume."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slimtorch.distill import FeatureTaps, feature_loss, kd_loss
+from slimtorch.errors import SlimError
+from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.qat.dorefa import DoReFaWeight, dorefa_weight
+from slimtorch.qat.lsq import LSQ, lsq_fake_quant, lsq_init_step
+from slimtorch.qat.pact import pact_fake_quant
+from slimtorch.qat.train import cosine_lr
+from slimtorch.quant import primitives as P
+from slimtorch.quant.modules import QuantConv2d, QuantLinear
+from slimtorch.spec import PerChannel, PerTensor, QuantSpec
+
+
+def test_lsq_forward_and_step_gradient_by_hand():
+    v = torch.tensor([-1.0, 0.25, 0.75, 5.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    out = lsq_fake_quant(v, s, -4, 3, grad_scale=0.1)  # v/s = -2, 0.5 -> 0 (half to even), 1.5 -> 2, 10 -> 3
+    assert torch.equal(out.detach(), torch.tensor([-1.0, 0.0, 1.0, 1.5]))
+    out.sum().backward()
+    # d/ds: round(v/s) - v/s inside (0, -0.5, 0.5), qmax = 3 where clipped above; times the gradient scale
+    assert s.grad.item() == pytest.approx(0.1 * (0 - 0.5 + 0.5 + 3))
+    assert torch.equal(v.grad, torch.tensor([1.0, 1.0, 1.0, 0.0]))  # straight through inside, 0 when clipped
+
+
+def test_lsq_clipped_below_gives_qmin_and_module_uses_the_papers_gradient_scale():
+    s = torch.tensor(1.0, requires_grad=True)
+    lsq_fake_quant(torch.tensor([-10.0]), s, -4, 3, 1.0).sum().backward()
+    assert s.grad.item() == -4
+    w = torch.randn(6, 5)
+    q = LSQ(QuantSpec("int4", PerChannel(0)), (6, 5), weight=True)
+    q(w).sum().backward()  # first call sets the step: 2 mean|w| / sqrt(qmax) per output channel
+    assert torch.allclose(q.step.detach().flatten(), 2 * w.abs().mean(1) / math.sqrt(7))
+    s0 = q.step.detach().clone().requires_grad_(True)
+    lsq_fake_quant(w, s0, -8, 7, 1.0).sum().backward()
+    assert torch.allclose(q.step.grad, s0.grad / math.sqrt(5 * 7))  # g = 1 / sqrt(N qmax), N = 5 per channel
+
+
+def test_lsq_init_step_formula():
+    v = torch.tensor([[1.0, -3.0], [2.0, 2.0]])
+    assert lsq_init_step(v, 3).item() == pytest.approx(2 * 2.0 / math.sqrt(3))
+    assert torch.allclose(lsq_init_step(v, 3, (1,)).flatten(), torch.tensor([4.0, 4.0]) / math.sqrt(3))
+
+
+def test_pact_forward_and_alpha_gradients_plain_and_calibrated():
+    x = torch.tensor([-1.0, 0.3, 1.9, 9.0])
+    expected = torch.tensor([0.0, 0.0, 4 / 3, 4.0])  # alpha 4, 2 bits: step 4/3
+    grads = {}
+    for calibrated in (False, True):
+        xi = x.clone().requires_grad_(True)
+        a = torch.tensor(4.0, requires_grad=True)
+        out = pact_fake_quant(xi, a, 0, 3, calibrated)
+        assert torch.allclose(out.detach(), expected)
+        out.sum().backward()
+        assert torch.equal(xi.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+        grads[calibrated] = a.grad.item()
+    assert grads[False] == pytest.approx(1.0)  # PACT: only the clipped-above value
+    # SAT: plus (round(x/d) - x/d) / qmax inside: (0 - 0.225) / 3 + (1 - 1.425) / 3
+    assert grads[True] == pytest.approx(1.0 - 0.225 / 3 - 0.425 / 3)
+
+
+def test_signed_pact_clips_below_at_qmin_steps_with_gradient_qmin_over_qmax():
+    a = torch.tensor(1.0, requires_grad=True)
+    out = pact_fake_quant(torch.tensor([-5.0, 5.0]), a, -2, 1)
+    assert torch.equal(out.detach(), torch.tensor([-2.0, 1.0]))
+    out.sum().backward()
+    assert a.grad.item() == pytest.approx(-2 + 1)
+
+
+@pytest.mark.parametrize("scheme", ["original", "modified", "centered"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_dorefa_levels_and_exact_export(scheme, rescale):
+    w = torch.randn(8, 3, 3, 3)
+    wq = dorefa_weight(w, 2, scheme)
+    levels = {"original": [-1, -1 / 3, 1 / 3, 1], "modified": [-1, -0.5, 0, 0.5],
+              "centered": [-0.75, -0.25, 0.25, 0.75]}[scheme]
+    dist = (torch.unique(wq)[:, None] - torch.tensor(levels)[None]).abs().amin(1)
+    assert dist.max() < 1e-6 and len(dist) >= 3
+    q = DoReFaWeight(2, scheme, rescale)
+    out = q(w)
+    if rescale:  # SAT: output std 1 / sqrt(n_out), n_out = 8 * 9
+        assert out.std().item() == pytest.approx(1 / math.sqrt(72), rel=1e-5)
+    spec, codes, scale, zero = q.export_weight(w)
+    assert spec.dtype == ("int2" if scheme == "modified" else "uint2")
+    lo, hi = spec.qrange
+    assert codes.min() >= lo and codes.max() <= hi
+    assert torch.allclose(P.dequantize(codes, scale, zero, spec).reshape(w.shape), out, atol=1e-6)
+
+
+def _toy() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(),
+                         nn.Linear(16, 4))
+
+
+def test_qat_plan_orders_layers_keeps_edges_at_8_bits_and_reads_input_signs():
+    model, x = _toy(), torch.randn(4, 1, 6, 6)
+    plan = qat_plan(model, 4, 4, (x,))
+    assert list(plan) == ["0", "3", "7", "9"]
+    assert [p.weight.dtype for p in plan.values()] == ["int8", "int4", "int4", "int8"]
+    assert [p.act.dtype for p in plan.values()] == ["int8", "uint4", "uint4", "uint8"]  # the image is signed
+    assert all(p.act.granularity == PerTensor() for p in plan.values())
+    assert [p.weight.dtype for p in qat_plan(model, 3, None, (x,), first_last_bits=None).values()] == ["int3"] * 4
+    with pytest.raises(SlimError, match="2 to 8"):
+        qat_plan(model, 1, 4, (x,))
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact", "sat"])
+def test_convert_gives_core_modules_with_the_qat_outputs(method):
+    model, x = _toy(), torch.randn(16, 1, 6, 6)
+    plan = qat_plan(model, 3, 3, (x,))
+    prepare_qat(model, plan, method)
+    model.train()
+    model(x).sum().backward()  # first batch: LSQ input steps are set; BN statistics move
+    model.eval()
+    want = model(x)
+    convert(model)
+    assert isinstance(model[0], QuantConv2d) and isinstance(model[9], QuantLinear)
+    assert model[3].wspec.bits == 3 and model[3].act.spec.bits == 3
+    assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SlimError, match="no QAT layers"):
+        convert(model)
+
+
+def test_prepare_qat_rejects_bad_plans_and_methods():
+    model, x = _toy(), torch.randn(2, 1, 6, 6)
+    plan = qat_plan(model, 4, 4, (x,))
+    with pytest.raises(SlimError, match="unknown QAT method"):
+        prepare_qat(model, plan, "magic")
+    with pytest.raises(SlimError, match="does not have"):
+        prepare_qat(model, {"nope": plan["0"]}, "lsq")
+    with pytest.raises(SlimError, match="static scales"):
+        prepare_qat(model, {"0": plan["0"].__class__(weight=plan["0"].weight,
+                                                     act=QuantSpec("int8", PerTensor(), dynamic=True))})
+
+
+def test_kd_and_feature_losses_by_hand():
+    s, t = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.0, 3.0, 1.0]])
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    assert kd_loss(s, t, 2.0).item() == pytest.approx(4 * (p * (p / q).log()).sum().item(), rel=1e-5)
+    assert kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    f = {"a": torch.tensor([1.0, 3.0])}
+    assert feature_loss({"a": torch.tensor([2.0, 3.0])}, f).item() == pytest.approx(0.5 / 5.0)
+    model = _toy()
+    with FeatureTaps(model, ("5",)) as taps:
+        model(torch.randn(2, 1, 6, 6))
+    assert taps.features["5"].shape == (2, 8, 1, 1)
+
+
+def test_cosine_lr_schedule():
+    assert cosine_lr(0, 100, 1.0) == 1.0 and cosine_lr(50, 100, 1.0) == pytest.approx(0.5)
+    assert cosine_lr(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert cosine_lr(100, 100, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def _mlp_task():
+    torch.manual_seed(0)
+    x = torch.randn(96, 1, 6, 6)
+    y = (x.flatten(1)[:, :4].argmax(1))
+    teacher = _toy()
+    return x, y, teacher
+
+
+def _prepared(teacher, x):
+    import copy
+
+    model = copy.deepcopy(teacher)
+    return prepare_qat(model, qat_plan(model, 4, 4, (x[:8],)), "lsq")
+
+
+def test_training_resumes_exactly_where_it_stopped(tmp_path):
+    x, y, teacher = _mlp_task()
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=1e-2, kd_weight=0.5, temperature=2.0)
+    straight = _prepared(teacher, x)
+    h = train_qat(straight, teacher, x, y, cfg, ckpt_dir=tmp_path / "a")
+    assert [r["epoch"] for r in h.epochs] == [1, 2, 3]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(line):
+        if '"epoch": 1' in line:
+            raise Stop
+
+    interrupted = _prepared(teacher, x)
+    with pytest.raises(Stop):
+        train_qat(interrupted, teacher, x, y, cfg, ckpt_dir=tmp_path / "b", log=stop_after_first)
+    resumed = _prepared(teacher, x)
+    h2 = train_qat(resumed, teacher, x, y, cfg, ckpt_dir=tmp_path / "b", resume=True)
+    assert [r["epoch"] for r in h2.epochs] == [1, 2, 3]
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(SlimError, match="different config"):
+        train_qat(_prepared(teacher, x), teacher, x, y, TrainConfig(epochs=4, batch_size=32), ckpt_dir=tmp_path / "b",
+                  resume=True)
+
+
+def test_training_lowers_the_loss_and_checks_its_inputs():
+    x, y, teacher = _mlp_task()
+    model = _prepared(teacher, x)
+    h = train_qat(model, None, x, y, TrainConfig(epochs=6, batch_size=32, lr=1e-2, kd_weight=0.0))
+    assert h.epochs[-1]["loss"] < h.epochs[0]["loss"]
+    with pytest.raises(SlimError, match="teacher"):
+        train_qat(model, None, x, y, TrainConfig(epochs=1, batch_size=32))
+    with pytest.raises(SlimError, match="fewer than one batch"):
+        train_qat(model, teacher, x[:8], y[:8], TrainConfig(epochs=1, batch_size=32))
+    with pytest.raises(SlimError, match="kd_weight"):
+        TrainConfig(kd_weight=2.0)
