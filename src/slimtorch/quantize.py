@@ -144,6 +144,23 @@ def weight_bits(model: nn.Module) -> float:
     return bits / max(elems, 1)
 
 
+def quantize_plan_(model: nn.Module, plan: Plan, calib: list[Batch], method: str = "rtn",
+                   progress: Progress = no_progress) -> list[str]:
+    """Quantize ``model`` in place by an explicit Plan (layer name -> LayerPlan): the method quantizes the
+    weights, then the input quantizers go in and are calibrated. Returns the method's notes."""
+    if method not in METHODS:
+        raise SlimError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    model.eval()
+    notes = METHODS[method](model, plan, calib, progress)
+    for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
+        if p.act is not None and p.weight is None:  # a MatmulInput point becomes the quantizer
+            set_module(model, name, ActQuant(p.act))
+        elif p.act is not None:
+            model.get_submodule(name).act = ActQuant(p.act)
+    calibrate_activations(model, calib, progress)
+    return notes
+
+
 def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] | None = None,
               method: str = "rtn", progress: Progress = no_progress) -> QuantReport:
     """Quantize ``model`` in place.
@@ -164,14 +181,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
     plan, skipped = build_plan(model, rec)
     if not plan:
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
-    model.eval()
-    method_notes = METHODS[method](model, plan, calib, progress)
-    for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
-        if p.act is not None and p.weight is None:  # a MatmulInput point becomes the quantizer
-            set_module(model, name, ActQuant(p.act))
-        elif p.act is not None:
-            model.get_submodule(name).act = ActQuant(p.act)
-    calibrate_activations(model, calib, progress)
+    method_notes = quantize_plan_(model, plan, calib, method, progress)
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
     notes = [] if rec.attention is None or any(p.weight is None for p in plan.values()) else [
         "the recipe quantizes attention, but this model has no MatmulInput points (attention Q/K/V and "

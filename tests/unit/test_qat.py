@@ -12,7 +12,7 @@ from slimtorch.errors import SlimError
 from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
 from slimtorch.qat.dorefa import DoReFaWeight, dorefa_weight
 from slimtorch.qat.lsq import LSQ, lsq_fake_quant, lsq_init_step
-from slimtorch.qat.pact import pact_fake_quant
+from slimtorch.qat.pact import PACT, pact_fake_quant
 from slimtorch.qat.train import cosine_lr
 from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import QuantConv2d, QuantLinear
@@ -213,3 +213,55 @@ def test_training_lowers_the_loss_and_checks_its_inputs():
         train_qat(model, teacher, x[:8], y[:8], TrainConfig(epochs=1, batch_size=32))
     with pytest.raises(SlimError, match="kd_weight"):
         TrainConfig(kd_weight=2.0)
+
+
+def test_pact_starts_alpha_from_the_first_batch_unless_given():
+    x = torch.tensor([1.0, -3.0, 2.0, 2.0])
+    q = PACT(QuantSpec("uint2", PerTensor(), symmetric=False))
+    q(x)
+    assert q.alpha.item() == pytest.approx(2 * 2.0 * math.sqrt(3)) and bool(q.initialized)
+    fixed = PACT(QuantSpec("uint2", PerTensor(), symmetric=False), alpha=8.0)
+    fixed(x)
+    assert fixed.alpha.item() == 8.0
+
+
+def test_adabits_switches_widths_shares_weights_and_exports_each_width():
+    import copy
+
+    from slimtorch.qat.adabits import SwitchableBatchNorm2d, export_width, prepare_adabits, set_bits, widths_variants
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 6, 6)
+    y = x.flatten(1)[:, :4].argmax(1)
+    fp = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                       nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = prepare_adabits(copy.deepcopy(fp), qat_plan(fp, 4, 4, (x[:8],)), (8, 4, 2))
+    assert isinstance(model[1], SwitchableBatchNorm2d) and len(model[1].bns) == 3
+    train_qat(model, fp, x, y, TrainConfig(epochs=1, batch_size=32, lr=1e-2), variants=widths_variants((8, 4, 2)))
+    model.eval()
+    outs = {}
+    for b in (8, 4, 2):
+        set_bits(model, b)
+        assert model[3].wq.bits == b and model[3].aq.bits == b and model[0].wq.bits == 8  # first layer fixed
+        # the 2-bit weight levels are the 4-bit ones with the low bits dropped (floor levels)
+        outs[b] = model(x).detach()
+    set_bits(model, 4)
+    w4 = model[3].wq(model[3].weight)
+    set_bits(model, 2)
+    w2 = model[3].wq(model[3].weight)
+    k4, k2 = ((w4 + 1) * 8).detach(), ((w2 + 1) * 2).detach()  # levels 0..15 and 0..3
+    assert set(k4.unique().tolist()) <= set(range(16)) and len(k2.unique()) >= 3
+    assert torch.equal(torch.floor(k4 / 4), k2)
+    assert len({round(float(o.detach().sum()), 3) for o in outs.values()}) == 3  # three models, one weight set
+    # every width's alpha and BN were trained: all initialised; the BN after the fixed 8-bit first layer
+    # saw the same inputs at every width, the one after a switching layer did not
+    assert bool(model[3].aq.initialized.all())
+    assert torch.equal(model[1].bns[0].running_mean, model[1].bns[2].running_mean)
+    assert not torch.equal(model[4].bns[0].running_mean, model[4].bns[2].running_mean)
+    for b in (8, 2):
+        frozen = export_width(copy.deepcopy(model), b)
+        assert isinstance(frozen[1], nn.BatchNorm2d) and isinstance(frozen[3], QuantConv2d)
+        assert frozen[3].wspec.dtype == f"int{b}" and frozen[3].act.spec.dtype == f"uint{b}"
+        assert torch.allclose(frozen(x), outs[b], atol=1e-5)
+    with pytest.raises(SlimError, match="not one of the trained widths"):
+        set_bits(model, 6)

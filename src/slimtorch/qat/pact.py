@@ -11,8 +11,11 @@ Gradients (``x`` inside the range: straight-through 1; outside: 0):
 * calibrated (SAT, Jin et al. 2019): inside the range also ``(round(x / delta) - x / delta) / qmax``,
   i.e. ``Q(x / alpha) - x / alpha``, the quantization-error term that PACT drops.
 
-``alpha`` is a learned scalar (SAT's code starts it at 8 for conv inputs and 10 for linear inputs; PACT
-puts an L2 penalty on it, which the training loop's weight decay provides).
+``alpha`` is a learned scalar; PACT puts an L2 penalty on it, which the training loop's weight decay
+provides. SAT's code starts it at 8 (conv inputs) or 10 (linear inputs), values for ImageNet networks.
+By default (``alpha=None``) it starts from the first batch instead, at ``qmax`` times LSQ's initial
+step, ``2 mean|x| sqrt(qmax)``: activations after batch norm have a spread near 1, and a clip of 8 at
+2 bits would round almost all of them to 0.
 """
 
 from __future__ import annotations
@@ -39,13 +42,18 @@ class PACT(nn.Module):
     """Activation quantizer with a learned clipping level ``alpha`` (a scalar), following ``spec``
     (an integer dtype: ``uint<b>`` for non-negative inputs, ``int<b>`` otherwise)."""
 
-    def __init__(self, spec: QuantSpec, alpha: float = 8.0, calibrated: bool = False) -> None:
+    def __init__(self, spec: QuantSpec, alpha: float | None = None, calibrated: bool = False) -> None:
         super().__init__()
         self.spec, self.calibrated = spec, calibrated
         self.qmin, self.qmax = spec.qrange
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.alpha = nn.Parameter(torch.tensor(8.0 if alpha is None else float(alpha)))
+        self.register_buffer("initialized", torch.tensor(alpha is not None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialized:
+            with torch.no_grad():
+                self.alpha.fill_(float(2 * x.detach().abs().float().mean() * self.qmax**0.5) or 1.0)
+                self.initialized.fill_(True)
         alpha = self.alpha.abs().clamp(min=1e-4).to(x.dtype)  # SAT's code uses |alpha|
         return pact_fake_quant(x, alpha, self.qmin, self.qmax, self.calibrated)
 

@@ -39,18 +39,14 @@ def _lsq(name: str, layer: nn.Module, p: LayerPlan, last: bool):
     return LSQ(wspec, tuple(layer.weight.shape), weight=True), None if p.act is None else LSQ(p.act)
 
 
-def _pact_alpha(layer: nn.Module) -> float:
-    return 10.0 if isinstance(layer, nn.Linear) else 8.0  # SAT's code: 10 for linear inputs, 8 for conv
-
-
 def _pact(name: str, layer: nn.Module, p: LayerPlan, last: bool):
     return (DoReFaWeight(p.weight.bits, "original"),
-            None if p.act is None else PACT(p.act, _pact_alpha(layer)))
+            None if p.act is None else PACT(p.act))
 
 
 def _sat(name: str, layer: nn.Module, p: LayerPlan, last: bool):
     return (DoReFaWeight(p.weight.bits, "modified", rescale=last),
-            None if p.act is None else PACT(p.act, _pact_alpha(layer), calibrated=True))
+            None if p.act is None else PACT(p.act, calibrated=True))
 
 
 METHODS: dict[str, Quantizers] = {"lsq": _lsq, "pact": _pact, "sat": _sat}

@@ -116,8 +116,9 @@ def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
 def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               ckpt_dir: Path | None = None, resume: bool = False,
               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-              evaluate: Callable[[nn.Module], float] | None = None, meta: dict | None = None,
-              progress: Progress = no_progress, log: Callable[[str], None] | None = None) -> History:
+              evaluate: Callable[[nn.Module], float | dict] | None = None, meta: dict | None = None,
+              progress: Progress = no_progress, log: Callable[[str], None] | None = None,
+              variants: list[Callable[[nn.Module], None]] | None = None) -> History:
     """Train ``model`` (prepared by ``prepare_qat``) on inputs ``x`` (N, ...) and labels ``y`` (N,).
 
     Args:
@@ -127,6 +128,8 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
         augment: ``(x_batch, generator) -> x_batch`` applied to each training batch.
         evaluate: ``model -> metric`` (e.g. test accuracy) recorded after each epoch, in eval mode.
         meta: JSON-able facts stored in the checkpoint (plan, method, ...); a resumed run checks them.
+        variants: switches ``model -> None`` (AdaBits' widths): each batch runs forward and backward once
+            per variant, gradients add up, then one optimizer step; the logged loss is their sum.
     """
     if teacher is None and cfg.kd_weight > 0:
         raise SlimError("distillation needs the float teacher model (or set kd_weight to 0)")
@@ -161,11 +164,14 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
             xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
             if augment is not None:
                 xb = augment(xb, aug_gen)
-            loss = _loss(model, teacher, xb, yb, cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for switch in variants or [None]:
+                if switch is not None:
+                    switch(model)
+                loss = _loss(model, teacher, xb, yb, cfg)
+                loss.backward()
+                loss_sum += loss.item()
             opt.step()
-            loss_sum += loss.item()
         row = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr_end": lr, "seconds": time.perf_counter() - t0}
         if evaluate is not None:
             model.eval()

@@ -1,0 +1,132 @@
+"""AdaBits: one set of weights trained jointly for several bit-widths (Jin, Yang, Liao, CVPR 2020).
+
+Following the official code (deJQK/AdaBits):
+
+* weights: DoReFa with the ``modified`` (floor) levels, so a lower width is a higher one with its
+  low bits dropped; the last linear layer SAT-rescaled;
+* inputs: PACT with SAT's calibrated gradient and a *switchable clipping level* (one alpha per width);
+* *switchable batch norm*: one BatchNorm2d per width;
+* joint training: each batch runs forward/backward once per width, gradients add up, then one
+  optimizer step (``train_qat(..., variants=widths_variants(model, widths))``);
+* the first and last layers keep 8 bits (the plan's edges), the rest switch with :func:`set_bits`.
+
+:func:`export_width` freezes the model at one width (plain BatchNorm2d, core quantized modules), ready
+for ``save_quantized``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slimtorch.errors import SlimError
+from slimtorch.qat.dorefa import DoReFaWeight
+from slimtorch.qat.modules import QATConv2d, QATLinear
+from slimtorch.qat.pact import pact_fake_quant
+from slimtorch.qat.prepare import _check_plan, convert
+from slimtorch.quant.modules import set_module
+from slimtorch.spec import INT_RANGES, PerTensor, Plan, QuantSpec
+
+
+class SwitchablePACT(nn.Module):
+    """Calibrated PACT with one learned clipping level per width; ``bits`` selects the current one.
+    Each level starts from the first batch seen at its width (as :class:`~slimtorch.qat.pact.PACT`)."""
+
+    def __init__(self, widths: tuple[int, ...], signed: bool) -> None:
+        super().__init__()
+        self.widths, self.signed, self.bits = tuple(widths), signed, max(widths)
+        self.alpha = nn.Parameter(torch.ones(len(widths)))
+        self.register_buffer("initialized", torch.zeros(len(widths), dtype=torch.bool))
+
+    def _range(self) -> tuple[int, int]:
+        return INT_RANGES[f"{'int' if self.signed else 'uint'}{self.bits}"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = self.widths.index(self.bits)
+        qmin, qmax = self._range()
+        if not self.initialized[i]:
+            with torch.no_grad():
+                self.alpha[i] = float(2 * x.detach().abs().float().mean() * qmax**0.5) or 1.0
+                self.initialized[i] = True
+        return pact_fake_quant(x, self.alpha[i].abs().clamp(min=1e-4).to(x.dtype), qmin, qmax, calibrated=True)
+
+    def export(self) -> tuple[QuantSpec, torch.Tensor, torch.Tensor]:
+        qmin, qmax = self._range()
+        scale = self.alpha[self.widths.index(self.bits)].detach().abs().clamp(min=1e-4).float() / qmax
+        spec = QuantSpec(f"{'int' if self.signed else 'uint'}{self.bits}", PerTensor(), symmetric=self.signed)
+        return spec, scale, torch.zeros_like(scale)
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, bits={self.bits}, signed={self.signed}"
+
+
+class SwitchableBatchNorm2d(nn.Module):
+    """One BatchNorm2d per width, all starting from the float model's; ``bits`` selects one."""
+
+    def __init__(self, bn: nn.BatchNorm2d, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        import copy
+
+        self.widths, self.bits = tuple(widths), max(widths)
+        self.bns = nn.ModuleList(copy.deepcopy(bn) for _ in widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bns[self.widths.index(self.bits)](x)
+
+
+def prepare_adabits(model: nn.Module, plan: Plan, widths: tuple[int, ...]) -> nn.Module:
+    """AdaBits layers for ``plan`` (in place): layers whose plan has 8-bit weights (the edges of
+    ``qat_plan(..., first_last_bits=8)``) stay at 8 bits, the others switch among ``widths``; every
+    BatchNorm2d becomes switchable."""
+    widths = tuple(sorted(set(widths), reverse=True))
+    if not widths or min(widths) < 2 or max(widths) > 8:
+        raise SlimError(f"AdaBits widths go from 2 to 8, got {widths}")
+    _check_plan(model, plan)
+    linears = [n for n in plan if isinstance(model.get_submodule(n), nn.Linear)]
+    for name, p in plan.items():
+        layer = model.get_submodule(name)
+        fixed = p.weight.bits == 8
+        wq = DoReFaWeight(8 if fixed else max(widths), "modified", rescale=bool(linears) and name == linears[-1])
+        wq.switches = not fixed
+        aq = None
+        if p.act is not None:
+            aq = SwitchablePACT((p.act.bits,) if fixed else widths, signed=p.act.dtype.startswith("int"))
+            aq.bits = p.act.bits if fixed else max(widths)
+        qat = (QATLinear if isinstance(layer, nn.Linear) else QATConv2d).from_float(layer, wq, aq)
+        set_module(model, name, qat)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            set_module(model, name, SwitchableBatchNorm2d(m, widths))
+    return model
+
+
+def set_bits(model: nn.Module, bits: int) -> None:
+    """Switch every switchable quantizer and batch norm of ``model`` to ``bits``."""
+    found = False
+    for m in model.modules():
+        if isinstance(m, SwitchableBatchNorm2d) or (isinstance(m, SwitchablePACT) and len(m.widths) > 1):
+            if bits not in m.widths:
+                raise SlimError(f"width {bits} is not one of the trained widths {m.widths}")
+            m.bits, found = bits, True
+        elif isinstance(m, DoReFaWeight) and getattr(m, "switches", False):
+            m.bits, found = bits, True
+    if not found:
+        raise SlimError("the model has no AdaBits layers; call prepare_adabits first")
+
+
+def widths_variants(widths: tuple[int, ...]) -> list[Callable[[nn.Module], None]]:
+    """One ``model -> None`` switch per width, for ``train_qat``'s joint training."""
+    return [lambda m, b=b: set_bits(m, b) for b in sorted(widths, reverse=True)]
+
+
+@torch.no_grad()
+def export_width(model: nn.Module, bits: int) -> nn.Module:
+    """The model at one width (in place): its BatchNorms, quantizers and levels frozen into plain
+    BatchNorm2d and the core's quantized modules."""
+    set_bits(model, bits)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SwitchableBatchNorm2d):
+            set_module(model, name, m.bns[m.widths.index(bits)])
+    return convert(model)
