@@ -265,3 +265,18 @@ def test_adabits_switches_widths_shares_weights_and_exports_each_width():
         assert torch.allclose(frozen(x), outs[b], atol=1e-5)
     with pytest.raises(SlimError, match="not one of the trained widths"):
         set_bits(model, 6)
+
+
+def test_f8net_fixed_point_quantizer_and_format_rule():
+    from slimtorch.qat.f8net import fix_quant, fraclen_from_std
+
+    x = torch.tensor([0.3, -0.26, 1.0, 200.0, -5.0], requires_grad=True)
+    out = fix_quant(x, fl=2)  # steps of 1/4; codes in [-127, 127]
+    assert torch.equal(out.detach(), torch.tensor([0.25, -0.25, 1.0, 31.75, -5.0]))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0]))
+    assert torch.equal(fix_quant(torch.tensor([-1.0, 300.0]), 0, signed=False), torch.tensor([0.0, 255.0]))
+    # fl = floor(log2(40 / sigma)) signed, log2(70 / sigma) unsigned, clamped to [0, 7] / [0, 8]
+    assert fraclen_from_std(1.0) == 5 and fraclen_from_std(1.0, signed=False) == 6
+    assert fraclen_from_std(0.01) == 7 and fraclen_from_std(0.01, signed=False) == 8
+    assert fraclen_from_std(100.0) == 0
