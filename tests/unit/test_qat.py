@@ -280,3 +280,32 @@ def test_f8net_fixed_point_quantizer_and_format_rule():
     assert fraclen_from_std(1.0) == 5 and fraclen_from_std(1.0, signed=False) == 6
     assert fraclen_from_std(0.01) == 7 and fraclen_from_std(0.01, signed=False) == 8
     assert fraclen_from_std(100.0) == 0
+
+
+def test_adabin_weight_equalisation_statistics_and_gradients():
+    from slimtorch.qat.adabin import AdaBinAct, Maxout, adabin_act, adabin_weight, ede_t
+
+    w = torch.tensor([[1.0, 3.0, 2.0, 6.0], [-1.0, -1.0, 1.0, 1.0]], requires_grad=True)
+    out = adabin_weight(w, t=1.0)
+    # row 0: mean 3, std sqrt((4 + 0 + 1 + 9) / 4) = sqrt(3.5); values 3 -/+ sqrt(3.5), sign(0) = +1
+    a = math.sqrt(3.5)
+    assert torch.allclose(out[0].detach(), torch.tensor([3 - a, 3 + a, 3 - a, 3 + a]))
+    assert torch.allclose(out[1].detach(), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    assert ede_t(0, 10) == pytest.approx(1e-3) and ede_t(10, 10) == pytest.approx(10.0)
+    assert ede_t(5, 10) == pytest.approx(10 ** -1)
+    # EDE backward at t = 10 on the normalised input u = (w - beta) / alpha: k = 1, grad t (1 - tanh^2(t u))
+    x = torch.tensor([[0.05, -0.05]], requires_grad=True)
+    from slimtorch.qat.adabin import _EDESign
+
+    _EDESign.apply(x, 10.0).sum().backward()
+    assert torch.allclose(x.grad, 10 * (1 - torch.tanh(torch.tensor([[0.5, -0.5]])) ** 2))
+    # activations: alpha (sign((x - beta) / alpha) + beta); Bi-Real gradient 2 - 2|u| inside [-1, 1)
+    xa = torch.tensor([0.5, -0.25, 3.0], requires_grad=True)
+    al, be = torch.tensor(2.0), torch.tensor(0.5)
+    ya = adabin_act(xa, al, be)
+    assert torch.allclose(ya.detach(), torch.tensor([2 * (1 + 0.5), 2 * (-1 + 0.5), 2 * (1 + 0.5)]))
+    ya.sum().backward()  # u = 0, -0.375, 1.25; d/dx = g(u) / alpha * alpha
+    assert torch.allclose(xa.grad, torch.tensor([2.0, 2 - 0.75, 0.0]))
+    assert AdaBinAct().alpha.item() == 1.0
+    m = Maxout(2)
+    assert torch.allclose(m(torch.tensor([-4.0, 2.0]).reshape(1, 2, 1, 1)).flatten(), torch.tensor([-1.0, 2.0]))
