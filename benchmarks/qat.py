@@ -23,18 +23,12 @@ from pathlib import Path
 import torch
 
 from slimtorch.cli.qat_job import parse_bits
-from slimtorch.eval.metrics import top1_accuracy
+from slimtorch.eval.metrics import classifier_top1
 from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
 from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
 from slimtorch.quantize import quantize_plan_
 from slimtorch.zoo import data, load_model
 from slimtorch.zoo.augment import shift_flip
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return top1_accuracy(torch.cat([model(x[i:i + 1000]) for i in range(0, len(x), 1000)]), y)
 
 
 def adabits_run(name, fp, fp_acc, bits, x, y, xt, yt, args, common) -> None:
@@ -50,14 +44,14 @@ def adabits_run(name, fp, fp_acc, bits, x, y, xt, yt, args, common) -> None:
         out = {}
         for b in widths:
             set_bits(m, b)
-            out[str(b)] = accuracy(m, xt[:2000], yt[:2000])
+            out[str(b)] = classifier_top1(m, xt[:2000], yt[:2000])
         return out
 
     hist = train_qat(model, fp, x.to(dev), y.to(dev), cfg, augment=shift_flip, evaluate=per_width,
                      log=lambda line: print("  ", line, flush=True), variants=widths_variants(widths))
     seconds = time.perf_counter() - t0
     for b in widths:
-        acc = accuracy(export_width(copy.deepcopy(model), b), xt, yt)
+        acc = classifier_top1(export_width(copy.deepcopy(model), b), xt, yt)
         rec = {**common, "model": name, "method": "adabits", "bits": f"W{b}A{b}", "w_bits": b, "a_bits": b,
                "widths": list(widths), "first_last_bits": 8, "fp_top1": fp_acc, "top1": acc, "delta": acc - fp_acc,
                "seconds": seconds, "train_samples": len(x),
@@ -88,7 +82,7 @@ def main() -> None:
     xt, yt = test.normalized().to(dev), test.labels.to(dev)
     for name in args.models.split(","):
         fp = load_model(name).to(dev)
-        fp_acc = accuracy(fp, xt, yt)
+        fp_acc = classifier_top1(fp, xt, yt)
         print(f"{name}: FP top-1 {fp_acc:.2f}", flush=True)
         for run in args.runs.split(","):
             method, bits = run.split(":")
@@ -106,12 +100,12 @@ def main() -> None:
                 cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256)
                 q = prepare_qat(copy.deepcopy(fp), plan, method)
                 hist = train_qat(q, fp, x.to(dev), y.to(dev), cfg, augment=shift_flip,
-                                 evaluate=lambda m: accuracy(m, xt[:2000], yt[:2000]),
+                                 evaluate=lambda m: classifier_top1(m, xt[:2000], yt[:2000]),
                                  log=lambda line: print("  ", line, flush=True))
                 convert(q)
                 row = {"config": {**cfg.__dict__, "feature_layers": list(cfg.feature_layers)},
                        "history": hist.epochs}
-            acc = accuracy(q, xt, yt)
+            acc = classifier_top1(q, xt, yt)
             rec = {**common, "model": name, "method": method, "bits": bits, "w_bits": w, "a_bits": a,
                    "first_last_bits": 8, "fp_top1": fp_acc, "top1": acc, "delta": acc - fp_acc,
                    "seconds": time.perf_counter() - t0, "train_samples": len(x), **row}

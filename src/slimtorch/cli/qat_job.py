@@ -11,16 +11,15 @@ import json
 import platform
 import re
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from slimtorch.cli.quantize_job import check_out_dir
+from slimtorch.cli.quantize_job import check_out_dir, compare_and_save
 from slimtorch.errors import SlimError
-from slimtorch.eval import evaluate
-from slimtorch.eval.metrics import model_size_bytes, top1_accuracy
+from slimtorch.eval.metrics import classifier_top1
 from slimtorch.io.checkpoint import atomic_write_bytes
-from slimtorch.io.quantized import save_quantized
 from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, train_qat
 from slimtorch.quantize import weight_bits
 from slimtorch.spec import spec_to_dict
@@ -38,14 +37,6 @@ def parse_bits(text: str) -> tuple[int, int | None]:
         raise SlimError(f"--bits {text!r}: write N (weights and inputs), WnAm, or Wn (weights only)")
     a = None if m.group(2) in (None, "16", "32") else int(m.group(2))
     return int(m.group(1)), a
-
-
-def _accuracy(x: torch.Tensor, y: torch.Tensor):
-    @torch.no_grad()
-    def run(model) -> float:
-        return top1_accuracy(torch.cat([model(x[i:i + 1000]) for i in range(0, len(x), 1000)]), y)
-
-    return run
 
 
 def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfig, limit_train: int | None = None,
@@ -75,29 +66,15 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
                                                         for n, p in plan.items()}}
     xt, yt = test.normalized(), test.labels
     t0 = time.perf_counter()
+    on_epoch = partial(classifier_top1, x=xt[:2000].to(dev), y=yt[:2000].to(dev))
     history = train_qat(student, teacher, x.to(dev), y.to(dev), cfg, ckpt_dir=out / "checkpoints", resume=resume,
-                        augment=shift_flip, evaluate=_accuracy(xt[:2000].to(dev), yt[:2000].to(dev)), meta=meta,
-                        log=log, **kw)
+                        augment=shift_flip, evaluate=on_epoch, meta=meta, log=log, **kw)
     train_seconds = time.perf_counter() - t0
     q = convert(student.cpu())
-    t0 = time.perf_counter()
-    fp_res = evaluate(model, model=fp, limit=limit, **kw)
-    q_res = evaluate(model, model=q, reference=fp, limit=limit, **kw)
-    eval_seconds = time.perf_counter() - t0
     label = f"QAT-{method}-W{w_bits}" + (f"A{a_bits}" if a_bits else "A16")
-    model_path = out / "model.safetensors"
-    save_quantized(q, model_path, model, {"recipe": label, "method": f"qat-{method}"})
-    fp_metrics = {m.name: m.value for m in fp_res.metrics}
-    result = {
-        "model": model, "recipe": label, "method": f"qat-{method}",
-        "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "quantized": m.value, "unit": m.unit,
-                     "higher_is_better": m.higher_is_better} for m in q_res.metrics],
-        "dataset": q_res.dataset,
-        "size": {"fp_bytes": model_size_bytes(fp), "quantized_file_bytes": model_path.stat().st_size,
-                 "bits_per_weight": weight_bits(q)},
-        "latency_ms": {"fp": fp_res.latency_ms, "quantized_reference_path": q_res.latency_ms,
-                       "input": fp_res.latency_input},
-        "time_s": {"train": train_seconds, "evaluate": eval_seconds},
+    result = compare_and_save(model, fp, q, out, label, f"qat-{method}", limit, weight_bits(q), **kw)
+    result["time_s"] = {"train": train_seconds, **result["time_s"]}
+    result.update({
         "seed": cfg.seed, "limit": limit,
         "notes": [f"first and last layers at {first_last_bits} bits" if first_last_bits else
                   "every layer at the same widths",
@@ -112,6 +89,6 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
         "training": {"config": cfg.__dict__ | {"feature_layers": list(cfg.feature_layers)},
                      "train_samples": len(x), "device": str(dev), "history": history.epochs},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
+    })
     atomic_write_bytes(out / "report.json", (json.dumps(result, indent=2) + "\n").encode())
     return result

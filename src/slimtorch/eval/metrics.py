@@ -17,6 +17,12 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
 
 
+@torch.no_grad()
+def classifier_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy (%) of ``model`` (in the mode it is in) on inputs x (N, ...), labels y (N,), in batches."""
+    return top1_accuracy(torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]), y)
+
+
 def topk_hits(logits: torch.Tensor, allowed: list[set[int]], k: int) -> int:
     """How many rows have one of their ``allowed`` classes among the top ``k``. logits (N, K)."""
     top = logits.topk(k, dim=-1).indices.tolist()

@@ -16,6 +16,7 @@ for ``save_quantized``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -23,11 +24,10 @@ from torch import nn
 
 from slimtorch.errors import SlimError
 from slimtorch.qat.dorefa import DoReFaWeight
-from slimtorch.qat.modules import QATConv2d, QATLinear
-from slimtorch.qat.pact import pact_fake_quant
-from slimtorch.qat.prepare import _check_plan, convert
+from slimtorch.qat.pact import initial_alpha, pact_fake_quant
+from slimtorch.qat.prepare import convert, prepare_qat
 from slimtorch.quant.modules import set_module
-from slimtorch.spec import INT_RANGES, PerTensor, Plan, QuantSpec
+from slimtorch.spec import INT_RANGES, LayerPlan, PerTensor, Plan, QuantSpec
 
 
 class SwitchablePACT(nn.Module):
@@ -48,7 +48,7 @@ class SwitchablePACT(nn.Module):
         qmin, qmax = self._range()
         if not self.initialized[i]:
             with torch.no_grad():
-                self.alpha[i] = float(2 * x.detach().abs().float().mean() * qmax**0.5) or 1.0
+                self.alpha[i] = initial_alpha(x, qmax)
                 self.initialized[i] = True
         return pact_fake_quant(x, self.alpha[i].abs().clamp(min=1e-4).to(x.dtype), qmin, qmax, calibrated=True)
 
@@ -67,8 +67,6 @@ class SwitchableBatchNorm2d(nn.Module):
 
     def __init__(self, bn: nn.BatchNorm2d, widths: tuple[int, ...]) -> None:
         super().__init__()
-        import copy
-
         self.widths, self.bits = tuple(widths), max(widths)
         self.bns = nn.ModuleList(copy.deepcopy(bn) for _ in widths)
 
@@ -83,19 +81,18 @@ def prepare_adabits(model: nn.Module, plan: Plan, widths: tuple[int, ...]) -> nn
     widths = tuple(sorted(set(widths), reverse=True))
     if not widths or min(widths) < 2 or max(widths) > 8:
         raise SlimError(f"AdaBits widths go from 2 to 8, got {widths}")
-    _check_plan(model, plan)
-    linears = [n for n in plan if isinstance(model.get_submodule(n), nn.Linear)]
-    for name, p in plan.items():
-        layer = model.get_submodule(name)
+
+    def quantizers(name: str, layer: nn.Module, p: LayerPlan, last: bool):
         fixed = p.weight.bits == 8
-        wq = DoReFaWeight(8 if fixed else max(widths), "modified", rescale=bool(linears) and name == linears[-1])
+        wq = DoReFaWeight(8 if fixed else max(widths), "modified", rescale=last)
         wq.switches = not fixed
         aq = None
         if p.act is not None:
             aq = SwitchablePACT((p.act.bits,) if fixed else widths, signed=p.act.dtype.startswith("int"))
             aq.bits = p.act.bits if fixed else max(widths)
-        qat = (QATLinear if isinstance(layer, nn.Linear) else QATConv2d).from_float(layer, wq, aq)
-        set_module(model, name, qat)
+        return wq, aq
+
+    prepare_qat(model, plan, quantizers)
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.BatchNorm2d):
             set_module(model, name, SwitchableBatchNorm2d(m, widths))

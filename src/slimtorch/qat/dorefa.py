@@ -49,12 +49,16 @@ def _affine(bits: int, scheme: str) -> tuple[float, float]:
     return 2**bits, 2 ** (bits - 1) - (0.5 if scheme == "centered" else 0.0)
 
 
+def _weight_levels(w: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+    """The integer levels ``k`` of ``u = (tanh(w) / max|tanh(w)| + 1) / 2`` (straight-through)."""
+    t = torch.tanh(w)
+    return dorefa_levels((t / t.abs().max().clamp(min=1e-12) + 1) / 2, bits, scheme)
+
+
 def dorefa_weight(w: torch.Tensor, bits: int, scheme: str = "modified") -> torch.Tensor:
     """``w_q`` in [-1, 1] (before any rescaling)."""
-    t = torch.tanh(w)
-    u = (t / t.abs().max().clamp(min=1e-12) + 1) / 2
     d, zero = _affine(bits, scheme)
-    return (dorefa_levels(u, bits, scheme) - zero) * (2 / d)
+    return (_weight_levels(w, bits, scheme) - zero) * (2 / d)
 
 
 def sat_rescale(wq: torch.Tensor) -> torch.Tensor:
@@ -79,9 +83,7 @@ class DoReFaWeight(nn.Module):
     @torch.no_grad()
     def export_weight(self, w: torch.Tensor) -> tuple[QuantSpec, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(spec, codes (out, -1), scale, zero) with ``(codes - zero) * scale == forward(w)``."""
-        t = torch.tanh(w.float())
-        u = (t / t.abs().max().clamp(min=1e-12) + 1) / 2
-        k = dorefa_levels(u, self.bits, self.scheme)
+        k = _weight_levels(w.float(), self.bits, self.scheme)
         d, zero = _affine(self.bits, self.scheme)
         c = 2 / d * (float(sat_rescale((k - zero) * (2 / d))) if self.rescale else 1.0)
         if self.scheme == "modified":  # integer zero-point: signed codes, symmetric

@@ -38,6 +38,11 @@ def pact_fake_quant(x: torch.Tensor, alpha: torch.Tensor, qmin: int, qmax: int,
     return y + (torch.round(y / delta) * delta - y).detach()
 
 
+def initial_alpha(x: torch.Tensor, qmax: int) -> float:
+    """The data-driven start: ``qmax`` times LSQ's initial step, ``2 mean|x| sqrt(qmax)`` (1 for all zeros)."""
+    return float(2 * x.detach().abs().float().mean() * qmax**0.5) or 1.0
+
+
 class PACT(nn.Module):
     """Activation quantizer with a learned clipping level ``alpha`` (a scalar), following ``spec``
     (an integer dtype: ``uint<b>`` for non-negative inputs, ``int<b>`` otherwise)."""
@@ -52,7 +57,7 @@ class PACT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialized:
             with torch.no_grad():
-                self.alpha.fill_(float(2 * x.detach().abs().float().mean() * self.qmax**0.5) or 1.0)
+                self.alpha.fill_(initial_alpha(x, self.qmax))
                 self.initialized.fill_(True)
         alpha = self.alpha.abs().clamp(min=1e-4).to(x.dtype)  # SAT's code uses |alpha|
         return pact_fake_quant(x, alpha, self.qmin, self.qmax, self.calibrated)

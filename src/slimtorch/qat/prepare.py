@@ -67,11 +67,14 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
                                 f"{' dynamic' if spec.dynamic else ''}")
 
 
-def prepare_qat(model: nn.Module, plan: Plan, method: str = "lsq") -> nn.Module:
-    """Swap each planned layer for its QAT layer (in place; returns ``model``). Weight quantizers are
-    initialised from the weights now, input quantizers from the first batch they see."""
-    if method not in METHODS:
+def prepare_qat(model: nn.Module, plan: Plan, method: str | Quantizers = "lsq") -> nn.Module:
+    """Swap each planned layer for its QAT layer (in place; returns ``model``). ``method`` names one of
+    ``METHODS`` or is itself a ``(name, layer, layer_plan, is_last_linear) -> (wq, aq)`` factory (AdaBits
+    passes its own). Weight quantizers are initialised from the weights now, input quantizers from the
+    first batch they see."""
+    if isinstance(method, str) and method not in METHODS:
         raise SlimError(f"unknown QAT method {method!r}; choose one of: {', '.join(METHODS)}")
+    make = METHODS[method] if isinstance(method, str) else method
     if not plan:
         raise SlimError("the QAT plan is empty: no layer to train quantized")
     _check_plan(model, plan)
@@ -79,7 +82,7 @@ def prepare_qat(model: nn.Module, plan: Plan, method: str = "lsq") -> nn.Module:
     last = linears[-1] if linears else None
     for name, p in plan.items():
         layer = model.get_submodule(name)
-        wq, aq = METHODS[method](name, layer, p, name == last)
+        wq, aq = make(name, layer, p, name == last)
         qat = (QATLinear if isinstance(layer, nn.Linear) else QATConv2d).from_float(layer, wq, aq)
         with torch.no_grad():
             wq(qat.weight)  # LSQ sets its step from the weight
