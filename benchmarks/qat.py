@@ -94,7 +94,7 @@ def main() -> None:
             t0, row = time.perf_counter(), {}
             if method == "rtn":
                 q = copy.deepcopy(fp)
-                calib = [(x[i:i + 128].to(dev),) for i in range(0, 1024, 128)]
+                calib = [(x[i:i + 128].to(dev),) for i in range(0, min(1024, len(x)), 128)]
                 quantize_plan_(q, plan, calib, "rtn")
             else:
                 cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256)
