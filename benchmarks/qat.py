@@ -6,6 +6,12 @@ command, model, method, bits, FP and quantized top-1 on the whole test set, trai
     PYTHONPATH=src python benchmarks/qat.py [--models fmnist-cnn,fmnist-vit] \
         [--runs rtn:W4A4,lsq:W4A4,rtn:W2A2,lsq:W2A2,pact:W4A4,sat:W4A4,adabits:8/6/4/2] [--epochs 15] [--out DIR]
 
+Run kinds: ``rtn|lsq|pact|sat:WnAm``; ``adabits:8/6/4/2`` (one record per width); ``fracbits:3`` and
+``sensitivity:3`` (weights at an average of 3 bits, inputs 8-bit; the plan is saved under DIR/plans);
+``f8net`` (fixed point, integer forward checked); ``adabin`` and ``sign`` (W1A1); ``pim:ADC`` (digital
+LSQ W4A4, that model on the simulated PIM array with an ADC-bit ADC, and PIM-QAT). The last four
+take fmnist-cnn only.
+
 Training runs on the GPU when there is one. The plan is qat_plan's: first and last layers at 8 bits.
 """
 
@@ -25,7 +31,19 @@ import torch
 from slimtorch.cli.qat_job import parse_bits
 from slimtorch.eval.metrics import classifier_top1
 from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
+from slimtorch.qat.f8net import F8CNN, integer_forward
+from slimtorch.qat.fracbits import (
+    budget_penalty,
+    fracbits_plan,
+    harden,
+    prepare_fracbits,
+    save_plan,
+    sensitivity_bits,
+    with_weight_bits,
+)
+from slimtorch.qat.pim import PIMConfig, calibrate_bn, to_pim
 from slimtorch.quantize import quantize_plan_
 from slimtorch.zoo import data, load_model
 from slimtorch.zoo.augment import shift_flip
@@ -61,6 +79,116 @@ def adabits_run(name, fp, fp_acc, bits, x, y, xt, yt, args, common) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+def _write(args, rec: dict) -> None:
+    with open(args.out / "qat.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _train(model, fp, x, y, args, **kw):
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256)
+    xt2, yt2 = kw.pop("val")
+    hist = train_qat(model, fp, x, y, cfg, augment=shift_flip,
+                     evaluate=lambda m: classifier_top1(m, xt2, yt2),
+                     log=lambda line: print("  ", line, flush=True), **kw)
+    return {"config": {**cfg.__dict__, "feature_layers": list(cfg.feature_layers)}, "history": hist.epochs}
+
+
+def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None:
+    """fracbits / sensitivity / f8net / adabin / sign / pim runs (see the module docstring)."""
+    dev = next(fp.parameters()).device
+    x, y = x.to(dev), y.to(dev)
+    val = (xt[:2000], yt[:2000])
+    t0 = time.perf_counter()
+    base = {**common, "model": name, "method": method, "fp_top1": fp_acc, "train_samples": len(x)}
+    recs = []
+    if method in ("fracbits", "sensitivity"):
+        target = float(arg)
+        plan = qat_plan(fp, round(target), 8, (x[:256],))
+        if method == "fracbits":
+            q = prepare_fracbits(copy.deepcopy(fp), plan, target + 0.5)
+            hard_epoch = max(1, round(0.8 * args.epochs))
+            assigned = {}
+
+            def hook(m, epoch, epochs):
+                if epoch >= hard_epoch and not assigned:
+                    assigned.update(harden(m, target))
+                    print(f"   hard assignment at epoch {epoch}: {assigned}", flush=True)
+            row = _train(q, fp, x, y, args, val=val, on_epoch=hook, penalty=lambda m: budget_penalty(m, target))
+            if not assigned:
+                assigned.update(harden(q, target))
+            final = fracbits_plan(q, plan)
+            convert(q)
+        else:
+            bits = sensitivity_bits(copy.deepcopy(fp), plan, x[:512], target)
+            final = with_weight_bits(plan, bits)
+            q = prepare_qat(copy.deepcopy(fp), final, "lsq")
+            row = _train(q, fp, x, y, args, val=val)
+        (args.out / "plans").mkdir(exist_ok=True)
+        plan_file = args.out / "plans" / f"{name}-{method}-{arg}.json"
+        save_plan(plan_file, final, {"model": name, "method": method, "target_weight_bits": target})
+        sizes = {n: fp.get_submodule(n).weight.numel() for n in final}
+        inner = [n for n in final if plan[n].weight.bits != 8]
+        avg = sum(final[n].weight.bits * sizes[n] for n in inner) / sum(sizes[n] for n in inner)
+        recs.append({"bits": f"W{arg}avgA8", "w_bits": avg, "a_bits": 8, "target_weight_bits": target,
+                     "layer_bits": {n: final[n].weight.bits for n in final}, "plan_file": plan_file.name,
+                     "top1": classifier_top1(q, xt, yt), **row})
+    elif method == "f8net":
+        q = F8CNN(fp).to(dev)
+        row = _train(q, fp, x, y, args, val=val)
+        q = q.eval().cpu()  # checked on the CPU: exact float32 arithmetic (no TF32 convolutions)
+        xc, yc = xt.cpu(), yt.cpu()
+        fake = classifier_top1(q, xc, yc)
+        accs, equal, worst, n = [], 0, 0.0, 0
+        for i in range(0, args.integer_images, 100):  # int64 matmuls on the CPU: a subset
+            with torch.no_grad():
+                ref = q(xc[i:i + 100]).double()
+            acc, fl = integer_forward(q, xc[i:i + 100])
+            lsb = (acc.double() / 2.0**fl - ref).abs() * 2.0**fl
+            equal += int((lsb == 0).all(-1).sum())
+            worst, n = max(worst, float(lsb.max())), n + len(ref)
+            accs.append(((acc.argmax(-1) == yc[i:i + 100]).double(), (ref.argmax(-1) == yc[i:i + 100]).double()))
+        recs.append({"bits": "W8A8-fixed", "w_bits": 8, "a_bits": 8, "top1": fake,
+                     "integer_top1_subset": float(torch.cat([a for a, _ in accs]).mean() * 100),
+                     "fake_top1_subset": float(torch.cat([b for _, b in accs]).mean() * 100), "integer_equal_rows": equal,
+                     "integer_rows": n, "integer_max_lsb_diff": worst, **row})
+    elif method in ("adabin", "sign"):
+        q = binarize_cnn(copy.deepcopy(fp), method).to(dev)
+        row = _train(q, fp, x, y, args, val=val, on_epoch=set_ede if method == "adabin" else None)
+        recs.append({"bits": "W1A1", "w_bits": 1, "a_bits": 1, "top1": classifier_top1(q, xt, yt),
+                     "note": "binary 3x3 convs in the residual blocks; stem, 1x1 shortcuts and fc in float", **row})
+    elif method == "pim":
+        cfg = PIMConfig(rows=64, adc_bits=int(arg))
+        plan = qat_plan(fp, 4, 4, (x[:256],))
+        edges = (next(iter(plan)), list(plan)[-1])
+        calib = [(x[i:i + 256],) for i in range(0, min(4096, len(x) - 255), 256)]
+        digital = prepare_qat(copy.deepcopy(fp), plan, "lsq")
+        row = _train(digital, fp, x, y, args, val=val)
+        d_acc = classifier_top1(digital, xt, yt)
+        conv_pim = to_pim(copy.deepcopy(digital), cfg, rescale=False, skip=edges)
+        c_acc = classifier_top1(conv_pim, xt, yt)
+        calibrate_bn(conv_pim, calib)
+        c_cal = classifier_top1(conv_pim, xt, yt)
+        pq = to_pim(prepare_qat(copy.deepcopy(fp), plan, "lsq"), cfg, rescale=True, skip=edges)
+        prow = _train(pq, fp, x, y, args, val=val)
+        p_raw = classifier_top1(pq, xt, yt)
+        calibrate_bn(pq, calib)
+        p_acc = classifier_top1(pq, xt, yt)
+        pim = {"pim": {**cfg.__dict__, "digital_layers": list(edges), "scheme": "native"}}
+        recs += [{"bits": "W4A4", "w_bits": 4, "a_bits": 4, "method": "lsq-digital", "top1": d_acc, **row},
+                 {"bits": "W4A4", "w_bits": 4, "a_bits": 4, "method": "lsq-on-pim", "top1": c_acc,
+                  "top1_bn_calibrated": c_cal, "gap_to_digital": d_acc - c_acc, **pim},
+                 {"bits": "W4A4", "w_bits": 4, "a_bits": 4, "method": "pim-qat", "top1": p_acc,
+                  "top1_before_bn_calibration": p_raw, "gap_to_digital": d_acc - p_acc, **pim, **prow}]
+    seconds = time.perf_counter() - t0
+    for r in recs:
+        rec = {**base, **r, "delta": r["top1"] - fp_acc, "seconds": seconds}
+        print(f"  {name} {rec['method']} {rec['bits']}: top-1 {rec['top1']:.2f} ({rec['delta']:+.2f})", flush=True)
+        _write(args, rec)
+
+
+EXTRA = ("fracbits", "sensitivity", "f8net", "adabin", "sign", "pim")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="fmnist-cnn,fmnist-vit")
@@ -69,6 +197,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--kd", type=float, default=1.0)
     ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--integer-images", type=int, default=1000, help="F8Net: test images run integer-only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +214,10 @@ def main() -> None:
         fp_acc = classifier_top1(fp, xt, yt)
         print(f"{name}: FP top-1 {fp_acc:.2f}", flush=True)
         for run in args.runs.split(","):
-            method, bits = run.split(":")
+            method, _, bits = run.partition(":")
+            if method in EXTRA:
+                extra_run(name, fp, fp_acc, method, bits, x, y, xt, yt, args, common)
+                continue
             if method == "adabits":
                 adabits_run(name, fp, fp_acc, bits, x, y, xt, yt, args, common)
                 continue

@@ -43,10 +43,8 @@ class PerGroup:
 Granularity = PerTensor | PerChannel | PerToken | PerGroup
 
 # Integer formats: (qmin, qmax). Float formats: the largest finite value.
-INT_RANGES = {
-    "int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15),
-    "int3": (-4, 3), "uint3": (0, 7), "int2": (-2, 1), "uint2": (0, 3),
-}
+INT_RANGES = {f"{u}int{b}": ((0, 2**b - 1) if u else (-(2 ** (b - 1)), 2 ** (b - 1) - 1))
+              for b in (8, 7, 6, 5, 4, 3, 2) for u in ("", "u")}
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 OBSERVERS = ("minmax", "ema", "percentile", "mse", "kl")
 

@@ -79,9 +79,9 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
         "notes": [f"first and last layers at {first_last_bits} bits" if first_last_bits else
                   "every layer at the same widths",
                   "training.history's metric: top-1 on the first 2,000 test images, after each epoch"]
-                 + ([f"{method} quantizes weights with DoReFa, which replaces each weight's scale by [-1, 1] levels: it "
-                     "is meant for batch-normalised networks (as in its paper); this model has no BatchNorm, so lsq "
-                     "keeps the float model's function at the start of training"]
+                 + ([f"{method} quantizes weights with DoReFa, whose levels lie in [-1, 1]: its paper uses it in "
+                     "batch-normalised networks; this model has no BatchNorm, so each layer's DoReFa weights are "
+                     "rescaled to the float weights' standard deviation (our extension, slimtorch.qat.dorefa)"]
                     if method in ("pact", "sat") and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fp.modules())
                     else []),
         "quantized_layers": {n: f"W:{p.weight.dtype} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()},

@@ -11,7 +11,13 @@ huawei-noah/Efficient-Computing, BinaryNetworks/AdaBin).
   sign: Bi-Real's piecewise polynomial (``2 + 2x`` on [-1, 0), ``2 - 2x`` on [0, 1), 0 outside).
 * Non-linearity: per-channel Maxout ``p relu(x) - n relu(-x)``, p init 1, n init 0.25.
 
-Still to come (issue 6): the AdaBin layers in a model, its training recipe, and the sign baseline.
+:func:`binarize_cnn` turns the zoo's residual CNN into a W1A1 network: every 3x3 convolution inside the
+residual blocks becomes a :class:`BinaryConv2d` and every ReLU a Maxout; the stem, the 1x1 downsampling
+shortcuts and the classifier stay in floating point (as the paper keeps first, last and downsampling
+layers real-valued). ``method="sign"`` builds the baseline the paper improves on, under the same
+architecture and training: XNOR-Net's weights ``mean|w| sign(w)`` per output channel (straight-through)
+and plain ``sign(x)`` activations, with the same Bi-Real gradient as AdaBin's, so the two differ only in
+their binary sets. :func:`set_ede` moves the EDE schedule (call it at the start of each epoch).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import math
 
 import torch
 from torch import nn
+
+from slimtorch.errors import SlimError
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -95,3 +103,63 @@ class Maxout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         return self.p * torch.relu(x) - self.n * torch.relu(-x)
+
+
+def xnor_weight(w: torch.Tensor) -> torch.Tensor:
+    """XNOR-Net's ``mean|w| sign(w)`` per output channel, straight-through gradient."""
+    dims = tuple(range(1, w.ndim))
+    wb = w.abs().mean(dim=dims, keepdim=True).detach() * _sign(w)
+    return w + (wb - w).detach()
+
+
+class SignAct(nn.Module):
+    """``sign(x)`` with Bi-Real's gradient (the baseline's activation binarizer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _BiRealSign.apply(x)
+
+
+class BinaryConv2d(nn.Conv2d):
+    """A convolution on binarized inputs and weights: ``method`` ``adabin`` (adaptive sets, EDE) or
+    ``sign`` (XNOR-style weights, sign activations). The weight stays real-valued for training."""
+
+    def __init__(self, conv: nn.Conv2d, method: str) -> None:
+        if method not in ("adabin", "sign"):
+            raise SlimError(f"unknown binarization {method!r}; choose adabin or sign")
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.load_state_dict(conv.state_dict())
+        self.method, self.t = method, 1.0
+        self.act = AdaBinAct() if method == "adabin" else SignAct()
+        self.act.to(conv.weight.device)
+
+    def binary_weight(self) -> torch.Tensor:
+        return adabin_weight(self.weight, self.t) if self.method == "adabin" else xnor_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        return self._conv_forward(self.act(x), self.binary_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", method={self.method}"
+
+
+def binarize_cnn(model: nn.Module, method: str = "adabin") -> nn.Module:
+    """W1A1 version of the zoo's residual CNN (in place; returns it): see the module docstring."""
+    blocks = [m for m in model.modules() if hasattr(m, "conv1") and hasattr(m, "conv2") and hasattr(m, "shortcut")]
+    if not blocks or not hasattr(model, "stem"):
+        raise SlimError("binarize_cnn takes the zoo's residual CNN (fmnist-cnn): a stem and residual blocks")
+    for b in blocks:
+        b.conv1[0] = BinaryConv2d(b.conv1[0], method)
+        b.conv1[2] = Maxout(b.conv1[0].out_channels).to(b.conv2.weight.device)
+        b.conv2 = BinaryConv2d(b.conv2, method)
+        b.relu = Maxout(b.conv2.out_channels).to(b.conv2.weight.device)
+    model.stem[2] = Maxout(model.stem[0].out_channels).to(model.stem[0].weight.device)
+    return model
+
+
+def set_ede(model: nn.Module, epoch: int, epochs: int) -> None:
+    """Set every AdaBin layer's EDE ``t`` for ``epoch`` of ``epochs``."""
+    for m in model.modules():
+        if isinstance(m, BinaryConv2d):
+            m.t = ede_t(epoch, epochs)

@@ -14,6 +14,11 @@ channels times the kernel area, std not differentiated, so that the layer's outp
 depend on the bit-width; SAT applies it to the last linear layer (layers followed by batch norm are
 unaffected by a constant factor).
 
+Our extension for networks without batch norm (``match_std=True``; ``prepare_qat`` turns it on when the
+model has no BatchNorm): ``w* = w_q * std(w) / std(w_q)`` (factor not differentiated), so the layer keeps
+the float weight's spread. DoReFa's levels live in [-1, 1] whatever the weights' scale; a batch-normalised
+layer does not care, but in a LayerNorm transformer the residual stream would be swamped.
+
 The codes are integers ``k`` with ``w* = c * (k - z)`` for one scale ``c`` per tensor, so the trained
 layer exports exactly to the core's format (``uint<b>`` with a half-integer zero-point for
 ``original`` and ``centered``; ``int<b>`` for ``modified``).
@@ -70,22 +75,28 @@ def sat_rescale(wq: torch.Tensor) -> torch.Tensor:
 class DoReFaWeight(nn.Module):
     """Weight quantizer: DoReFa levels, optionally SAT-rescaled. No learned parameters."""
 
-    def __init__(self, bits: int, scheme: str = "modified", rescale: bool = False) -> None:
+    def __init__(self, bits: int, scheme: str = "modified", rescale: bool = False, match_std: bool = False) -> None:
         super().__init__()
         if scheme not in SCHEMES:
             raise SlimError(f"unknown DoReFa scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
-        self.bits, self.scheme, self.rescale = bits, scheme, rescale
+        self.bits, self.scheme, self.rescale, self.match_std = bits, scheme, rescale, match_std
+
+    def _factor(self, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor | float:
+        if self.match_std:  # takes precedence over SAT's rule
+            return w.detach().float().std() / wq.detach().float().std().clamp(min=1e-12)
+        return sat_rescale(wq) if self.rescale else 1.0
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         wq = dorefa_weight(w, self.bits, self.scheme)
-        return wq * sat_rescale(wq).to(wq.dtype) if self.rescale else wq
+        f = self._factor(w, wq)
+        return wq * f.to(wq.dtype) if torch.is_tensor(f) else wq
 
     @torch.no_grad()
     def export_weight(self, w: torch.Tensor) -> tuple[QuantSpec, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(spec, codes (out, -1), scale, zero) with ``(codes - zero) * scale == forward(w)``."""
         k = _weight_levels(w.float(), self.bits, self.scheme)
         d, zero = _affine(self.bits, self.scheme)
-        c = 2 / d * (float(sat_rescale((k - zero) * (2 / d))) if self.rescale else 1.0)
+        c = 2 / d * float(self._factor(w, (k - zero) * (2 / d)))
         if self.scheme == "modified":  # integer zero-point: signed codes, symmetric
             spec, codes, z = QuantSpec(f"int{self.bits}", PerTensor()), (k - zero).to(torch.int8), 0.0
         else:
@@ -95,4 +106,4 @@ class DoReFaWeight(nn.Module):
         return spec, codes.reshape(w.shape[0], -1), torch.tensor(c), torch.tensor(z)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}"
+        return f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}, match_std={self.match_std}"

@@ -56,15 +56,20 @@ class LSQ(nn.Module):
     def _dims(self, v: torch.Tensor) -> tuple[int, ...] | None:
         return tuple(range(1, v.ndim)) if self.step.ndim else None
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
+    def codes(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer-valued codes, step), both carrying LSQ's gradients; ``codes * step == forward(v)``."""
         if not self.initialized:
             with torch.no_grad():
                 self.step.copy_(lsq_init_step(v, self.qmax, self._dims(v)))
                 self.initialized.fill_(True)
         # N: the values sharing one step (weights), or the features of one sample (activations)
         n = v.numel() // self.step.numel() if self.is_weight else v[0].numel() if v.ndim > 1 else v.numel()
-        g = 1.0 / math.sqrt(n * self.qmax)
-        return lsq_fake_quant(v, self.step.abs().clamp(min=1e-8).to(v.dtype), self.qmin, self.qmax, g)
+        s = scale_grad(self.step.abs().clamp(min=1e-8).to(v.dtype), 1.0 / math.sqrt(n * self.qmax))
+        return round_ste(torch.clamp(v / s, self.qmin, self.qmax)), s
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        q, s = self.codes(v)
+        return q * s
 
     def export(self, v: torch.Tensor | None = None) -> tuple[QuantSpec, torch.Tensor, torch.Tensor]:
         """(spec, scale, zero) that the core's ``fake_quant`` / ``dequantize`` use to give this forward

@@ -67,11 +67,13 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
                                 f"{' dynamic' if spec.dynamic else ''}")
 
 
-def prepare_qat(model: nn.Module, plan: Plan, method: str | Quantizers = "lsq") -> nn.Module:
+def prepare_qat(model: nn.Module, plan: Plan, method: str | Quantizers = "lsq",
+                match_std: bool | None = None) -> nn.Module:
     """Swap each planned layer for its QAT layer (in place; returns ``model``). ``method`` names one of
     ``METHODS`` or is itself a ``(name, layer, layer_plan, is_last_linear) -> (wq, aq)`` factory (AdaBits
     passes its own). Weight quantizers are initialised from the weights now, input quantizers from the
-    first batch they see."""
+    first batch they see. ``match_std``: DoReFa weights keep the float weights' spread (see
+    ``slimtorch.qat.dorefa``); None turns it on exactly when the model has no BatchNorm."""
     if isinstance(method, str) and method not in METHODS:
         raise SlimError(f"unknown QAT method {method!r}; choose one of: {', '.join(METHODS)}")
     make = METHODS[method] if isinstance(method, str) else method
@@ -80,9 +82,15 @@ def prepare_qat(model: nn.Module, plan: Plan, method: str | Quantizers = "lsq") 
     _check_plan(model, plan)
     linears = [n for n in plan if isinstance(model.get_submodule(n), nn.Linear)]
     last = linears[-1] if linears else None
+    if match_std is None:
+        match_std = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for name, p in plan.items():
         layer = model.get_submodule(name)
         wq, aq = make(name, layer, p, name == last)
+        if isinstance(wq, DoReFaWeight):
+            wq.match_std = match_std
+        wq = wq.to(layer.weight.device)
+        aq = None if aq is None else aq.to(layer.weight.device)
         qat = (QATLinear if isinstance(layer, nn.Linear) else QATConv2d).from_float(layer, wq, aq)
         with torch.no_grad():
             wq(qat.weight)  # LSQ sets its step from the weight

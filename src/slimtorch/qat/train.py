@@ -118,7 +118,9 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
               evaluate: Callable[[nn.Module], float | dict] | None = None, meta: dict | None = None,
               progress: Progress = no_progress, log: Callable[[str], None] | None = None,
-              variants: list[Callable[[nn.Module], None]] | None = None) -> History:
+              variants: list[Callable[[nn.Module], None]] | None = None,
+              on_epoch: Callable[[nn.Module, int, int], None] | None = None,
+              penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> History:
     """Train ``model`` (prepared by ``prepare_qat``) on inputs ``x`` (N, ...) and labels ``y`` (N,).
 
     Args:
@@ -130,6 +132,9 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
         meta: JSON-able facts stored in the checkpoint (plan, method, ...); a resumed run checks them.
         variants: switches ``model -> None`` (AdaBits' widths): each batch runs forward and backward once
             per variant, gradients add up, then one optimizer step; the logged loss is their sum.
+        on_epoch: ``(model, epoch, epochs) -> None`` called before each epoch (AdaBin's EDE schedule,
+            FracBits' hard assignment).
+        penalty: ``model -> scalar`` added to each batch's loss (FracBits' budget term).
     """
     if teacher is None and cfg.kd_weight > 0:
         raise SlimError("distillation needs the float teacher model (or set kd_weight to 0)")
@@ -153,6 +158,8 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
         teacher.eval()  # its forward runs under no_grad; its parameters are left as they are
     for epoch in range(start, cfg.epochs):
         model.train()
+        if on_epoch is not None:
+            on_epoch(model, epoch, cfg.epochs)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         aug_gen = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch + 7)
         loss_sum, t0 = 0.0, time.perf_counter()
@@ -169,6 +176,8 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
                 if switch is not None:
                     switch(model)
                 loss = _loss(model, teacher, xb, yb, cfg)
+                if penalty is not None:
+                    loss = loss + penalty(model)
                 loss.backward()
                 loss_sum += loss.item()
             opt.step()

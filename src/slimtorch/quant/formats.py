@@ -3,7 +3,7 @@
 Codes are stored offset to unsigned (``u = q - qmin``, so 0 .. 2**bits - 1) and packed
 little-end first: for 4 bits, element ``2i`` is the low nibble of byte ``i`` and ``2i + 1`` the
 high nibble; for 2 bits, element ``4i + j`` sits at bits ``2j .. 2j+1`` of byte ``i``; 3 bits pack
-8 codes into 3 bytes as one little-endian bit stream. 8-bit codes are stored as they are.
+8 codes into 3 bytes as one little-endian bit stream; 5- to 8-bit codes take one byte each.
 The last dimension is padded with zero codes to a whole number of bytes; unpacking takes the
 true length back.
 """
@@ -14,11 +14,13 @@ import torch
 
 from slimtorch.errors import SlimError
 
-PACKABLE_BITS = (2, 3, 4, 8)
+PACKABLE_BITS = (2, 3, 4, 5, 6, 7, 8)  # 5 to 8 bits: one byte per code
 
 
 def packed_len(n: int, bits: int) -> int:
     """Bytes used by ``n`` codes of ``bits`` bits (padded to whole groups of 8 codes for 3 bits)."""
+    if bits >= 5:
+        return n
     per_group = 8 if bits == 3 else 8 // bits
     groups = -(-n // per_group)
     return groups * (3 if bits == 3 else 1)
@@ -29,7 +31,7 @@ def pack(q: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
     if bits not in PACKABLE_BITS:
         raise SlimError(f"cannot pack {bits}-bit codes; supported: {PACKABLE_BITS}")
     u = (q.to(torch.int16) - qmin).to(torch.uint8)
-    if bits == 8:
+    if bits >= 5:
         return u
     n = u.shape[-1]
     per = 8 if bits == 3 else 8 // bits
@@ -53,8 +55,8 @@ def unpack(packed: torch.Tensor, bits: int, qmin: int, n: int) -> torch.Tensor:
     if packed.shape[-1] != packed_len(n, bits):
         raise SlimError(f"packed tensor has {packed.shape[-1]} bytes per row, expected "
                         f"{packed_len(n, bits)} for {n} {bits}-bit codes: the file is corrupt")
-    if bits == 8:
-        return packed if qmin == 0 else (packed.to(torch.int16) + qmin).to(torch.int8)
+    if bits >= 5:
+        return packed if qmin == 0 and bits == 8 else (packed.to(torch.int16) + qmin).to(torch.int8)
     if bits == 3:
         b = packed.unflatten(-1, (-1, 3)).to(torch.int32)
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
