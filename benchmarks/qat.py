@@ -224,10 +224,11 @@ def main() -> None:
             w, a = parse_bits(bits)
             plan = qat_plan(fp, w, a, (x[:256].to(dev),))
             t0, row = time.perf_counter(), {}
-            if method == "rtn":
-                q = copy.deepcopy(fp)
-                calib = [(x[i:i + 128].to(dev),) for i in range(0, min(1024, len(x)), 128)]
-                quantize_plan_(q, plan, calib, "rtn")
+            if method == "rtn":  # on the CPU: post-training needs no GPU
+                q = copy.deepcopy(fp).cpu()
+                calib = [(x[i:i + 128],) for i in range(0, min(1024, len(x)), 128)]
+                quantize_plan_(q, {n: p for n, p in plan.items()}, calib, "rtn")
+                q = q.to(dev)
             else:
                 cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256)
                 q = prepare_qat(copy.deepcopy(fp), plan, method)
