@@ -182,16 +182,21 @@ def _print_report(model: str, res: dict, out_dir: Path) -> None:
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
-    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, top-1 on 2,000 test images "
-            f"{row.get('metric', float('nan')):.2f}%, {row['seconds']:.0f} s")
+    metric = row.get("metric", float("nan"))
+    shown = (", ".join(f"{b} bits {v:.2f}%" for b, v in metric.items()) if isinstance(metric, dict)
+             else f"{metric:.2f}%")
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, top-1 on 2,000 test images {shown}, "
+            f"{row['seconds']:.0f} s")
 
 
 @app.command("train-qat")
 @user_errors
 def train_qat_cmd(
     model: str = typer.Argument(..., help="fmnist-cnn or fmnist-vit."),
-    method: str = typer.Option("lsq", "--method", help="lsq | pact | sat."),
-    bits: str = typer.Option("4", "--bits", help="N (weights and inputs), WnAm, or Wn (weights only)."),
+    method: str = typer.Option("lsq", "--method", help="lsq | pact | sat | adabits | fracbits | f8net | adabin | pim."),
+    bits: str = typer.Option("4", "--bits", help="N (weights and inputs), WnAm, or Wn (weights only); adabits: "
+                             "widths like 8/6/4/2; fracbits: the average weight width, e.g. W3A8; f8net: 8; "
+                             "adabin: 1."),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs over Fashion-MNIST train."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for model.safetensors, report.json, checkpoints/."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 with adam, 0.01 with sgd)."),
@@ -205,9 +210,12 @@ def train_qat_cmd(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from DIR/checkpoints/last.safetensors."),
     seed: int = typer.Option(0, "--seed"),
+    adc_bits: int = typer.Option(6, "--adc-bits", help="pim: ADC resolution of the simulated array."),
+    rows: int = typer.Option(64, "--rows", help="pim: products summed per analog partial sum."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Quantization-aware training with distillation from the FP model; saves the quantize format."""
+    """Quantization-aware training with distillation from the FP model; saves the quantize format (the
+    fixed-point, binary and PIM methods save their state dict)."""
     from slimtorch.cli.qat_job import run_train_qat
     from slimtorch.cli.quantize_job import check_out_dir
     from slimtorch.qat import TrainConfig
@@ -218,9 +226,14 @@ def train_qat_cmd(
                       weight_decay=0.0 if optimizer == "adam" else 5e-5)
     res = run_train_qat(model, method, bits, out_dir, cfg, limit_train, limit, device, resume,
                         first_last_bits or None, progress=progress_bar,
-                        log=lambda line: err.print(_epoch_line(json.loads(line), epochs)))
+                        log=lambda line: err.print(_epoch_line(json.loads(line), epochs)), adc_bits=adc_bits,
+                        rows=rows)
     if as_json:
         print(json.dumps(res, indent=2))
+        return
+    if "widths" in res:  # AdaBits: one report per width
+        for folder in (w["folder"] for w in res["widths"].values()):
+            _print_report(model, json.loads((out_dir / folder / "report.json").read_text()), out_dir / folder)
         return
     _print_report(model, res, out_dir)
 

@@ -19,8 +19,13 @@ import torch
 from slimtorch.cli.quantize_job import check_out_dir, compare_and_save
 from slimtorch.errors import SlimError
 from slimtorch.eval.metrics import classifier_top1
-from slimtorch.io.checkpoint import atomic_write_bytes
+from slimtorch.io.checkpoint import atomic_write_bytes, save_tensors
 from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.qat.adabin import binarize_cnn, set_ede
+from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
+from slimtorch.qat.f8net import F8CNN
+from slimtorch.qat.fracbits import FracWeight, budget_penalty, fracbits_plan, harden, prepare_fracbits, save_plan
+from slimtorch.qat.pim import PIMConfig, calibrate_bn, to_pim
 from slimtorch.quantize import weight_bits
 from slimtorch.spec import spec_to_dict
 from slimtorch.zoo import data, get_entry, load_model
@@ -39,17 +44,62 @@ def parse_bits(text: str) -> tuple[int, int | None]:
     return int(m.group(1)), a
 
 
+RESEARCH = ("adabits", "fracbits", "f8net", "adabin", "pim")
+ALL_METHODS = (*METHODS, *RESEARCH)
+CNN_ONLY = ("f8net", "adabin", "pim")
+
+
+def _save_state(q: torch.nn.Module, path: Path, meta: dict) -> None:
+    """Research models outside the quantize format (fixed point, binary, PIM): their state dict."""
+    save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in q.state_dict().items()}, meta)
+
+
+def _method_notes(method: str, widths: tuple[int, ...], extra: dict) -> list[str]:
+    state = "model.safetensors holds the trained model's state dict (not the quantize format)"
+    return {
+        "adabits": [f"one AdaBits model for widths {'/'.join(map(str, widths))}: each width's model and report are in "
+                    "DIR/w<bits>/; this report is the lowest width's"],
+        "fracbits": [f"FracBits widths after hard assignment: {extra.get('layer_bits')}; the Plan is DIR/plan.json"],
+        "f8net": ["8-bit fixed point (F8Net) with batch norm folded; " + state + ": load it into "
+                  "slimtorch.qat.f8net.F8CNN; integer_forward runs it with integers only"],
+        "adabin": ["W1A1 (AdaBin) 3x3 convolutions in the residual blocks; stem, 1x1 shortcuts and classifier in "
+                   "float; " + state + " (slimtorch.qat.adabin.binarize_cnn)"],
+        "pim": [f"accuracy on the simulated PIM array ({extra.get('pim', {}).get('adc_bits')}-bit ADC over "
+                f"{extra.get('pim', {}).get('rows')}-row partial sums; first and last layers digital), after BN "
+                "calibration on the simulation; " + state],
+    }.get(method, [])
+
+
 def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfig, limit_train: int | None = None,
                   limit: int | None = None, device: str | None = None, resume: bool = False,
-                  first_last_bits: int | None = 8, progress=None, log=None) -> dict:
+                  first_last_bits: int | None = 8, progress=None, log=None, adc_bits: int = 6,
+                  rows: int = 64) -> dict:
     out = check_out_dir(out)
-    if method not in METHODS:
-        raise SlimError(f"unknown QAT method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise SlimError(f"unknown QAT method {method!r}; choose one of: {', '.join(ALL_METHODS)}")
     entry = get_entry(model)
     if entry.task != "fmnist-classification":
         raise SlimError(f"train-qat trains the Fashion-MNIST classifiers (fmnist-cnn, fmnist-vit); {model} is a "
                         f"{entry.task} model")
-    w_bits, a_bits = parse_bits(bits)
+    if method in CNN_ONLY and model != "fmnist-cnn":
+        raise SlimError(f"--method {method} is built for the batch-normalised residual CNN (fmnist-cnn)")
+    widths: tuple[int, ...] = ()
+    if method == "adabits":
+        try:
+            widths = tuple(int(b) for b in bits.split("/"))
+        except ValueError:
+            raise SlimError(f"--bits {bits!r}: adabits takes widths such as 8/6/4/2") from None
+        w_bits = a_bits = min(widths)
+    elif method == "f8net":
+        if bits not in ("8", "W8A8"):
+            raise SlimError("--method f8net is 8-bit fixed point: use --bits 8")
+        w_bits = a_bits = 8
+    elif method == "adabin":
+        if bits not in ("1", "W1A1"):
+            raise SlimError("--method adabin binarizes weights and inputs: use --bits 1")
+        w_bits = a_bits = 1
+    else:
+        w_bits, a_bits = parse_bits(bits)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SlimError("--device cuda: no CUDA device here")
@@ -59,36 +109,111 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
     x, y = train.normalized(), train.labels
     if limit_train:
         x, y = x[:limit_train], y[:limit_train]
-    plan = qat_plan(fp, w_bits, a_bits, (x[:256],), first_last_bits)
-    student = prepare_qat(copy.deepcopy(fp), plan, method).to(dev)
+    plan = {} if method in ("f8net", "adabin") else qat_plan(fp, w_bits, a_bits, (x[:256],), first_last_bits)
+    extra: dict = {}
+    train_kw: dict = {}
+    if method in METHODS:
+        student = prepare_qat(copy.deepcopy(fp), plan, method)
+    elif method == "adabits":
+        student = prepare_adabits(copy.deepcopy(fp), plan, widths)
+        train_kw["variants"] = widths_variants(widths)
+    elif method == "fracbits":
+        student = prepare_fracbits(copy.deepcopy(fp), plan, w_bits + 0.5)
+        hard_epoch = max(1, round(0.8 * cfg.epochs))
+
+        def hard_assign(m, epoch, epochs):
+            if epoch >= hard_epoch and not any(int(q.hard_bits) > 0 for q in m.modules() if isinstance(q, FracWeight)):
+                harden(m, float(w_bits))
+        train_kw.update(on_epoch=hard_assign, penalty=lambda m: budget_penalty(m, float(w_bits)))
+    elif method == "f8net":
+        student = F8CNN(fp)
+    elif method == "adabin":
+        student = binarize_cnn(copy.deepcopy(fp), "adabin")
+        train_kw["on_epoch"] = set_ede
+    else:  # pim
+        if a_bits is None:
+            raise SlimError("--method pim needs quantized inputs: --bits WnAm")
+        edges = (next(iter(plan)), list(plan)[-1])
+        student = to_pim(prepare_qat(copy.deepcopy(fp), plan, "lsq"), PIMConfig(rows=rows, adc_bits=adc_bits),
+                         rescale=True, skip=edges)
+        extra["pim"] = {"rows": rows, "adc_bits": adc_bits, "scheme": "native", "digital_layers": list(edges)}
+    student = student.to(dev)
     teacher = copy.deepcopy(fp).to(dev)
-    meta = {"model": model, "method": method, "plan": {n: {"weight": spec_to_dict(p.weight), "act": spec_to_dict(p.act)}
-                                                        for n, p in plan.items()}}
+    meta = {"model": model, "method": method, "bits": bits,
+            "plan": {n: {"weight": spec_to_dict(p.weight), "act": spec_to_dict(p.act)} for n, p in plan.items()}}
     xt, yt = test.normalized(), test.labels
     t0 = time.perf_counter()
     on_epoch = partial(classifier_top1, x=xt[:2000].to(dev), y=yt[:2000].to(dev))
+    if method == "adabits":
+        def on_epoch(m, xe=xt[:2000].to(dev), ye=yt[:2000].to(dev)):
+            res = {}
+            for b in widths:
+                set_bits(m, b)
+                res[str(b)] = classifier_top1(m, xe, ye)
+            return res
     history = train_qat(student, teacher, x.to(dev), y.to(dev), cfg, ckpt_dir=out / "checkpoints", resume=resume,
-                        augment=shift_flip, evaluate=on_epoch, meta=meta, log=log, **kw)
+                        augment=shift_flip, evaluate=on_epoch, meta=meta, log=log, **train_kw, **kw)
     train_seconds = time.perf_counter() - t0
-    q = convert(student.cpu())
-    label = f"QAT-{method}-W{w_bits}" + (f"A{a_bits}" if a_bits else "A16")
-    result = compare_and_save(model, fp, q, out, label, f"qat-{method}", limit, weight_bits(q), **kw)
+    student = student.cpu()
+    save = None
+    if method == "adabits":
+        reports = {}
+        for b in widths:
+            qb = export_width(copy.deepcopy(student), b)
+            rb = compare_and_save(model, fp, qb, out / f"w{b}", f"QAT-adabits-W{b}A{b}", "qat-adabits", limit,
+                                  weight_bits(qb), **kw)
+            rb.update({"width": b, "notes": [f"width {b} of one AdaBits model for widths "
+                                             f"{'/'.join(map(str, widths))}; first and last layers at 8 bits"],
+                       "skipped_layers": {}, "quantized_layers": {
+                           n: f"W:int{8 if p.weight.bits == 8 else b} A:{p.act.dtype if p.act else '-'}"
+                           for n, p in plan.items()}})
+            atomic_write_bytes(out / f"w{b}" / "report.json", (json.dumps(rb, indent=2) + "\n").encode())
+            reports[str(b)] = rb
+        extra["widths"] = {b: {"metrics": r["metrics"], "folder": f"w{b}"} for b, r in reports.items()}
+        out_model = f"w{min(widths)}"
+        result = {**reports[str(min(widths))], "model_folder": out_model}
+    else:
+        if method in ("f8net", "adabin", "pim"):
+            q = student.eval()
+            if method == "pim":
+                calib = [(x[i:i + 256],) for i in range(0, min(4096, len(x) - 255), 256)] or [(x,)]
+                calibrate_bn(q, calib)
+                extra["pim"]["bn_calibration_batches"] = len(calib)
+            meta_save = {"model": model, "method": method, "format": f"slimtorch-{method}-state",
+                         **({"pim": json.dumps(extra["pim"])} if method == "pim" else {})}
+            save = partial(_save_state, meta=meta_save)
+            wbits = float(w_bits)
+        else:
+            if method == "fracbits":
+                if not any(int(m.hard_bits) > 0 for m in student.modules() if isinstance(m, FracWeight)):
+                    harden(student, float(w_bits))  # training ended before the hard-assignment epoch
+                final = fracbits_plan(student, plan)
+                out.mkdir(parents=True, exist_ok=True)
+                save_plan(out / "plan.json", final, {"model": model, "method": "fracbits", "target": w_bits})
+                extra["layer_bits"] = {n: p.weight.bits for n, p in final.items()}
+                extra["plan_file"] = "plan.json"
+            q = convert(student)
+            wbits = weight_bits(q)
+        label = f"QAT-{method}-W{w_bits}" + (f"A{a_bits}" if a_bits else "A16")
+        result = compare_and_save(model, fp, q, out, label, f"qat-{method}", limit, wbits, save=save, **kw)
     result["time_s"] = {"train": train_seconds, **result["time_s"]}
     result.update({
         "seed": cfg.seed, "limit": limit,
-        "notes": [f"first and last layers at {first_last_bits} bits" if first_last_bits else
-                  "every layer at the same widths",
-                  "training.history's metric: top-1 on the first 2,000 test images, after each epoch"]
+        "notes": ([f"first and last layers at {first_last_bits} bits" if first_last_bits else
+                   "every layer at the same widths"] if plan else [])
+                 + ["training.history's metric: top-1 on the first 2,000 test images, after each epoch"]
                  + ([f"{method} quantizes weights with DoReFa, whose levels lie in [-1, 1]: its paper uses it in "
                      "batch-normalised networks; this model has no BatchNorm, so each layer's DoReFa weights are "
                      "rescaled to the float weights' standard deviation (our extension, slimtorch.qat.dorefa)"]
-                    if method in ("pact", "sat") and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fp.modules())
-                    else []),
+                    if method in ("pact", "sat", "adabits")
+                    and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fp.modules()) else [])
+                 + _method_notes(method, widths, extra),
         "quantized_layers": {n: f"W:{p.weight.dtype} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()},
         "skipped_layers": {},
         "training": {"config": cfg.__dict__ | {"feature_layers": list(cfg.feature_layers)},
                      "train_samples": len(x), "device": str(dev), "history": history.epochs},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **extra,
     })
     atomic_write_bytes(out / "report.json", (json.dumps(result, indent=2) + "\n").encode())
     return result

@@ -35,9 +35,10 @@ def check_out_dir(out: Path) -> Path:
 
 
 def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe: str, method: str,
-                     limit: int | None, bits_per_weight: float, progress=None) -> dict:
-    """Evaluate the FP and quantized models side by side, save ``q`` to DIR/model.safetensors, and return
-    the report's shared fields (model, recipe, method, metrics, dataset, size, latency, evaluation time)."""
+                     limit: int | None, bits_per_weight: float, progress=None, save=None) -> dict:
+    """Evaluate the FP and quantized models side by side, save ``q`` to DIR/model.safetensors (with
+    ``save(q, path)`` when given, else the quantize format), and return the report's shared fields (model,
+    recipe, method, metrics, dataset, size, latency, evaluation time)."""
     kw = {} if progress is None else {"progress": progress}
     t0 = time.perf_counter()
     fp_res = evaluate(model, model=fp, limit=limit, **kw)
@@ -45,7 +46,10 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
     eval_seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.safetensors"
-    save_quantized(q, model_path, model, {"recipe": recipe, "method": method})
+    if save is None:
+        save_quantized(q, model_path, model, {"recipe": recipe, "method": method})
+    else:
+        save(q, model_path)
     fp_metrics = {m.name: m.value for m in fp_res.metrics}
     return {
         "model": model, "recipe": recipe, "method": method,
