@@ -95,7 +95,7 @@ def test_bad_inputs_are_slim_errors():
     with pytest.raises(SlimError, match="symmetric: false"):
         QuantSpec("uint4", PerTensor())
     with pytest.raises(SlimError, match="unknown dtype"):
-        QuantSpec("int5")
+        QuantSpec("int9")
     with pytest.raises(SlimError, match="NaN or Inf activations"):
         make_observer(QuantSpec("int8", PerTensor())).update(torch.tensor([1.0, float("inf")]))
 

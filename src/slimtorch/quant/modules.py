@@ -40,7 +40,8 @@ class ActQuant(nn.Module):
         """Turn the observed statistics into static parameters."""
         if self.observer is not None:
             scale, zero = self.observer.qparams()
-            self.scale, self.zero = scale, zero
+            dev = self.scale.device  # the module's device (qparams may build zero-points on the CPU)
+            self.scale, self.zero = scale.to(dev), zero.to(dev)
             self.observer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
