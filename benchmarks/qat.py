@@ -35,12 +35,11 @@ from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
 from slimtorch.qat.f8net import F8CNN, integer_forward
 from slimtorch.qat.fracbits import (
-    budget_penalty,
-    fracbits_plan,
-    harden,
+    final_plan,
     prepare_fracbits,
     save_plan,
     sensitivity_bits,
+    training_hooks,
     with_weight_bits,
 )
 from slimtorch.qat.pim import PIMConfig, calibrate_bn, to_pim
@@ -106,17 +105,9 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
         plan = qat_plan(fp, round(target), 8, (x[:256],))
         if method == "fracbits":
             q = prepare_fracbits(copy.deepcopy(fp), plan, target + 0.5)
-            hard_epoch = max(1, round(0.8 * args.epochs))
-            assigned = {}
-
-            def hook(m, epoch, epochs):
-                if epoch >= hard_epoch and not assigned:
-                    assigned.update(harden(m, target))
-                    print(f"   hard assignment at epoch {epoch}: {assigned}", flush=True)
-            row = _train(q, fp, x, y, args, val=val, on_epoch=hook, penalty=lambda m: budget_penalty(m, target))
-            if not assigned:
-                assigned.update(harden(q, target))
-            final = fracbits_plan(q, plan)
+            hook, penalty = training_hooks(target, args.epochs)
+            row = _train(q, fp, x, y, args, val=val, on_epoch=hook, penalty=penalty)
+            final = final_plan(q, plan, target)
             convert(q)
         else:
             bits = sensitivity_bits(copy.deepcopy(fp), plan, x[:512], target)

@@ -18,14 +18,17 @@ from slimtorch.qat.fracbits import (
     assign_bits,
     average_bits,
     budget_penalty,
+    final_plan,
     frac_quant,
     fracbits_plan,
     harden,
+    is_hard,
     load_plan,
     prepare_fracbits,
     range_quant,
     save_plan,
     sensitivity_bits,
+    training_hooks,
     with_weight_bits,
 )
 from slimtorch.qat.pim import PIMConfig, adc, calibrate_bn, conv_chunks, linear_partial_sums, to_digital, to_pim
@@ -80,6 +83,11 @@ def test_fracbits_trains_hardens_emits_a_reloadable_plan_and_converts(tmp_path):
     assert all(b < a for a, b in zip(lam0, lam1))  # the budget term pulls the widths toward 3
     with pytest.raises(SlimError, match="fractional"):
         fracbits_plan(q, plan)
+    hook, _ = training_hooks(3.0, epochs=5)  # hard assignment before epoch round(0.8 * 5) = 4
+    hook(q, 3, 5)
+    assert not is_hard(q)
+    hook(q, 4, 5)
+    assert is_hard(q) and final_plan(q, plan, 3.0) == fracbits_plan(q, plan)
     bits = harden(q, 3.0)
     final = fracbits_plan(q, plan)
     assert {n: final[n].weight.bits for n in bits} == bits and final[next(iter(plan))].weight.bits == 8

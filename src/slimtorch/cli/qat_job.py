@@ -24,7 +24,7 @@ from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, 
 from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
 from slimtorch.qat.f8net import F8CNN
-from slimtorch.qat.fracbits import FracWeight, budget_penalty, fracbits_plan, harden, prepare_fracbits, save_plan
+from slimtorch.qat.fracbits import final_plan, prepare_fracbits, save_plan, training_hooks
 from slimtorch.qat.pim import PIMConfig, calibrate_bn, to_pim
 from slimtorch.quantize import weight_bits
 from slimtorch.spec import spec_to_dict
@@ -119,12 +119,8 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
         train_kw["variants"] = widths_variants(widths)
     elif method == "fracbits":
         student = prepare_fracbits(copy.deepcopy(fp), plan, w_bits + 0.5)
-        hard_epoch = max(1, round(0.8 * cfg.epochs))
-
-        def hard_assign(m, epoch, epochs):
-            if epoch >= hard_epoch and not any(int(q.hard_bits) > 0 for q in m.modules() if isinstance(q, FracWeight)):
-                harden(m, float(w_bits))
-        train_kw.update(on_epoch=hard_assign, penalty=lambda m: budget_penalty(m, float(w_bits)))
+        hook, penalty = training_hooks(float(w_bits), cfg.epochs)
+        train_kw.update(on_epoch=hook, penalty=penalty)
     elif method == "f8net":
         student = F8CNN(fp)
     elif method == "adabin":
@@ -185,9 +181,7 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
             wbits = float(w_bits)
         else:
             if method == "fracbits":
-                if not any(int(m.hard_bits) > 0 for m in student.modules() if isinstance(m, FracWeight)):
-                    harden(student, float(w_bits))  # training ended before the hard-assignment epoch
-                final = fracbits_plan(student, plan)
+                final = final_plan(student, plan, float(w_bits))
                 out.mkdir(parents=True, exist_ok=True)
                 save_plan(out / "plan.json", final, {"model": model, "method": "fracbits", "target": w_bits})
                 extra["layer_bits"] = {n: p.weight.bits for n, p in final.items()}

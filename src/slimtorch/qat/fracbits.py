@@ -165,6 +165,31 @@ def harden(model: nn.Module, target: float) -> dict[str, int]:
     return {n: b for (n, _), b in zip(layers, bits)}
 
 
+def is_hard(model: nn.Module) -> bool:
+    """Whether the fractional widths have been frozen to integers."""
+    return any(int(m.wq.hard_bits) > 0 for _, m in _frac_layers(model))
+
+
+def training_hooks(target: float, epochs: int, hard_fraction: float = 0.8):
+    """``(on_epoch, penalty)`` for ``train_qat``: the budget term, and the hard assignment before epoch
+    ``round(hard_fraction * epochs)`` (at least 1; the paper: 120 of 150)."""
+    hard_epoch = max(1, round(hard_fraction * epochs))
+
+    def on_epoch(model: nn.Module, epoch: int, _epochs: int) -> None:
+        if epoch >= hard_epoch and not is_hard(model):
+            harden(model, target)
+
+    return on_epoch, lambda model: budget_penalty(model, target)
+
+
+def final_plan(model: nn.Module, plan: Plan, target: float) -> Plan:
+    """The trained model's Plan; widths still fractional (training ended before the hard assignment) are
+    hardened first."""
+    if not is_hard(model):
+        harden(model, target)
+    return fracbits_plan(model, plan)
+
+
 def fracbits_plan(model: nn.Module, plan: Plan) -> Plan:
     """``plan`` with each hardened FracBits layer's weight width."""
     out = dict(plan)
