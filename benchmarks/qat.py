@@ -35,7 +35,9 @@ from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
 from slimtorch.qat.f8net import F8CNN, integer_forward
 from slimtorch.qat.fracbits import (
+    FracWeight,
     final_plan,
+    is_hard,
     prepare_fracbits,
     save_plan,
     sensitivity_bits,
@@ -106,7 +108,15 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
         if method == "fracbits":
             q = prepare_fracbits(copy.deepcopy(fp), plan, target + 0.5)
             hook, penalty = training_hooks(target, args.epochs)
-            row = _train(q, fp, x, y, args, val=val, on_epoch=hook, penalty=penalty)
+            lams: dict = {}
+
+            def on_epoch(m, epoch, epochs):  # keep the learned widths seen just before the hard assignment
+                if not is_hard(m):
+                    lams.update({n: round(float(mod.wq.lam.detach()), 3) for n, mod in m.named_modules()
+                                 if isinstance(getattr(mod, "wq", None), FracWeight)})
+                hook(m, epoch, epochs)
+            row = _train(q, fp, x, y, args, val=val, on_epoch=on_epoch, penalty=penalty)
+            row["lam_before_hard_assignment"] = lams
             final = final_plan(q, plan, target)
             convert(q)
         else:
