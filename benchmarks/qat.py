@@ -35,6 +35,7 @@ from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
 from slimtorch.qat.f8net import F8CNN, integer_forward
 from slimtorch.qat.fracbits import (
+    FRACBITS_WIDTH_LR,
     FracWeight,
     final_plan,
     is_hard,
@@ -85,8 +86,8 @@ def _write(args, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _train(model, fp, x, y, args, **kw):
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256)
+def _train(model, fp, x, y, args, width_lr: float = 0.0, **kw):
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256, width_lr=width_lr)
     xt2, yt2 = kw.pop("val")
     hist = train_qat(model, fp, x, y, cfg, augment=shift_flip,
                      evaluate=lambda m: classifier_top1(m, xt2, yt2),
@@ -115,7 +116,7 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
                     lams.update({n: round(float(mod.wq.lam.detach()), 3) for n, mod in m.named_modules()
                                  if isinstance(getattr(mod, "wq", None), FracWeight)})
                 hook(m, epoch, epochs)
-            row = _train(q, fp, x, y, args, val=val, on_epoch=on_epoch, penalty=penalty)
+            row = _train(q, fp, x, y, args, FRACBITS_WIDTH_LR, val=val, on_epoch=on_epoch, penalty=penalty)
             row["lam_before_hard_assignment"] = lams
             final = final_plan(q, plan, target)
             convert(q)

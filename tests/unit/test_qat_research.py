@@ -81,6 +81,14 @@ def test_fracbits_trains_hardens_emits_a_reloadable_plan_and_converts(tmp_path):
     train_qat(q, fp, x, y, TrainConfig(epochs=3, batch_size=16, lr=1e-2), penalty=lambda m: budget_penalty(m, 3.0))
     lam1 = [float(m.wq.lam.detach()) for m in q.modules() if hasattr(m, "wq") and isinstance(m.wq, FracWeight)]
     assert all(b < a for a, b in zip(lam0, lam1))  # the budget term pulls the widths toward 3
+    # by plain SGD (width_lr) each width moves by its own gradient: the budget pulls the larger layer harder
+    q2 = prepare_fracbits(copy.deepcopy(fp), plan, 3.5)
+    train_qat(q2, fp, x, y, TrainConfig(epochs=1, batch_size=16, lr=1e-3, width_lr=0.1, kd_weight=0.0),
+              penalty=lambda m: budget_penalty(m, 3.0))
+    big, small = [m for m in q2.modules() if hasattr(m, "wq") and isinstance(m.wq, FracWeight)]
+    assert big.weight.numel() == 576 and small.weight.numel() == 128  # budget gradients 576/704 and 128/704
+    assert 3.5 - float(big.wq.lam.detach()) > 2 * (3.5 - float(small.wq.lam.detach())) > 0
+
     with pytest.raises(SlimError, match="fractional"):
         fracbits_plan(q, plan)
     hook, _ = training_hooks(3.0, epochs=5)  # hard assignment before epoch round(0.8 * 5) = 4

@@ -7,6 +7,7 @@ continues from there. The final files are written only once training and evaluat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import re
@@ -24,7 +25,7 @@ from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, 
 from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
 from slimtorch.qat.f8net import F8CNN
-from slimtorch.qat.fracbits import final_plan, prepare_fracbits, save_plan, training_hooks
+from slimtorch.qat.fracbits import FRACBITS_WIDTH_LR, final_plan, prepare_fracbits, save_plan, training_hooks
 from slimtorch.qat.pim import PIMConfig, calibrate_bn, to_pim
 from slimtorch.quantize import weight_bits
 from slimtorch.spec import spec_to_dict
@@ -121,6 +122,7 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
         student = prepare_fracbits(copy.deepcopy(fp), plan, w_bits + 0.5)
         hook, penalty = training_hooks(float(w_bits), cfg.epochs)
         train_kw.update(on_epoch=hook, penalty=penalty)
+        cfg = dataclasses.replace(cfg, width_lr=cfg.width_lr or FRACBITS_WIDTH_LR)
     elif method == "f8net":
         student = F8CNN(fp)
     elif method == "adabin":

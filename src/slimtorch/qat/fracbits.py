@@ -12,7 +12,8 @@ The budget is the weights' average bit-width ``sum_l n_l lam_l / sum_l n_l`` ove
 (``n_l`` weights each); the loss adds ``kappa |average - target|`` (the paper's ``kappa |cost - target|``
 with model size as the cost). After ``hard_epoch`` epochs (the paper: 120 of 150) a bisection finds the
 offset ``o`` for which ``round(lam + o)`` meets the budget, the widths are frozen as integers and training
-goes on. :func:`fracbits_plan` then gives the ordinary Plan (layer -> bits), which ``prepare_qat`` and
+goes on. The widths are trained by plain SGD (``TrainConfig.width_lr``, default here
+``FRACBITS_WIDTH_LR``): under Adam every width moved by the same step and none separated. :func:`fracbits_plan` then gives the ordinary Plan (layer -> bits), which ``prepare_qat`` and
 ``quantize_plan_`` both take, and :func:`save_plan` / :func:`load_plan` store it as JSON.
 
 :func:`sensitivity_bits` is the cheap baseline: each layer's loss increase when only it is rounded to
@@ -39,6 +40,7 @@ from slimtorch.qat.ste import round_ste, scale_grad
 from slimtorch.spec import LayerPlan, PerChannel, Plan, QuantSpec, spec_from_dict, spec_to_dict
 
 MIN_BITS, MAX_BITS = 2, 8
+FRACBITS_WIDTH_LR = 0.05  # plain SGD for the widths (TrainConfig.width_lr), the paper's learning rate
 
 
 def range_quant(w: torch.Tensor, clip: torch.Tensor, bits: int) -> torch.Tensor:

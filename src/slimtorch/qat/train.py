@@ -40,6 +40,7 @@ class TrainConfig:
     feature_weight: float = 0.0
     warmup_steps: int = 0
     seed: int = 0
+    width_lr: float = 0.0  # plain SGD (cosine) for learned bit-widths (parameters named "lam"); 0: the main optimizer
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -68,12 +69,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     on biases and norm parameters."""
     decay, rest = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and not (cfg.width_lr > 0 and _is_width(name)):
             (decay if p.ndim >= 2 or name.endswith("alpha") else rest).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def _is_width(name: str) -> bool:
+    return name == "lam" or name.endswith(".lam")
+
+
+def _width_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | None:
+    """FracBits' widths by plain SGD: Adam would move every width by about the same step whatever its
+    gradient, and the layers' different sensitivities are what should set them apart."""
+    widths = [p for n, p in model.named_parameters() if p.requires_grad and _is_width(n)]
+    return torch.optim.SGD(widths, lr=cfg.width_lr) if cfg.width_lr > 0 and widths else None
 
 
 def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
@@ -141,6 +153,7 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
     if len(x) < cfg.batch_size:
         raise SlimError(f"{len(x)} training samples are fewer than one batch of {cfg.batch_size}")
     opt = make_optimizer(model, cfg)
+    width_opt = _width_optimizer(model, cfg)  # no state (plain SGD): nothing to checkpoint
     steps_per_epoch = len(x) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
     history, start = History(), 0
@@ -168,6 +181,9 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
             lr = cosine_lr(step, total, cfg.lr, cfg.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if width_opt is not None:
+                width_opt.param_groups[0]["lr"] = cosine_lr(step, total, cfg.width_lr, cfg.warmup_steps)
+                width_opt.zero_grad(set_to_none=True)
             xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
             if augment is not None:
                 xb = augment(xb, aug_gen)
@@ -181,6 +197,8 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
                 loss.backward()
                 loss_sum += loss.item()
             opt.step()
+            if width_opt is not None:
+                width_opt.step()
         row = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr_end": lr, "seconds": time.perf_counter() - t0}
         if evaluate is not None:
             model.eval()
