@@ -3,20 +3,18 @@
     python benchmarks/ptq_table.py
 """
 
-import json
 from pathlib import Path
+
+from records import latest
 
 RESULTS = Path(__file__).parent / "results" / "ptq_accuracy.jsonl"
 
 
 def main() -> None:
-    latest = {}
-    for line in RESULTS.read_text().splitlines():
-        r = json.loads(line)
-        latest[(r["model"], r["preset"], r["method"])] = r  # later records win
+    records = latest(RESULTS, ("model", "preset", "method"))
     print("| model | preset | method | metric | FP | quantized | agreement with FP | bits/weight | layers kept float |")
     print("|---|---|---|---|---:|---:|---|---:|---:|")
-    for (model, preset, method), r in sorted(latest.items(), key=_order):
+    for (model, preset, method), r in sorted(records.items(), key=_order):
         name = next(iter(r["quantized"]))
         agree = "; ".join(f"{k.replace('_to_reference', '')} {_fmt(v)}" for k, v in r["quantized"].items()
                           if k in AGREEMENT)

@@ -24,6 +24,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from slimtorch.cli.qat_job import parse_bits
 from slimtorch.eval.metrics import classifier_top1
 from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
 from slimtorch.qat.adabin import binarize_cnn, set_ede
-from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
+from slimtorch.qat.adabits import evaluate_widths, export_width, prepare_adabits, widths_variants
 from slimtorch.qat.f8net import F8CNN, integer_forward
 from slimtorch.qat.fracbits import (
     FRACBITS_WIDTH_LR,
@@ -45,7 +47,7 @@ from slimtorch.qat.fracbits import (
     training_hooks,
     with_weight_bits,
 )
-from slimtorch.qat.pim import PIMConfig, calibrate_bn, to_pim
+from slimtorch.qat.pim import PIMConfig, calibrate_bn, calibration_batches, to_pim
 from slimtorch.quantize import quantize_plan_
 from slimtorch.zoo import data, load_model
 from slimtorch.zoo.augment import shift_flip
@@ -57,28 +59,17 @@ def adabits_run(name, fp, fp_acc, bits, x, y, xt, yt, args, common) -> None:
     t0 = time.perf_counter()
     dev = next(fp.parameters()).device
     plan = qat_plan(fp, min(widths), min(widths), (x[:256].to(dev),))
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256)
     model = prepare_adabits(copy.deepcopy(fp), plan, widths)
-
-    def per_width(m) -> dict:
-        out = {}
-        for b in widths:
-            set_bits(m, b)
-            out[str(b)] = classifier_top1(m, xt[:2000], yt[:2000])
-        return out
-
-    hist = train_qat(model, fp, x.to(dev), y.to(dev), cfg, augment=shift_flip, evaluate=per_width,
-                     log=lambda line: print("  ", line, flush=True), variants=widths_variants(widths))
+    row = _train(model, fp, x.to(dev), y.to(dev), args, val=(xt[:2000], yt[:2000]), per_width=widths,
+                 variants=widths_variants(widths))
     seconds = time.perf_counter() - t0
     for b in widths:
         acc = classifier_top1(export_width(copy.deepcopy(model), b), xt, yt)
         rec = {**common, "model": name, "method": "adabits", "bits": f"W{b}A{b}", "w_bits": b, "a_bits": b,
                "widths": list(widths), "first_last_bits": 8, "fp_top1": fp_acc, "top1": acc, "delta": acc - fp_acc,
-               "seconds": seconds, "train_samples": len(x),
-               "config": {**cfg.__dict__, "feature_layers": list(cfg.feature_layers)}, "history": hist.epochs}
+               "seconds": seconds, "train_samples": len(x), **row}
         print(f"  {name} adabits {widths} at {b} bits: top-1 {acc:.2f} ({acc - fp_acc:+.2f})", flush=True)
-        with open(args.out / "qat.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        _write(args, rec)
 
 
 def _write(args, rec: dict) -> None:
@@ -86,13 +77,15 @@ def _write(args, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _train(model, fp, x, y, args, width_lr: float = 0.0, **kw):
+def _train(model, fp, x, y, args, width_lr: float = 0.0, val=None, per_width: tuple[int, ...] = (), **kw):
+    """train_qat with the benchmark's settings; evaluates top-1 on ``val`` after each epoch (at each of
+    ``per_width`` for AdaBits). Returns the record's config and history."""
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256, width_lr=width_lr)
-    xt2, yt2 = kw.pop("val")
+    evaluate = partial(classifier_top1, x=val[0], y=val[1])
     hist = train_qat(model, fp, x, y, cfg, augment=shift_flip,
-                     evaluate=lambda m: classifier_top1(m, xt2, yt2),
+                     evaluate=evaluate_widths(evaluate, per_width) if per_width else evaluate,
                      log=lambda line: print("  ", line, flush=True), **kw)
-    return {"config": {**cfg.__dict__, "feature_layers": list(cfg.feature_layers)}, "history": hist.epochs}
+    return {"config": asdict(cfg), "history": hist.epochs}
 
 
 def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None:
@@ -162,7 +155,7 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
         cfg = PIMConfig(rows=64, adc_bits=int(arg))
         plan = qat_plan(fp, 4, 4, (x[:256],))
         edges = (next(iter(plan)), list(plan)[-1])
-        calib = [(x[i:i + 256],) for i in range(0, min(4096, len(x) - 255), 256)]
+        calib = calibration_batches(x)
         digital = prepare_qat(copy.deepcopy(fp), plan, "lsq")
         row = _train(digital, fp, x, y, args, val=val)
         d_acc = classifier_top1(digital, xt, yt)
@@ -232,22 +225,16 @@ def main() -> None:
                 quantize_plan_(q, {n: p for n, p in plan.items()}, calib, "rtn")
                 q = q.to(dev)
             else:
-                cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256)
                 q = prepare_qat(copy.deepcopy(fp), plan, method)
-                hist = train_qat(q, fp, x.to(dev), y.to(dev), cfg, augment=shift_flip,
-                                 evaluate=lambda m: classifier_top1(m, xt[:2000], yt[:2000]),
-                                 log=lambda line: print("  ", line, flush=True))
+                row = _train(q, fp, x.to(dev), y.to(dev), args, val=(xt[:2000], yt[:2000]))
                 convert(q)
-                row = {"config": {**cfg.__dict__, "feature_layers": list(cfg.feature_layers)},
-                       "history": hist.epochs}
             acc = classifier_top1(q, xt, yt)
             rec = {**common, "model": name, "method": method, "bits": bits, "w_bits": w, "a_bits": a,
                    "first_last_bits": 8, "fp_top1": fp_acc, "top1": acc, "delta": acc - fp_acc,
                    "seconds": time.perf_counter() - t0, "train_samples": len(x), **row}
             print(f"  {name} {method} {bits}: top-1 {acc:.2f} ({acc - fp_acc:+.2f}) in {rec['seconds']:.0f} s",
                   flush=True)
-            with open(args.out / "qat.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            _write(args, rec)
 
 
 if __name__ == "__main__":

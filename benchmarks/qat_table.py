@@ -3,8 +3,9 @@
     python benchmarks/qat_table.py
 """
 
-import json
 from pathlib import Path
+
+from records import latest
 
 RESULTS = Path(__file__).parent / "results" / "qat.jsonl"
 ORDER = ["rtn", "lsq", "pact", "sat", "adabits", "fracbits", "sensitivity", "f8net", "sign", "adabin",
@@ -29,13 +30,10 @@ def _detail(r: dict) -> str:
 
 
 def main() -> None:
-    latest = {}
-    for line in RESULTS.read_text().splitlines():
-        r = json.loads(line)
-        latest[(r["model"], r["method"], r["bits"])] = r  # later records win
+    records = latest(RESULTS, ("model", "method", "bits"))
     print("| model | method | bits | epochs | FP top-1 | top-1 | delta | notes |")
     print("|---|---|---|---:|---:|---:|---:|---|")
-    for (model, method, bits), r in sorted(latest.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]),
+    for (model, method, bits), r in sorted(records.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]),
                                                                               -float(kv[1]["w_bits"]))):
         epochs = r.get("config", {}).get("epochs", "")
         print(f"| {model} | {method} | {bits} | {epochs} | {r['fp_top1']:.2f} | {r['top1']:.2f} | "

@@ -23,10 +23,11 @@ from slimtorch.eval.metrics import classifier_top1
 from slimtorch.io.checkpoint import atomic_write_bytes, save_tensors
 from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, train_qat
 from slimtorch.qat.adabin import binarize_cnn, set_ede
-from slimtorch.qat.adabits import export_width, prepare_adabits, set_bits, widths_variants
+from slimtorch.qat.adabits import evaluate_widths, export_width, prepare_adabits, widths_variants
+from slimtorch.qat.dorefa import DoReFaWeight
 from slimtorch.qat.f8net import F8CNN
 from slimtorch.qat.fracbits import FRACBITS_WIDTH_LR, final_plan, prepare_fracbits, save_plan, training_hooks
-from slimtorch.qat.pim import PIMConfig, calibrate_bn, to_pim
+from slimtorch.qat.pim import PIMConfig, calibrate_bn, calibration_batches, to_pim
 from slimtorch.quantize import weight_bits
 from slimtorch.spec import spec_to_dict
 from slimtorch.zoo import data, get_entry, load_model
@@ -141,18 +142,15 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
             "plan": {n: {"weight": spec_to_dict(p.weight), "act": spec_to_dict(p.act)} for n, p in plan.items()}}
     xt, yt = test.normalized(), test.labels
     t0 = time.perf_counter()
-    on_epoch = partial(classifier_top1, x=xt[:2000].to(dev), y=yt[:2000].to(dev))
+    evaluate = partial(classifier_top1, x=xt[:2000].to(dev), y=yt[:2000].to(dev))
     if method == "adabits":
-        def on_epoch(m, xe=xt[:2000].to(dev), ye=yt[:2000].to(dev)):
-            res = {}
-            for b in widths:
-                set_bits(m, b)
-                res[str(b)] = classifier_top1(m, xe, ye)
-            return res
+        evaluate = evaluate_widths(evaluate, widths)
     history = train_qat(student, teacher, x.to(dev), y.to(dev), cfg, ckpt_dir=out / "checkpoints", resume=resume,
-                        augment=shift_flip, evaluate=on_epoch, meta=meta, log=log, **train_kw, **kw)
+                        augment=shift_flip, evaluate=evaluate, meta=meta, log=log, **train_kw, **kw)
     train_seconds = time.perf_counter() - t0
     student = student.cpu()
+    # DoReFa weights rescaled to the float spread (prepare_qat's choice for models without BatchNorm)
+    matched_std = any(isinstance(m, DoReFaWeight) and m.match_std for m in student.modules())
     save = None
     if method == "adabits":
         reports = {}
@@ -165,7 +163,7 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
                        "skipped_layers": {}, "quantized_layers": {
                            n: f"W:int{8 if p.weight.bits == 8 else b} A:{p.act.dtype if p.act else '-'}"
                            for n, p in plan.items()}})
-            atomic_write_bytes(out / f"w{b}" / "report.json", (json.dumps(rb, indent=2) + "\n").encode())
+            _write_report(out / f"w{b}", rb)
             reports[str(b)] = rb
         extra["widths"] = {b: {"metrics": r["metrics"], "folder": f"w{b}"} for b, r in reports.items()}
         out_model = f"w{min(widths)}"
@@ -174,7 +172,7 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
         if method in ("f8net", "adabin", "pim"):
             q = student.eval()
             if method == "pim":
-                calib = [(x[i:i + 256],) for i in range(0, min(4096, len(x) - 255), 256)] or [(x,)]
+                calib = calibration_batches(x)
                 calibrate_bn(q, calib)
                 extra["pim"]["bn_calibration_batches"] = len(calib)
             meta_save = {"model": model, "method": method, "format": f"slimtorch-{method}-state",
@@ -201,15 +199,18 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
                  + ([f"{method} quantizes weights with DoReFa, whose levels lie in [-1, 1]: its paper uses it in "
                      "batch-normalised networks; this model has no BatchNorm, so each layer's DoReFa weights are "
                      "rescaled to the float weights' standard deviation (our extension, slimtorch.qat.dorefa)"]
-                    if method in ("pact", "sat", "adabits")
-                    and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fp.modules()) else [])
+                    if matched_std else [])
                  + _method_notes(method, widths, extra),
         "quantized_layers": {n: f"W:{p.weight.dtype} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()},
         "skipped_layers": {},
-        "training": {"config": cfg.__dict__ | {"feature_layers": list(cfg.feature_layers)},
+        "training": {"config": dataclasses.asdict(cfg),
                      "train_samples": len(x), "device": str(dev), "history": history.epochs},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         **extra,
     })
-    atomic_write_bytes(out / "report.json", (json.dumps(result, indent=2) + "\n").encode())
+    _write_report(out, result)
     return result
+
+
+def _write_report(folder: Path, report: dict) -> None:
+    atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())

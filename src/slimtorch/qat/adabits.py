@@ -113,6 +113,17 @@ def set_bits(model: nn.Module, bits: int) -> None:
         raise SlimError("the model has no AdaBits layers; call prepare_adabits first")
 
 
+def evaluate_widths(evaluate: Callable[[nn.Module], float], widths: tuple[int, ...]) -> Callable[[nn.Module], dict]:
+    """``train_qat``'s ``evaluate`` for an AdaBits model: ``evaluate`` at each width, ``{"8": ..., "6": ...}``."""
+    def run(model: nn.Module) -> dict:
+        out = {}
+        for b in widths:
+            set_bits(model, b)
+            out[str(b)] = evaluate(model)
+        return out
+    return run
+
+
 def widths_variants(widths: tuple[int, ...]) -> list[Callable[[nn.Module], None]]:
     """One ``model -> None`` switch per width, for ``train_qat``'s joint training."""
     return [lambda m, b=b: set_bits(m, b) for b in sorted(widths, reverse=True)]

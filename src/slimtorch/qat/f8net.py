@@ -80,16 +80,12 @@ class FixAct(nn.Module):
         self.register_buffer("fl", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self.std_ema < 0:
+        if self.training or self.std_ema < 0:  # the EMA starts from the first batch, in either mode
             sigma = x.detach().float().std()
             with torch.no_grad():
                 first = self.std_ema < 0
                 self.std_ema.copy_(sigma if first else (1 - self.momentum) * self.std_ema + self.momentum * sigma)
-            if not self.training:
-                sigma = self.std_ema
-        else:
-            sigma = self.std_ema
-        fl = fraclen_from_std(float(sigma), self.signed)
+        fl = fraclen_from_std(float(sigma if self.training else self.std_ema), self.signed)
         self.fl.fill_(fl)
         return fix_quant(x, fl, self.signed)
 

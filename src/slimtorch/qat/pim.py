@@ -112,12 +112,11 @@ class _PIMMixin:
         amax = max(abs(self.aq.qmin), abs(self.aq.qmax))
         wmax = max(abs(self.wq.qmin), abs(self.wq.qmax))
         digital = adc(psum, float(rows * amax * wmax), self.cfg, self._noise_gen(x.device)).sum(1)
-        ideal = psum.sum(1)
         scale = sx * sw.reshape(1, -1, *([1] * (digital.ndim - 2)))
         if self.rescale:
             if self.training:
                 with torch.no_grad():
-                    eta = ideal.float().std() / digital.float().std().clamp(min=1e-12)
+                    eta = psum.sum(1).float().std() / digital.float().std().clamp(min=1e-12)  # ideal / PIM
                     self.eta.copy_(eta if not self.eta_seen else 0.9 * self.eta + 0.1 * eta)
                     self.eta_seen.fill_(True)
                 digital = digital * eta.to(digital.dtype)
@@ -189,6 +188,12 @@ def to_digital(model: nn.Module) -> nn.Module:
             cls = QATLinear if isinstance(m, PIMLinear) else QATConv2d
             set_module(model, name, cls.from_float(m, m.wq, m.aq))
     return model
+
+
+def calibration_batches(x: torch.Tensor, batch: int = 256, limit: int = 4096) -> list[tuple[torch.Tensor]]:
+    """Full batches of ``x`` (at most ``limit`` samples; all of ``x`` as one batch when it is smaller than
+    ``batch``), as forward-argument tuples for :func:`calibrate_bn`."""
+    return [(x[i:i + batch],) for i in range(0, min(limit, len(x) - batch + 1), batch)] or [(x,)]
 
 
 @torch.no_grad()
