@@ -69,6 +69,15 @@ def requant(acc: torch.Tensor, shift: int, signed: bool, wl: int = WORD) -> torc
     return v.clamp(lo, hi)
 
 
+def _fixed_weight_bias(w: torch.Tensor, b: torch.Tensor, fl_in: int,
+                       fl_w_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit weights in the format of their std (recorded in ``fl_w_buffer``) and an int32 bias in the
+    accumulator's format ``fl_in + fl_w``."""
+    fl_w = fraclen_from_std(float(w.detach().float().std()), True)
+    fl_w_buffer.fill_(fl_w)
+    return fix_quant(w, fl_w, True), fix_quant(b, fl_in + fl_w, True, wl=32)
+
+
 class FixAct(nn.Module):
     """Activation quantizer: 8-bit fixed point, ``fl`` from the batch's std in training and from its EMA
     (momentum 0.1) in eval. ``fl`` (a buffer) holds the format of the last output."""
@@ -136,10 +145,7 @@ class F8ConvBN(nn.Module):
         return w * inv[:, None, None, None], bn.bias + (b - mean) * inv
 
     def quantized(self, fl_in: int, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        wf, bf = self.folded(x)
-        fl_w = fraclen_from_std(float(wf.detach().float().std()), True)
-        self.fl_w.fill_(fl_w)
-        return fix_quant(wf, fl_w, True), fix_quant(bf, fl_in + fl_w, True, wl=32)
+        return _fixed_weight_bias(*self.folded(x), fl_in, self.fl_w)
 
     def forward(self, x: torch.Tensor, fl_in: int) -> torch.Tensor:
         wq, bq = self.quantized(fl_in, x)
@@ -156,9 +162,7 @@ class F8Linear(nn.Module):
         self.register_buffer("fl_w", torch.tensor(0, dtype=torch.long))
 
     def quantized(self, fl_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-        fl_w = fraclen_from_std(float(self.weight.detach().float().std()), True)
-        self.fl_w.fill_(fl_w)
-        return fix_quant(self.weight, fl_w, True), fix_quant(self.bias, fl_in + fl_w, True, wl=32)
+        return _fixed_weight_bias(self.weight, self.bias, fl_in, self.fl_w)
 
     def forward(self, x: torch.Tensor, fl_in: int) -> torch.Tensor:
         wq, bq = self.quantized(fl_in)
