@@ -225,7 +225,8 @@ def test_pact_starts_alpha_from_the_first_batch_unless_given():
     assert fixed.alpha.item() == 8.0
 
 
-def test_adabits_switches_widths_shares_weights_and_exports_each_width():
+@pytest.mark.parametrize("scheme", ["centered", "modified"])
+def test_adabits_switches_widths_shares_weights_and_exports_each_width(scheme):
     import copy
 
     from slimtorch.qat.adabits import SwitchableBatchNorm2d, export_width, prepare_adabits, set_bits, widths_variants
@@ -235,7 +236,7 @@ def test_adabits_switches_widths_shares_weights_and_exports_each_width():
     y = x.flatten(1)[:, :4].argmax(1)
     fp = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    model = prepare_adabits(copy.deepcopy(fp), qat_plan(fp, 4, 4, (x[:8],)), (8, 4, 2))
+    model = prepare_adabits(copy.deepcopy(fp), qat_plan(fp, 4, 4, (x[:8],)), (8, 4, 2), scheme)
     assert isinstance(model[1], SwitchableBatchNorm2d) and len(model[1].bns) == 3
     train_qat(model, fp, x, y, TrainConfig(epochs=1, batch_size=32, lr=1e-2), variants=widths_variants((8, 4, 2)))
     model.eval()
@@ -249,9 +250,12 @@ def test_adabits_switches_widths_shares_weights_and_exports_each_width():
     w4 = model[3].wq(model[3].weight)
     set_bits(model, 2)
     w2 = model[3].wq(model[3].weight)
-    k4, k2 = ((w4 + 1) * 8).detach(), ((w2 + 1) * 2).detach()  # levels 0..15 and 0..3
+    half = 0.5 if scheme == "centered" else 0.0  # centered levels are half a step above modified ones
+    k4, k2 = ((w4 + 1) * 8 - half).detach(), ((w2 + 1) * 2 - half).detach()  # codes 0..15 and 0..3
     assert set(k4.unique().tolist()) <= set(range(16)) and len(k2.unique()) >= 3
     assert torch.equal(torch.floor(k4 / 4), k2)
+    if scheme == "centered":  # symmetric: the 2-bit levels are +-1/4 and +-3/4
+        assert set(w2.detach().unique().tolist()) <= {-0.75, -0.25, 0.25, 0.75}
     assert len({round(float(o.detach().sum()), 3) for o in outs.values()}) == 3  # three models, one weight set
     # every width's alpha and BN were trained: all initialised; the BN after the fixed 8-bit first layer
     # saw the same inputs at every width, the one after a switching layer did not
@@ -261,10 +265,13 @@ def test_adabits_switches_widths_shares_weights_and_exports_each_width():
     for b in (8, 2):
         frozen = export_width(copy.deepcopy(model), b)
         assert isinstance(frozen[1], nn.BatchNorm2d) and isinstance(frozen[3], QuantConv2d)
-        assert frozen[3].wspec.dtype == f"int{b}" and frozen[3].act.spec.dtype == f"uint{b}"
+        wdtype = f"uint{b}" if scheme == "centered" else f"int{b}"  # centered: half-integer zero-point
+        assert frozen[3].wspec.dtype == wdtype and frozen[3].act.spec.dtype == f"uint{b}"
         assert torch.allclose(frozen(x), outs[b], atol=1e-5)
     with pytest.raises(SlimError, match="not one of the trained widths"):
         set_bits(model, 6)
+    with pytest.raises(SlimError, match="'centered' or 'modified'"):
+        prepare_adabits(copy.deepcopy(fp), qat_plan(fp, 4, 4, (x[:8],)), (8, 4), "original")
 
 
 def test_f8net_fixed_point_quantizer_and_format_rule():

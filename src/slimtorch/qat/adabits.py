@@ -2,8 +2,13 @@
 
 Following the official code (deJQK/AdaBits):
 
-* weights: DoReFa with the ``modified`` (floor) levels, so a lower width is a higher one with its
-  low bits dropped; the last linear layer SAT-rescaled;
+* weights: DoReFa with floor levels ``k = floor(2^b u)``, so a lower width is a higher one with its
+  low bits dropped (``k_b = k_8 >> (8 - b)``); the last linear layer SAT-rescaled. The code's default
+  maps ``k`` to the ``modified`` levels ``(k - 2^(b-1)) / 2^(b-1)``; we default to the ``centered`` ones
+  (half a step higher, symmetric about 0), which its README recommends for zero-mean weights and which
+  keep the same codes, hence the same bit-dropping. At 2 bits ``modified`` is {-1, -1/2, 0, 1/2}: small
+  positive weights go to 0 and small negative ones to -1/2. Trained alone at 2 bits on fmnist-cnn (one
+  epoch on 6,000 images, CPU) it reached 32.2% top-1, ``centered`` 84.6%;
 * inputs: PACT with SAT's calibrated gradient and a *switchable clipping level* (one alpha per width);
 * *switchable batch norm*: one BatchNorm2d per width;
 * joint training: each batch runs forward/backward once per width, gradients add up, then one
@@ -74,17 +79,20 @@ class SwitchableBatchNorm2d(nn.Module):
         return self.bns[self.widths.index(self.bits)](x)
 
 
-def prepare_adabits(model: nn.Module, plan: Plan, widths: tuple[int, ...]) -> nn.Module:
+def prepare_adabits(model: nn.Module, plan: Plan, widths: tuple[int, ...], scheme: str = "centered") -> nn.Module:
     """AdaBits layers for ``plan`` (in place): layers whose plan has 8-bit weights (the edges of
     ``qat_plan(..., first_last_bits=8)``) stay at 8 bits, the others switch among ``widths``; every
-    BatchNorm2d becomes switchable."""
+    BatchNorm2d becomes switchable. ``scheme`` is the weights' DoReFa levels, ``centered`` or the
+    official code's ``modified`` (both drop low bits to switch down)."""
     widths = tuple(sorted(set(widths), reverse=True))
     if not widths or min(widths) < 2 or max(widths) > 8:
         raise SlimError(f"AdaBits widths go from 2 to 8, got {widths}")
+    if scheme not in ("centered", "modified"):
+        raise SlimError(f"AdaBits weight levels are 'centered' or 'modified', got {scheme!r}")
 
     def quantizers(name: str, layer: nn.Module, p: LayerPlan, last: bool):
         fixed = p.weight.bits == 8
-        wq = DoReFaWeight(8 if fixed else max(widths), "modified", rescale=last)
+        wq = DoReFaWeight(8 if fixed else max(widths), scheme, rescale=last)
         wq.switches = not fixed
         aq = None
         if p.act is not None:
