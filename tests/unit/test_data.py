@@ -79,3 +79,20 @@ def test_imagenet_classes():
     assert len(classes) == 1000 and classes[0] == "tench" and classes[281] == "tabby"
     assert len(set(classes)) == 1000  # torchvision's list, which disambiguates 'crane' and 'maillot'
     assert (classes[504], classes[967], classes[968]) == ("coffee mug", "espresso", "cup")
+
+
+def test_shift_flip_equals_shifting_a_padded_copy():
+    import torch.nn.functional as F
+
+    from slimtorch.zoo.augment import shift_flip
+
+    x = torch.randn(16, 1, 28, 28)
+    out = shift_flip(x, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws, applied to an explicitly padded copy
+    dx, dy = torch.randint(0, 5, (16,), generator=gen), torch.randint(0, 5, (16,), generator=gen)
+    flip = torch.rand(16, generator=gen) < 0.5
+    pad = F.pad(x[:, 0], (2, 2, 2, 2), value=float(x.min()))
+    for i in range(16):
+        ref = pad[i, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28]
+        assert torch.equal(out[i, 0], ref.flip(-1) if flip[i] else ref)
+    assert not torch.equal(out, x) and out.shape == (16, 1, 28, 28)

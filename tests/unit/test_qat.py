@@ -316,3 +316,16 @@ def test_adabin_weight_equalisation_statistics_and_gradients():
     assert AdaBinAct().alpha.item() == 1.0
     m = Maxout(2)
     assert torch.allclose(m(torch.tensor([-4.0, 2.0]).reshape(1, 2, 1, 1)).flatten(), torch.tensor([-1.0, 2.0]))
+
+
+def test_first_batch_init_is_remembered_until_a_state_dict_says_otherwise():
+    spec = QuantSpec("int4", PerTensor())
+    q, fresh = LSQ(spec), LSQ(spec)
+    q(torch.full((8,), 2.0))
+    first = q.step.detach().clone()
+    assert first.item() == pytest.approx(2 * 2.0 / 7**0.5)  # LSQ's start: 2 mean|x| / sqrt(qmax)
+    q(torch.full((8,), 5.0))
+    assert torch.equal(q.step.detach(), first)  # set once
+    q.load_state_dict(fresh.state_dict())  # a state that was never initialised: start again
+    q(torch.full((8,), 5.0))
+    assert q.step.item() == pytest.approx(2 * 5.0 / 7**0.5)

@@ -29,13 +29,14 @@ from torch import nn
 
 from slimtorch.errors import SlimError
 from slimtorch.qat.dorefa import DoReFaWeight
+from slimtorch.qat.lazy import FirstBatchInit
 from slimtorch.qat.pact import initial_alpha, pact_fake_quant
 from slimtorch.qat.prepare import convert, prepare_qat
 from slimtorch.quant.modules import set_module
 from slimtorch.spec import INT_RANGES, LayerPlan, PerTensor, Plan, QuantSpec
 
 
-class SwitchablePACT(nn.Module):
+class SwitchablePACT(FirstBatchInit):
     """Calibrated PACT with one learned clipping level per width; ``bits`` selects the current one.
     Each level starts from the first batch seen at its width (as :class:`~slimtorch.qat.pact.PACT`)."""
 
@@ -51,7 +52,7 @@ class SwitchablePACT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         i = self.widths.index(self.bits)
         qmin, qmax = self._range()
-        if not self.initialized[i]:
+        if self.needs_init(i):
             with torch.no_grad():
                 self.alpha[i] = initial_alpha(x, qmax)
                 self.initialized[i] = True

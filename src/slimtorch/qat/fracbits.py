@@ -33,6 +33,7 @@ from torch import nn
 
 from slimtorch.errors import SlimError
 from slimtorch.io.checkpoint import atomic_write_bytes
+from slimtorch.qat.lazy import FirstBatchInit
 from slimtorch.qat.lsq import LSQ
 from slimtorch.qat.modules import QAT_TYPES
 from slimtorch.qat.prepare import prepare_qat
@@ -58,7 +59,7 @@ def frac_quant(w: torch.Tensor, clip: torch.Tensor, lam: torch.Tensor) -> torch.
     return (1 - f) * range_quant(w, clip, b) + f * range_quant(w, clip, b + 1)
 
 
-class FracWeight(nn.Module):
+class FracWeight(FirstBatchInit):
     """Weight quantizer with a learned fractional width ``lam`` (scalar) and per-channel range ``clip``;
     after :meth:`harden` it is an ordinary ``bits``-bit quantizer (``hard_bits``)."""
 
@@ -70,7 +71,7 @@ class FracWeight(nn.Module):
         self.register_buffer("hard_bits", torch.tensor(-1))
 
     def _clip(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
+        if self.needs_init():
             with torch.no_grad():  # LSQ's start at the upper width: clip = qmax * 2 mean|w| / sqrt(qmax)
                 qmax = 2 ** (self.bits_now() - 1) - 1
                 self.clip.copy_(2 * w.abs().mean(dim=tuple(range(1, w.ndim)), keepdim=True) * math.sqrt(qmax))
@@ -78,23 +79,36 @@ class FracWeight(nn.Module):
         g = 1.0 / math.sqrt(w[0].numel() * (2 ** (self.bits_now() - 1) - 1))
         return scale_grad(self.clip.abs().clamp(min=1e-8), g).to(w.dtype)
 
+    _hard: int | None = None  # hard_bits on the Python side (reading the buffer waits for the GPU)
+
+    def hard(self) -> int:
+        """The assigned width, or a value <= 0 while the width is fractional."""
+        if self._hard is None:
+            self._hard = int(self.hard_bits)
+        return self._hard
+
     def bits_now(self) -> int:
-        return int(self.hard_bits) if self.hard_bits > 0 else min(math.ceil(float(self.lam.detach())), MAX_BITS)
+        return self.hard() if self.hard() > 0 else min(math.ceil(float(self.lam.detach())), MAX_BITS)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         clip = self._clip(w)
-        if self.hard_bits > 0:
-            return range_quant(w, clip, int(self.hard_bits))
+        if self.hard() > 0:
+            return range_quant(w, clip, self.hard())
         return frac_quant(w, clip, self.lam)
 
     def harden(self, bits: int) -> None:
         self.hard_bits.fill_(bits)
+        self._hard = int(bits)
         self.lam.requires_grad_(False)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._hard = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def export_weight(self, w: torch.Tensor):
         """(spec, codes (out, -1), scale (out, 1), zero) of the hardened quantizer."""
-        if self.hard_bits <= 0:
+        if self.hard() <= 0:
             raise SlimError("FracBits widths are still fractional; harden them (hard assignment) before export")
         b = int(self.hard_bits)
         qmax = 2 ** (b - 1) - 1
@@ -129,7 +143,7 @@ def average_bits(model: nn.Module) -> torch.Tensor:
     if not layers:
         raise SlimError("the model has no FracBits layers; call prepare_fracbits first")
     n = torch.tensor([float(m.weight.numel()) for _, m in layers], device=layers[0][1].weight.device)
-    lam = torch.stack([m.wq.lam.clamp(MIN_BITS, MAX_BITS) if m.wq.hard_bits <= 0 else m.wq.hard_bits.float()
+    lam = torch.stack([m.wq.lam.clamp(MIN_BITS, MAX_BITS) if m.wq.hard() <= 0 else m.wq.hard_bits.float()
                        for _, m in layers])
     return (n * lam).sum() / n.sum()
 
@@ -169,7 +183,7 @@ def harden(model: nn.Module, target: float) -> dict[str, int]:
 
 def is_hard(model: nn.Module) -> bool:
     """Whether the fractional widths have been frozen to integers."""
-    return any(int(m.wq.hard_bits) > 0 for _, m in _frac_layers(model))
+    return any(m.wq.hard() > 0 for _, m in _frac_layers(model))
 
 
 def training_hooks(target: float, epochs: int, hard_fraction: float = 0.8):
@@ -196,7 +210,7 @@ def fracbits_plan(model: nn.Module, plan: Plan) -> Plan:
     """``plan`` with each hardened FracBits layer's weight width."""
     out = dict(plan)
     for name, m in _frac_layers(model):
-        if m.wq.hard_bits <= 0:
+        if m.wq.hard() <= 0:
             raise SlimError(f"layer {name!r} still has a fractional width; harden the model first")
         out[name] = LayerPlan(weight=QuantSpec(f"int{int(m.wq.hard_bits)}", PerChannel(0)), act=plan[name].act)
     return out

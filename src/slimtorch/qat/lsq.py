@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from slimtorch.qat.lazy import FirstBatchInit
 from slimtorch.qat.ste import round_ste, scale_grad
 from slimtorch.spec import PerChannel, PerTensor, QuantSpec
 
@@ -40,7 +41,7 @@ def lsq_init_step(v: torch.Tensor, qmax: int, dims: tuple[int, ...] | None = Non
     return (2 * mean / math.sqrt(qmax)).clamp(min=1e-8)
 
 
-class LSQ(nn.Module):
+class LSQ(FirstBatchInit):
     """A learned-step quantizer for one tensor, following ``spec`` (integer dtype; ``PerChannel(0)``
     or ``PerTensor`` granularity). The step is set from the first tensor it sees (``initialized``)."""
 
@@ -58,7 +59,7 @@ class LSQ(nn.Module):
 
     def codes(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(integer-valued codes, step), both carrying LSQ's gradients; ``codes * step == forward(v)``."""
-        if not self.initialized:
+        if self.needs_init():
             with torch.no_grad():
                 self.step.copy_(lsq_init_step(v, self.qmax, self._dims(v)))
                 self.initialized.fill_(True)

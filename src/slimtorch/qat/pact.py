@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtorch.qat.lazy import FirstBatchInit
 from slimtorch.qat.ste import round_ste
 from slimtorch.spec import PerTensor, QuantSpec
 
@@ -43,7 +44,7 @@ def initial_alpha(x: torch.Tensor, qmax: int) -> float:
     return float(2 * x.detach().abs().float().mean() * qmax**0.5) or 1.0
 
 
-class PACT(nn.Module):
+class PACT(FirstBatchInit):
     """Activation quantizer with a learned clipping level ``alpha`` (a scalar), following ``spec``
     (an integer dtype: ``uint<b>`` for non-negative inputs, ``int<b>`` otherwise)."""
 
@@ -55,7 +56,7 @@ class PACT(nn.Module):
         self.register_buffer("initialized", torch.tensor(alpha is not None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
+        if self.needs_init():
             with torch.no_grad():
                 self.alpha.fill_(initial_alpha(x, self.qmax))
                 self.initialized.fill_(True)

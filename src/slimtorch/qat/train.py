@@ -120,8 +120,8 @@ def _load(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return meta
 
 
-def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
+def _batches(n: int, bs: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen).to(device)
     return [perm[i:i + bs] for i in range(0, n - bs + 1, bs)]  # full batches only
 
 
@@ -175,8 +175,11 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
             on_epoch(model, epoch, cfg.epochs)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         aug_gen = torch.Generator(device=x.device).manual_seed(cfg.seed * 100_003 + epoch + 7)
-        loss_sum, t0 = 0.0, time.perf_counter()
-        for i, idx in enumerate(progress(_batches(len(x), cfg.batch_size, gen), f"epoch {epoch + 1}/{cfg.epochs}")):
+        loss_sum, t0 = torch.zeros((), device=x.device), time.perf_counter()
+        # the order goes to x's device once per epoch, and the loss is read once per epoch: a read per step
+        # (or per layer) waits for the GPU, which is slow when it is shared
+        batches = _batches(len(x), cfg.batch_size, gen, x.device)
+        for i, idx in enumerate(progress(batches, f"epoch {epoch + 1}/{cfg.epochs}")):
             step = epoch * steps_per_epoch + i
             lr = cosine_lr(step, total, cfg.lr, cfg.warmup_steps)
             for g in opt.param_groups:
@@ -184,7 +187,7 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
             if width_opt is not None:
                 width_opt.param_groups[0]["lr"] = cosine_lr(step, total, cfg.width_lr, cfg.warmup_steps)
                 width_opt.zero_grad(set_to_none=True)
-            xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
+            xb, yb = x[idx], y[idx.to(y.device)]
             if augment is not None:
                 xb = augment(xb, aug_gen)
             opt.zero_grad(set_to_none=True)
@@ -195,11 +198,12 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
                 if penalty is not None:
                     loss = loss + penalty(model)
                 loss.backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach().float()
             opt.step()
             if width_opt is not None:
                 width_opt.step()
-        row = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr_end": lr, "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch, "lr_end": lr,
+               "seconds": time.perf_counter() - t0}
         if evaluate is not None:
             model.eval()
             row["metric"] = evaluate(model)
