@@ -109,7 +109,7 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
                     lams.update({n: round(float(mod.wq.lam.detach()), 3) for n, mod in m.named_modules()
                                  if isinstance(getattr(mod, "wq", None), FracWeight)})
                 hook(m, epoch, epochs)
-            row = _train(q, fp, x, y, args, FRACBITS_WIDTH_LR, val=val, on_epoch=on_epoch, penalty=penalty)
+            row = _train(q, fp, x, y, args, args.width_lr, val=val, on_epoch=on_epoch, penalty=penalty)
             row["lam_before_hard_assignment"] = lams
             final = final_plan(q, plan, target)
             convert(q)
@@ -119,7 +119,8 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
             q = prepare_qat(copy.deepcopy(fp), final, "lsq")
             row = _train(q, fp, x, y, args, val=val)
         (args.out / "plans").mkdir(exist_ok=True)
-        plan_file = args.out / "plans" / f"{name}-{method}-{arg}.json"
+        lr_tag = f"-wlr{args.width_lr:g}" if method == "fracbits" and args.width_lr != FRACBITS_WIDTH_LR else ""
+        plan_file = args.out / "plans" / f"{name}-{method}-{arg}{lr_tag}.json"
         save_plan(plan_file, final, {"model": name, "method": method, "target_weight_bits": target})
         sizes = {n: fp.get_submodule(n).weight.numel() for n in final}
         inner = [n for n in final if plan[n].weight.bits != 8]
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--runs", default="rtn:W4A4,lsq:W4A4,rtn:W2A2,lsq:W2A2,pact:W4A4,sat:W4A4,adabits:8/6/4/2")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--width-lr", type=float, default=FRACBITS_WIDTH_LR, help="FracBits: SGD lr of the widths")
     ap.add_argument("--kd", type=float, default=1.0)
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--integer-images", type=int, default=1000, help="F8Net: test images run integer-only")
