@@ -17,8 +17,9 @@ def _detail(r: dict) -> str:
         return (f"integer-only forward: {r['integer_equal_rows']}/{r['integer_rows']} test images with logits equal "
                 f"to the fake-quant ones (max diff {r['integer_max_lsb_diff']:g} LSB)")
     if r["method"] in ("fracbits", "sensitivity"):
-        inner = [b for n, b in r["layer_bits"].items() if b != 8 or n not in ("stem.0", "fc")]
-        return f"weight bits {'/'.join(map(str, inner))}, average {r['w_bits']:.2f}; plan in results/plans/"
+        inner = list(r["layer_bits"].values())[1:-1]  # the plan's order: first and last layers stay at 8 bits
+        lr = f"width lr {_width_lr(r)}; " if r["method"] == "fracbits" else ""
+        return f"{lr}weight bits {'/'.join(map(str, inner))}, average {r['w_bits']:.2f}; `plans/{r['plan_file']}`"
     if r["method"] == "lsq-on-pim":
         return (f"the digital LSQ model on the simulated PIM ({r['pim']['adc_bits']}-bit ADC, {r['pim']['rows']} rows);"
                 f" with BN calibration {r['top1_bn_calibrated']:.2f}")
@@ -29,11 +30,17 @@ def _detail(r: dict) -> str:
     return ""
 
 
+def _width_lr(r: dict):
+    """FracBits' width lr (records before it was an option trained the widths with Adam: "adam")."""
+    return r.get("config", {}).get("width_lr") or "adam" if r["method"] == "fracbits" else None
+
+
 def main() -> None:
-    records = latest(RESULTS, ("model", "method", "bits"))
+    records = latest(RESULTS, ("model", "method", "bits"), _width_lr)
+    records = {k: r for k, r in records.items() if k[3] != "adam"}  # superseded: FracBits widths under Adam
     print("| model | method | bits | epochs | FP top-1 | top-1 | delta | notes |")
     print("|---|---|---|---:|---:|---:|---:|---|")
-    for (model, method, bits), r in sorted(records.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]),
+    for (model, method, bits, _), r in sorted(records.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]),
                                                                               -float(kv[1]["w_bits"]))):
         epochs = r.get("config", {}).get("epochs", "")
         print(f"| {model} | {method} | {bits} | {epochs} | {r['fp_top1']:.2f} | {r['top1']:.2f} | "

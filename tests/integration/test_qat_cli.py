@@ -48,7 +48,9 @@ def test_train_qat_cli_errors_are_one_line(tmp_path):
     for args, text in [(("fmnist-cnn", "--method", "magic"), "unknown QAT method"),
                        (("minilm",), "Fashion-MNIST classifiers"),
                        (("fmnist-cnn", "--bits", "W9A9"), "2 to 8"),
-                       (("fmnist-cnn", "--optimizer", "lion"), "unknown optimizer")]:
+                       (("fmnist-cnn", "--optimizer", "lion"), "unknown optimizer"),
+                       (("fmnist-cnn", "--width-lr", "0.5"), "--method fracbits"),
+                       (("fmnist-cnn", "--method", "fracbits", "--width-lr", "-1"), "must be positive")]:
         r = run("train-qat", *args, "--out", str(tmp_path / "x"), "--epochs", "1")
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and text in lines[0], r.stderr

@@ -212,6 +212,8 @@ def train_qat_cmd(
     seed: int = typer.Option(0, "--seed"),
     adc_bits: int = typer.Option(6, "--adc-bits", help="pim: ADC resolution of the simulated array."),
     rows: int = typer.Option(64, "--rows", help="pim: products summed per analog partial sum."),
+    width_lr: float = typer.Option(None, "--width-lr", help="fracbits: SGD learning rate of the learned widths "
+                                   "(default 0.05, the paper's; larger spreads the widths further apart)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Quantization-aware training with distillation from the FP model; saves the quantize format (the
@@ -223,7 +225,7 @@ def train_qat_cmd(
     check_out_dir(out_dir)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, kd_weight=kd, seed=seed,
                       lr=lr if lr is not None else 1e-3 if optimizer == "adam" else 0.01,
-                      weight_decay=0.0 if optimizer == "adam" else 5e-5)
+                      weight_decay=0.0 if optimizer == "adam" else 5e-5, width_lr=width_lr or 0.0)
     res = run_train_qat(model, method, bits, out_dir, cfg, limit_train, limit, device, resume,
                         first_last_bits or None, progress=progress_bar,
                         log=lambda line: err.print(_epoch_line(json.loads(line), epochs)), adc_bits=adc_bits,
