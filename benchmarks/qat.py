@@ -162,14 +162,14 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
         d_acc = classifier_top1(digital, xt, yt)
         conv_pim = to_pim(copy.deepcopy(digital), cfg, rescale=False, skip=edges)
         c_acc = classifier_top1(conv_pim, xt, yt)
-        calibrate_bn(conv_pim, calib)
+        n_bn = calibrate_bn(conv_pim, calib)  # 0 for the ViT (LayerNorm only): c_cal == c_acc
         c_cal = classifier_top1(conv_pim, xt, yt)
         pq = to_pim(prepare_qat(copy.deepcopy(fp), plan, "lsq"), cfg, rescale=True, skip=edges)
         prow = _train(pq, fp, x, y, args, val=val)
         p_raw = classifier_top1(pq, xt, yt)
         calibrate_bn(pq, calib)
         p_acc = classifier_top1(pq, xt, yt)
-        pim = {"pim": {**cfg.__dict__, "digital_layers": list(edges), "scheme": "native"}}
+        pim = {"pim": {**cfg.__dict__, "digital_layers": list(edges), "scheme": "native", "bn_layers": n_bn}}
         recs += [{"bits": "W4A4", "w_bits": 4, "a_bits": 4, "method": "lsq-digital", "top1": d_acc, **row},
                  {"bits": "W4A4", "w_bits": 4, "a_bits": 4, "method": "lsq-on-pim", "top1": c_acc,
                   "top1_bn_calibrated": c_cal, "gap_to_digital": d_acc - c_acc, **pim},

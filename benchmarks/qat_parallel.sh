@@ -6,7 +6,8 @@
 #   SLIMTORCH_FMNIST_DIR=... bash benchmarks/qat_parallel.sh
 #   JOBS=benchmarks/qat_jobs_2.txt T=545 bash benchmarks/qat_parallel.sh
 # The H100 records came from qat_jobs.txt (commit a5bfc1d), then qat_jobs_2.txt (5ff50c8; its ViT
-# AdaBits, FracBits and W6A6 jobs ran out of time), qat_jobs_3.txt (1aece2c) and qat_jobs_4.txt (f0f4e3d);
+# AdaBits, FracBits and W6A6 jobs ran out of time), qat_jobs_3.txt (1aece2c), qat_jobs_4.txt (f0f4e3d)
+# and qat_jobs_5.txt (the commit that added it);
 # each record names its commit and command.
 set -u
 cd "$(dirname "$0")/.."

@@ -271,6 +271,26 @@ def test_pim_qat_rescale_keeps_the_digital_output_scale():
     p(x)
     layer = p[3]
     assert layer.eta_seen and math.isfinite(float(layer.eta)) and float(layer.eta) > 0
+    # eta is an EMA (0.9 old + 0.1 new) of std(ideal) / std(PIM), started at the first batch's value
+    cfg, x2 = PIMConfig(rows=8, adc_bits=6), 3 * torch.randn(32, 1, 6, 6)
+    first, second = (to_pim(copy.deepcopy(q), cfg, rescale=True).train() for _ in range(2))
+    first(x), second(x2)
+    eta_a, eta_b = float(first[3].eta), float(second[3].eta)
+    assert eta_a != pytest.approx(eta_b)
+    first(x2)
+    assert float(first[3].eta) == pytest.approx(0.9 * eta_a + 0.1 * eta_b, rel=1e-6)
+
+
+def test_pim_linear_reads_each_token_as_its_own_input_vector():
+    torch.manual_seed(0)
+    lin, x = nn.Linear(40, 6), torch.randn(3, 5, 40)
+    q = prepare_qat(nn.Sequential(lin), qat_plan(nn.Sequential(lin), 4, 4, (x,), first_last_bits=None), "lsq")
+    q(x)  # LSQ steps from this batch
+    p = to_pim(q, PIMConfig(rows=16, adc_bits=4), rescale=False).eval()
+    out = p(x)
+    assert out.shape == (3, 5, 6)
+    rows = torch.stack([p(x[:, t]) for t in range(5)], 1)  # the same layer on (batch, features) slices
+    assert torch.allclose(out, rows, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- formats and DoReFa extension

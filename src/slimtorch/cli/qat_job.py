@@ -48,7 +48,7 @@ def parse_bits(text: str) -> tuple[int, int | None]:
 
 RESEARCH = ("adabits", "fracbits", "f8net", "adabin", "pim")
 ALL_METHODS = (*METHODS, *RESEARCH)
-CNN_ONLY = ("f8net", "adabin", "pim")
+CNN_ONLY = ("f8net", "adabin")
 
 
 def _save_state(q: torch.nn.Module, path: Path, meta: dict) -> None:
@@ -67,8 +67,9 @@ def _method_notes(method: str, widths: tuple[int, ...], extra: dict) -> list[str
         "adabin": ["W1A1 (AdaBin) 3x3 convolutions in the residual blocks; stem, 1x1 shortcuts and classifier in "
                    "float; " + state + " (slimtorch.qat.adabin.binarize_cnn)"],
         "pim": [f"accuracy on the simulated PIM array ({extra.get('pim', {}).get('adc_bits')}-bit ADC over "
-                f"{extra.get('pim', {}).get('rows')}-row partial sums; first and last layers digital), after BN "
-                "calibration on the simulation; " + state],
+                f"{extra.get('pim', {}).get('rows')}-row partial sums; first and last layers digital)"
+                + (", after BN calibration on the simulation; " if extra.get('pim', {}).get('bn_layers_calibrated')
+                   else " (no BatchNorm to calibrate); ") + state],
     }.get(method, [])
 
 
@@ -177,7 +178,7 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
             q = student.eval()
             if method == "pim":
                 calib = calibration_batches(x)
-                calibrate_bn(q, calib)
+                extra["pim"]["bn_layers_calibrated"] = calibrate_bn(q, calib)
                 extra["pim"]["bn_calibration_batches"] = len(calib)
             meta_save = {"model": model, "method": method, "format": f"slimtorch-{method}-state",
                          **({"pim": json.dumps(extra["pim"])} if method == "pim" else {})}

@@ -117,7 +117,7 @@ class _PIMMixin:
             if self.training:
                 with torch.no_grad():
                     eta = psum.sum(1).float().std() / digital.float().std().clamp(min=1e-12)  # ideal / PIM
-                    self.eta.copy_(eta if not self.eta_seen else 0.9 * self.eta + 0.1 * eta)
+                    self.eta.copy_(torch.where(self.eta_seen, 0.9 * self.eta + 0.1 * eta, eta))  # no GPU wait
                     self.eta_seen.fill_(True)
                 digital = digital * eta.to(digital.dtype)
             else:
@@ -129,7 +129,8 @@ class _PIMMixin:
 
 
 class PIMLinear(_PIMMixin, QATLinear):
-    """A QATLinear (LSQ) whose product runs on the simulated PIM array. x (B, in) -> (B, out)."""
+    """A QATLinear (LSQ) whose product runs on the simulated PIM array. x (..., in) -> (..., out): every
+    row (a token of a transformer) is its own input vector to the array."""
 
     @classmethod
     def from_qat(cls, m: QATLinear, cfg: PIMConfig, rescale: bool) -> PIMLinear:
@@ -142,9 +143,9 @@ class PIMLinear(_PIMMixin, QATLinear):
         return linear_partial_sums(qx, qw, self.cfg.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 2:
-            raise SlimError("PIMLinear takes (batch, features) inputs")
-        return self._pim(x)
+        if x.ndim < 2:
+            raise SlimError("PIMLinear takes (..., features) inputs with at least one batch dimension")
+        return self._pim(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
 
 
 class PIMConv2d(_PIMMixin, QATConv2d):
