@@ -7,7 +7,7 @@
 #   JOBS=benchmarks/qat_jobs_2.txt T=545 bash benchmarks/qat_parallel.sh
 # The H100 records came from qat_jobs.txt (commit a5bfc1d), then qat_jobs_2.txt (5ff50c8; its ViT
 # AdaBits, FracBits and W6A6 jobs ran out of time), qat_jobs_3.txt (1aece2c), qat_jobs_4.txt (f0f4e3d)
-# and qat_jobs_5.txt (the commit that added it);
+# qat_jobs_5.txt (7be2c28) and qat_jobs_6.txt (1bacf71);
 # each record names its commit and command.
 set -u
 cd "$(dirname "$0")/.."
