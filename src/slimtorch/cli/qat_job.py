@@ -86,8 +86,6 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
                         f"{entry.task} model")
     if cfg.width_lr and method != "fracbits":
         raise SlimError("--width-lr is the learning rate of FracBits' widths: use it with --method fracbits")
-    if cfg.width_lr < 0:
-        raise SlimError(f"--width-lr must be positive, got {cfg.width_lr}")
     if method in CNN_ONLY and model != "fmnist-cnn":
         raise SlimError(f"--method {method} is built for the batch-normalised residual CNN (fmnist-cnn)")
     widths: tuple[int, ...] = ()

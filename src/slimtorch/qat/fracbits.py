@@ -110,14 +110,14 @@ class FracWeight(FirstBatchInit):
         """(spec, codes (out, -1), scale (out, 1), zero) of the hardened quantizer."""
         if self.hard() <= 0:
             raise SlimError("FracBits widths are still fractional; harden them (hard assignment) before export")
-        b = int(self.hard_bits)
+        b = self.hard()
         qmax = 2 ** (b - 1) - 1
         scale = (self.clip.detach().abs().clamp(min=1e-8).float() / qmax).reshape(-1, 1)
         codes = torch.round(torch.clamp(w.detach().float().reshape(w.shape[0], -1) / scale, -qmax, qmax))
         return QuantSpec(f"int{b}", PerChannel(0)), codes.to(torch.int8), scale, torch.zeros_like(scale)
 
     def extra_repr(self) -> str:
-        return f"lam={float(self.lam.detach()):.3f}, hard_bits={int(self.hard_bits)}"
+        return f"lam={float(self.lam.detach()):.3f}, hard_bits={self.hard()}"
 
 
 def prepare_fracbits(model: nn.Module, plan: Plan, init_bits: float) -> nn.Module:
@@ -212,7 +212,7 @@ def fracbits_plan(model: nn.Module, plan: Plan) -> Plan:
     for name, m in _frac_layers(model):
         if m.wq.hard() <= 0:
             raise SlimError(f"layer {name!r} still has a fractional width; harden the model first")
-        out[name] = LayerPlan(weight=QuantSpec(f"int{int(m.wq.hard_bits)}", PerChannel(0)), act=plan[name].act)
+        out[name] = LayerPlan(weight=QuantSpec(f"int{m.wq.hard()}", PerChannel(0)), act=plan[name].act)
     return out
 
 

@@ -50,6 +50,9 @@ class TrainConfig:
             raise SlimError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         if not 0 <= self.kd_weight <= 1:
             raise SlimError(f"kd_weight must lie in [0, 1], got {self.kd_weight}")
+        if self.width_lr < 0:
+            raise SlimError(f"width_lr (--width-lr) must be positive, got {self.width_lr} (0: the widths train "
+                            "with the main optimizer)")
 
 
 @dataclass
