@@ -22,7 +22,8 @@ def main() -> None:
     last = {}
     for r in rows:
         last[(r["K"], r["N"], r["M"], r["method"])] = r
-    methods = list(dict.fromkeys(k[3] for k in last))
+    newest = {r["method"] for r in rows if r["date"] == rows[-1]["date"]}  # methods the newest run timed
+    methods = [meth for meth in dict.fromkeys(k[3] for k in last) if meth in newest]
     print("| K x N | M | " + " | ".join(methods) + " |")
     print("|---|---:|" + "---:|" * len(methods))
     for k, n, m in dict.fromkeys((k[0], k[1], k[2]) for k in last):

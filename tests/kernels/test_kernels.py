@@ -97,6 +97,98 @@ def test_int4_kernels_take_power_of_two_groups_from_128():
                     supported(40, 1024, 128)])
 
 
+def _emulate_int4_mma(x: torch.Tensor, w) -> torch.Tensor:
+    """What the tensor-core kernel computes, lane by lane, with mma.m16n8k16's fragments as PTX's ISA guide
+    documents them (lane = 4 g + t; A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+    B: b0 (2t..2t+1, col g), b1 (2t+8.., col g); C: (g or g+8, cols 2t, 2t+1)) and the kernel's bit
+    operations on the words: an oracle for the layout that needs no GPU."""
+    nbs, units = w.words.shape[:2]
+    m = x.shape[0]
+    y = torch.zeros(m, nbs * 16, dtype=torch.float64)
+    for nb in range(nbs):
+        for u in range(units):
+            meta = w.meta[nb, u * 128 // w.group]
+            s = meta[:, :2].contiguous().view(torch.float32).double()
+            zb = meta[:, 2:] & 0xFFFF  # bf16 bits of -(128 + zero)
+            zb = torch.where(zb >= 2**15, zb - 2**16, zb).to(torch.int16).view(torch.bfloat16).double()
+            for mt in range(-(-m // 8)):
+                c = torch.zeros(16, 8, dtype=torch.float64)
+                for j in range(8):
+                    a, b = torch.zeros(16, 16, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
+                    for lane in range(32):
+                        g, t = divmod(lane, 4)
+                        word = int(w.words[nb, u, lane, j]) & 0xFFFFFFFF
+                        for reg, (row, col, shift, z) in enumerate([(g, 2 * t, 0, zb[g, 0]), (g + 8, 2 * t, 4, zb[g, 1]),
+                                                                    (g, 2 * t + 8, 8, zb[g, 0]),
+                                                                    (g + 8, 2 * t + 8, 12, zb[g, 1])]):
+                            pair = (word >> shift) & 0x000F000F  # lop3: two codes into bf16 128 + q
+                            a[row, col], a[row, col + 1] = 128 + (pair & 15) + z, 128 + (pair >> 16) + z
+                        tok, base = min(mt * 8 + g, m - 1), u * 128 + 32 * t + 4 * j
+                        b[2 * t:2 * t + 2, g] = x[tok, base:base + 2]
+                        b[2 * t + 8:2 * t + 10, g] = x[tok, base + 2:base + 4]
+                    c += a @ b
+                for tok in range(mt * 8, min(mt * 8 + 8, m)):
+                    y[tok, nb * 16:nb * 16 + 8] += s[:, 0] * c[:8, tok - mt * 8]
+                    y[tok, nb * 16 + 8:nb * 16 + 16] += s[:, 1] * c[8:, tok - mt * 8]
+    return y
+
+
+@pytest.mark.parametrize("group", [128, 256])
+def test_int4_mma_layout_round_trips_and_its_fragments_compute_the_linear(group):
+    from slimtorch.kernels.int4_mma import prepare_int4_mma, unpack_int4_mma
+
+    torch.manual_seed(group)
+    n, k = 32, 512
+    packed, scale, zero = R.quantize_int4_weight(torch.randn(n, k), group)
+    w = prepare_int4_mma(packed, scale, zero)
+    assert (w.words.shape, w.meta.shape, w.n, w.k, w.group) == ((2, 4, 32, 8), (2, k // group, 8, 4), n, k, group)
+    codes, s2, z2 = unpack_int4_mma(w)
+    assert torch.equal(codes, R.unpack_int4(packed)) and torch.equal(s2, scale) and torch.equal(z2, zero)
+    x = torch.randn(10, k).to(torch.bfloat16).float()  # 10 rows: two tiles of 8, the second partly empty
+    ref = R.int4_weight_only_linear_ref(x, packed, scale, zero)  # float32
+    assert rel(_emulate_int4_mma(x, w), ref) < 1e-6
+
+
+def test_int4_mma_layout_needs_integer_zeros_and_its_shapes():
+    from slimtorch.kernels.int4_mma import layout_supported, prepare_int4_mma
+
+    z = torch.tensor([[0.0, 15.0]])
+    assert layout_supported(4096, 4096, 128, z) and layout_supported(32, 1024, 512)
+    assert not any([layout_supported(32, 1024, 128, z + 0.5), layout_supported(32, 1024, 128, z + 1),
+                    layout_supported(40, 1024, 128), layout_supported(32, 1152, 384), layout_supported(32, 1024, 64)])
+    packed, scale, zero = R.quantize_int4_weight(torch.randn(32, 256), 128)
+    with pytest.raises(ValueError, match="integer zero-points"):
+        prepare_int4_mma(packed, scale, zero + 0.25)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("k,n", [(256, 384), (4096, 11008), (11008, 4096)])
+def test_int4_mma_kernel_matches_reference(k, n):
+    from slimtorch.kernels.int4_mma import MAX_M, dequantize_int4_mma, int4_linear, int4_mma_linear, prepare_int4_mma
+
+    torch.manual_seed(k)
+    w = torch.randn(n, k, device="cuda")
+    for group in (128, 256):
+        packed, scale, zero = R.quantize_int4_weight(w, group)
+        wm = prepare_int4_mma(packed, scale, zero)
+        q = R.unpack_int4(packed).float().reshape(n, -1, group)
+        wd = ((q - zero[..., None]) * scale[..., None]).reshape(n, k)
+        assert rel(dequantize_int4_mma(wm), wd) < 3e-3  # bf16 rounding of each weight
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        for m in (1, 5, 9, 16, 17, MAX_M):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = R.int4_weight_only_linear_ref(x.float(), packed, scale, zero).float()
+            y = int4_linear(x, wm)
+            assert not y.isnan().any() and rel(y, ref) < 3e-3  # float32 sums, one bf16 rounding of the output
+            mt = -(-m // 8) if m <= 16 else 4
+            for cfg in ({"NB": 2, "WARPS": 4, "PF": 0, "KS": 1, "PDL": False},
+                        {"NB": 1, "WARPS": 16, "PF": 1, "KS": 3 if hopper else 1, "PDL": hopper}):
+                assert rel(int4_mma_linear(x, wm, {"MT": mt, **cfg}), ref) < 3e-3, cfg
+        x = torch.randn(2, 50, k, device="cuda", dtype=torch.bfloat16)  # 100 rows: dequantize + cuBLAS
+        assert rel(int4_linear(x, wm), x.float() @ wd.T) < 1e-2
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("group", [256, 512])

@@ -45,16 +45,23 @@ def linear_kernel(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor
         return None
     n, k = qweight.shape
     if kind == "int4":
-        from slimtorch.kernels.int4 import int4_weight_only_linear
-        from slimtorch.kernels.int4_layout import prepare_int4, supported
+        from slimtorch.kernels import int4_mma
+        from slimtorch.kernels.int4_layout import supported
         from slimtorch.kernels.reference import pack_int4
 
         g = wspec.granularity.size
-        if not supported(n, k, g):
-            return None
         offset = 8 if wspec.dtype == "int4" else 0  # signed codes -8..7 -> 0..15, zero-point moved alike
         codes = (qweight.to(torch.int16) + offset).to(torch.uint8)
-        w = prepare_int4(pack_int4(codes), scale.reshape(n, k // g), zero.reshape(n, k // g).float() + offset)
+        scale2, zero2 = scale.reshape(n, k // g), zero.reshape(n, k // g).float() + offset
+        if int4_mma.mma_supported(qweight.device) and int4_mma.layout_supported(n, k, g, zero2):
+            wm = int4_mma.prepare_int4_mma(pack_int4(codes), scale2, zero2)
+            return lambda x: int4_mma.int4_linear(x, wm)
+        if not supported(n, k, g):
+            return None
+        from slimtorch.kernels.int4 import int4_weight_only_linear
+        from slimtorch.kernels.int4_layout import prepare_int4
+
+        w = prepare_int4(pack_int4(codes), scale2, zero2)
         return lambda x: int4_weight_only_linear(x, w)
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 

@@ -1,0 +1,84 @@
+"""Sweep the block shape of the int4 tensor-core kernel (slimtorch/kernels/int4_mma.py) on the GPU at hand:
+every config's CUDA-graph time (median of 5 x 50 calls, repeated ``--reps`` times; the record keeps the
+second-best of the repeats), with the default config and bf16 of the same run. One record per (shape, M)
+goes to DIR/int4_mma_sweep.jsonl; the rule and the table ``_TUNED`` in int4_mma.py are read off them.
+
+    PYTHONPATH=src python benchmarks/int4_mma_sweep.py [--shapes 4096x11008] [--ms 1,16] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import _time, rotation_sets  # noqa: E402
+
+from slimtorch.kernels import int4_mma as I  # noqa: E402
+from slimtorch.kernels import reference as R  # noqa: E402
+
+SHAPES = "4096x11008,11008x4096,4096x4096,5120x13824,8192x8192,4096x12288,4096x22016"  # K x N; the last two
+# are a 7B decoder's fused q/k/v and gate/up projections (benchmarks/decode.py)
+
+
+def space(m: int, n: int, hopper: bool):
+    mt = 1 << max(0, (m - 1).bit_length() - 3)  # tiles of 8 rows, as mma_config picks them
+    for nb, w, pf, ks in itertools.product((1, 2), (2, 4, 8, 16), (0, 1), (1, 2) if hopper and m > 1 else (1,)):
+        if (n // 16) % nb == 0 and w * nb * mt * 512 <= 48 * 1024:
+            yield {"NB": nb, "MT": mt, "WARPS": w, "PF": pf, "KS": ks, "PDL": hopper and mt < 4}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": os.environ.get("SLIMTORCH_COMMIT"), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    args.out.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        sets = rotation_sets(k * n // 2)
+        torch.manual_seed(0)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
+        qs = [R.quantize_int4_weight(w.float(), 128) for w in ws]
+        packed = [I.prepare_int4_mma(*q) for q in qs]
+        for m in (int(v) for v in args.ms.split(",")):
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+            ref = R.int4_weight_only_linear_ref(xs[0].float(), *qs[0]).float()
+            cfgs = {"nb{NB}w{WARPS}pf{PF}ks{KS}".format(**c): c for c in space(m, n, hopper)}
+            for key, cfg in cfgs.items():  # every config computes the product
+                y = I.int4_mma_linear(xs[0], packed[0], cfg).float()
+                assert ((y - ref).norm() / ref.norm()).item() < 3e-3, key
+            times: dict[str, list[float]] = {}
+            for _ in range(args.reps):
+                times.setdefault("bf16", []).append(_time(lambda i: F.linear(xs[i], ws[i]), sets, graph=True))
+                times.setdefault("default", []).append(_time(lambda i: I.int4_linear(xs[i], packed[i]), sets, graph=True))
+                for key, cfg in cfgs.items():
+                    times.setdefault(key, []).append(
+                        _time(lambda i, c=cfg: I.int4_mma_linear(xs[i], packed[i], c), sets, graph=True))
+            us = {key: sorted(v)[min(1, len(v) - 1)] for key, v in times.items()}
+            best = min((v, key) for key, v in us.items() if key not in ("bf16", "default"))
+            rec = {**common, "K": k, "N": n, "M": m, "default_config": I.mma_config(m, n, k, xs[0].device),
+                   "default_us": us["default"], "bf16_us": us["bf16"], "best": best[1], "best_us": best[0],
+                   "graph_us": us}
+            with open(args.out / "int4_mma_sweep.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{k}x{n} M={m}: bf16 {us['bf16']:.1f} default {us['default']:.1f} best {best[1]} {best[0]:.1f} us",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
