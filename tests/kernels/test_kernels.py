@@ -117,7 +117,7 @@ def _emulate_int4_mma(x: torch.Tensor, w) -> torch.Tensor:
                     a, b = torch.zeros(16, 16, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
                     for lane in range(32):
                         g, t = divmod(lane, 4)
-                        word = int(w.words[nb, u, lane, j]) & 0xFFFFFFFF
+                        word = int(w.words[nb, u, j // 4, lane, j % 4]) & 0xFFFFFFFF
                         for reg, (row, col, shift, z) in enumerate([(g, 2 * t, 0, zb[g, 0]), (g + 8, 2 * t, 4, zb[g, 1]),
                                                                     (g, 2 * t + 8, 8, zb[g, 0]),
                                                                     (g + 8, 2 * t + 8, 12, zb[g, 1])]):
@@ -141,7 +141,7 @@ def test_int4_mma_layout_round_trips_and_its_fragments_compute_the_linear(group)
     n, k = 32, 512
     packed, scale, zero = R.quantize_int4_weight(torch.randn(n, k), group)
     w = prepare_int4_mma(packed, scale, zero)
-    assert (w.words.shape, w.meta.shape, w.n, w.k, w.group) == ((2, 4, 32, 8), (2, k // group, 8, 4), n, k, group)
+    assert (w.words.shape, w.meta.shape, w.n, w.k, w.group) == ((2, 4, 2, 32, 4), (2, k // group, 8, 4), n, k, group)
     codes, s2, z2 = unpack_int4_mma(w)
     assert torch.equal(codes, R.unpack_int4(packed)) and torch.equal(s2, scale) and torch.equal(z2, zero)
     x = torch.randn(10, k).to(torch.bfloat16).float()  # 10 rows: two tiles of 8, the second partly empty

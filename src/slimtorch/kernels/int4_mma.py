@@ -13,8 +13,9 @@ dequantizing to bf16 first).
 The layout (:func:`prepare_int4_mma`, plain torch, testable on CPU) puts in each thread's 16-byte loads
 exactly the codes its mma fragments need:
 
-* ``words (N/16, K/128, 32, 8)`` int32: for 16 output channels (a block ``nb``) and 128 inputs (a unit
-  ``u``), lane ``l = 4 g + t`` holds 8 words; word ``j`` holds the codes of channels ``16 nb + g``
+* ``words (N/16, K/128, 2, 32, 4)`` int32: for 16 output channels (a block ``nb``) and 128 inputs (a
+  unit ``u``), lane ``l = 4 g + t`` holds 8 words, ``j = 4 h + i`` at ``[nb, u, h, l, i]`` (so each of
+  the lane's two 16-byte loads is one contiguous 512-byte line of the warp); word ``j`` holds the codes of channels ``16 nb + g``
   (nibbles 0, 4, 2, 6) and ``16 nb + g + 8`` (nibbles 1, 5, 3, 7) at inputs ``128 u + 32 t + 4 j +
   {0, 1, 2, 3}`` (nibble pairs (0, 4) and (2, 6) are inputs (+0, +1) and (+2, +3)). The mma's K
   slots are permuted so that these are the inputs the lane's B fragments hold when it reads
@@ -41,7 +42,7 @@ from slimtorch.kernels.reference import unpack_int4
 class Int4MMAWeight:
     """An int4 weight in the tensor-core kernel's layout (see the module docstring)."""
 
-    words: torch.Tensor  # (N/16, K/128, 32, 8) int32
+    words: torch.Tensor  # (N/16, K/128, 2, 32, 4) int32
     meta: torch.Tensor  # (N/16, K/G, 8, 4) int32
     group: int
 
@@ -91,7 +92,8 @@ def prepare_int4_mma(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     # channel = 16 nb + 8 ro + g; input = 128 u + 32 t + 4 j + 2 kb + kl; nibble = ro + 2 kb + 4 kl
     q = q.reshape(nb, 2, 8, units, 4, 8, 2, 2).permute(0, 3, 2, 4, 5, 7, 6, 1)  # nb u g t j kl kb ro
     q = q.reshape(nb, units, 32, 8, 4, 2)  # last: the two nibbles of a byte, low first
-    words = (q[..., 0] | (q[..., 1] << 4)).contiguous().view(torch.int32).reshape(nb, units, 32, 8)
+    words = (q[..., 0] | (q[..., 1] << 4)).contiguous().view(torch.int32).reshape(nb, units, 32, 2, 4)
+    words = words.transpose(2, 3).contiguous()  # (nb, u, h, lane, i): word j = 4 h + i
     s = scale.float().reshape(nb, 2, 8, groups).permute(0, 3, 2, 1)  # nb grp g ro
     z = _bf16_bits(-(128 + zero.float())).reshape(nb, 2, 8, groups).permute(0, 3, 2, 1)
     meta = torch.cat([s.contiguous().view(torch.int32), z], dim=-1).contiguous()
@@ -102,7 +104,7 @@ def unpack_int4_mma(w: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, torch
     """The inverse of :func:`prepare_int4_mma`: codes ``(N, K)`` uint8, scale and zero ``(N, K/G)``."""
     nb, units = w.words.shape[:2]
     groups = w.meta.shape[1]
-    b = w.words.contiguous().view(torch.uint8).reshape(nb, units, 32, 8, 4)
+    b = w.words.transpose(2, 3).contiguous().view(torch.uint8).reshape(nb, units, 32, 8, 4)
     q = torch.stack([b & 15, b >> 4], dim=-1).reshape(nb, units, 8, 4, 8, 2, 2, 2)  # nb u g t j kl kb ro
     codes = q.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(nb * 16, units * 128)
     s = w.meta[..., :2].contiguous().view(torch.float32)  # nb grp g ro
@@ -218,9 +220,9 @@ __device__ __forceinline__ void int4_mma_body(
   if (PF && u_begin + warp < u_end) {
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-      const U4* p = wq + (((long long)(nb0 + nb) * units + u_begin + warp) * 32 + lane) * 2;
+      const U4* p = wq + ((long long)(nb0 + nb) * units + u_begin + warp) * 64 + lane;
       wn[nb][0] = ld_stream(p);
-      wn[nb][1] = ld_stream(p + 1);
+      wn[nb][1] = ld_stream(p + 32);
     }
   }
   grid_dependency_wait();  // x may be the previous kernel's output: read it only after that kernel is done
@@ -232,18 +234,18 @@ __device__ __forceinline__ void int4_mma_body(
         wv[nb][0] = wn[nb][0];
         wv[nb][1] = wn[nb][1];
       } else {
-        const U4* p = wq + (((long long)(nb0 + nb) * units + u) * 32 + lane) * 2;
+        const U4* p = wq + ((long long)(nb0 + nb) * units + u) * 64 + lane;
         wv[nb][0] = ld_stream(p);
-        wv[nb][1] = ld_stream(p + 1);
+        wv[nb][1] = ld_stream(p + 32);
       }
       mv[nb] = ld_keep(meta + ((long long)(nb0 + nb) * groups + (u >> unit_shift)) * 8 + g);
     }
     if (PF == 1 && u + WARPS < u_end) {
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
-        const U4* p = wq + (((long long)(nb0 + nb) * units + u + WARPS) * 32 + lane) * 2;
+        const U4* p = wq + ((long long)(nb0 + nb) * units + u + WARPS) * 64 + lane;
         wn[nb][0] = ld_stream(p);
-        wn[nb][1] = ld_stream(p + 1);
+        wn[nb][1] = ld_stream(p + 32);
       }
     }
 #pragma unroll
@@ -341,8 +343,8 @@ __global__ void __launch_bounds__(128) int4_mma_dequant(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int u = blockIdx.x * 4 + warp, nb = blockIdx.y;
   if (u >= units) return;
-  const U4* p = wq + (((long long)nb * units + u) * 32 + lane) * 2;
-  const U4 w0 = ld_stream(p), w1 = ld_stream(p + 1);
+  const U4* p = wq + ((long long)nb * units + u) * 64 + lane;
+  const U4 w0 = ld_stream(p), w1 = ld_stream(p + 32);
   const U4 mv = ld_keep(meta + ((long long)nb * groups + (u >> unit_shift)) * 8 + g);
   const float s[2] = {as_float(mv.v[0]), as_float(mv.v[1])};
   const float z[2] = {-as_float(mv.v[2] << 16) - 128.f, -as_float(mv.v[3] << 16) - 128.f};
