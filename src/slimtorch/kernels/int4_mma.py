@@ -445,6 +445,7 @@ _TUNED = {
     (1, 11008, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1},
     (1, 12288, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1},  # a fused q/k/v projection of a 7B model
     (1, 22016, 4096): {"NB": 1, "WARPS": 2, "PF": 1, "KS": 1},  # a fused gate/up projection
+    (1, 13824, 5120): {"NB": 1, "WARPS": 5, "PF": 1, "KS": 1},
     (2, 4096, 11008): {"NB": 2, "WARPS": 8, "PF": 1, "KS": 2},
     (4, 4096, 11008): {"NB": 2, "WARPS": 4, "PF": 1, "KS": 2},
 }
