@@ -165,8 +165,17 @@ def test_int4_mma_layout_needs_integer_zeros_and_its_shapes():
 @gpu
 @pytest.mark.parametrize("k,n", [(256, 384), (4096, 11008), (11008, 4096)])
 def test_int4_mma_kernel_matches_reference(k, n):
-    from slimtorch.kernels.int4_mma import MAX_M, dequantize_int4_mma, int4_linear, int4_mma_linear, prepare_int4_mma
+    from slimtorch.kernels.int4_mma import (
+        MAX_M,
+        dequantize_int4_mma,
+        int4_linear,
+        int4_mma_linear,
+        mma_supported,
+        prepare_int4_mma,
+    )
 
+    if torch.cuda.get_device_capability()[0] >= 8:  # NVRTC compiles it, so QuantLinear dispatches to it
+        assert mma_supported(torch.device("cuda", torch.cuda.current_device()))
     torch.manual_seed(k)
     w = torch.randn(n, k, device="cuda")
     for group in (128, 256):

@@ -64,9 +64,18 @@ def layout_supported(n: int, k: int, group: int, zero: torch.Tensor | None = Non
 
 
 def mma_supported(device: torch.device) -> bool:
-    """Whether the kernel runs on this device: CUDA (not ROCm) with bf16 mma (sm_80 or newer)."""
-    return (device.type == "cuda" and torch.version.hip is None
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+    """Whether the kernel runs on this device: CUDA (not ROCm) with bf16 mma (sm_80 or newer), and NVRTC
+    compiles the kernels' source there (tried once per device; a failure means the Triton kernels run)."""
+    if device.type != "cuda" or torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    key = (device.index, "compiles")
+    if key not in _COMPILED:
+        try:
+            _kernel("int4_mma_dequant", device)
+            _COMPILED[key] = True
+        except Exception:  # noqa: BLE001 (no NVRTC, or a torch without _compile_kernel)
+            _COMPILED[key] = False
+    return _COMPILED[key]
 
 
 def _bf16_bits(v: torch.Tensor) -> torch.Tensor:
