@@ -15,16 +15,16 @@ exactly the codes its mma fragments need:
 
 * ``words (N/16, K/128, 2, 32, 4)`` int32: for 16 output channels (a block ``nb``) and 128 inputs (a
   unit ``u``), lane ``l = 4 g + t`` holds 8 words, ``j = 4 h + i`` at ``[nb, u, h, l, i]`` (so each of
-  the lane's two 16-byte loads is one contiguous 512-byte line of the warp); word ``j`` holds the codes of channels ``16 nb + g``
-  (nibbles 0, 4, 2, 6) and ``16 nb + g + 8`` (nibbles 1, 5, 3, 7) at inputs ``128 u + 32 t + 4 j +
+  the lane's two 16-byte loads is one contiguous 512-byte line of the warp); word ``j`` holds the codes
+  of channels ``16 nb + g`` (nibbles 0, 4, 2, 6) and ``16 nb + g + 8`` (nibbles 1, 5, 3, 7) at inputs ``128 u + 32 t + 4 j +
   {0, 1, 2, 3}`` (nibble pairs (0, 4) and (2, 6) are inputs (+0, +1) and (+2, +3)). The mma's K
   slots are permuted so that these are the inputs the lane's B fragments hold when it reads
   ``x[128 u + 32 t : 128 u + 32 t + 32]`` as four 16-byte loads.
 * ``meta (N/16, K/G, 8, 4)`` int32: for lane row ``g`` the scales of channels g and g + 8 (float32
   bits) and ``-(128 + zero)`` of each as a bf16x2 pair.
 
-Needs integer zero-points in 0..15 (what our quantizers produce), N a multiple of 16, groups a multiple
-of 128 dividing K, bf16 activations and a GPU with bf16 mma (sm_80 or newer); ``mma_supported`` says.
+Needs integer zero-points in 0..15 (what our quantizers produce), N a multiple of 16, groups of 128,
+256, 512... dividing K, bf16 activations and a GPU with bf16 mma (sm_80 or newer); ``mma_supported`` says.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ class Int4MMAWeight:
     def k(self) -> int:
         return self.words.shape[1] * 128
 
+    @property
+    def unit_shift(self) -> int:
+        """log2(group / 128): a unit of 128 inputs belongs to group ``u >> unit_shift``."""
+        return (self.group // 128).bit_length() - 1
+
 
 def layout_supported(n: int, k: int, group: int, zero: torch.Tensor | None = None) -> bool:
     """Whether :func:`prepare_int4_mma` takes this weight: N a multiple of 16, groups of 128, 256, 512...
@@ -68,14 +73,13 @@ def mma_supported(device: torch.device) -> bool:
     compiles the kernels' source there (tried once per device; a failure means the Triton kernels run)."""
     if device.type != "cuda" or torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 8:
         return False
-    key = (device.index, "compiles")
-    if key not in _COMPILED:
+    if device.index not in _COMPILES:
         try:
             _kernel("int4_mma_dequant", device)
-            _COMPILED[key] = True
+            _COMPILES[device.index] = True
         except Exception:  # noqa: BLE001 (no NVRTC, or a torch without _compile_kernel)
-            _COMPILED[key] = False
-    return _COMPILED[key]
+            _COMPILES[device.index] = False
+    return _COMPILES[device.index]
 
 
 def _bf16_bits(v: torch.Tensor) -> torch.Tensor:
@@ -95,7 +99,7 @@ def prepare_int4_mma(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     group = k // scale.shape[1]
     if not layout_supported(n, k, group, zero):
         raise ValueError(f"int4 weight of shape {(n, k)}, group {group}: the tensor-core kernel needs N a multiple "
-                         "of 16, groups a multiple of 128 that divide K, and integer zero-points 0..15")
+                         "of 16, groups of 128, 256, 512... that divide K, and integer zero-points 0..15")
     nb, units, groups = n // 16, k // 128, k // group
     q = unpack_int4(packed)  # (N, K) uint8
     # channel = 16 nb + 8 ro + g; input = 128 u + 32 t + 4 j + 2 kb + kl; nibble = ro + 2 kb + 4 kl
@@ -168,6 +172,15 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// A lane's 32 bytes of the weights of channel block nb, unit u: two 16-byte loads, each one contiguous 512-byte
+// line of the warp.
+__device__ __forceinline__ void load_unit(const U4* __restrict__ wq, long long nb, int units, int u, int lane,
+                                          U4 (&out)[2]) {
+  const U4* p = wq + (nb * units + u) * 64 + lane;
+  out[0] = ld_stream(p);
+  out[1] = ld_stream(p + 32);
+}
+
 // Programmatic dependent launch (sm_90): launched with that attribute, a kernel may start while the previous
 // one on its stream finishes; it loads its first weights (which no kernel writes), then waits for the previous
 // kernel before reading x. Without the attribute both are no-ops.
@@ -195,6 +208,16 @@ __device__ __forceinline__ float ld_peer(u32 local, u32 rank) {  // a float in c
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
   asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
   return v;
+}
+
+// Output i of a block's NB x MT x 128 sums (the mma's C fragments: c0, c1 at row g, columns 2t and 2t + 1; c2, c3
+// at row g + 8) into y, unless its row of x is past M.
+template <int MT>
+__device__ __forceinline__ void store_sum(u16* __restrict__ y, int i, float s, int nb0, int M, int sy) {
+  const int ln = i & 31, r = (i >> 5) & 3, nm = i >> 7, mt = nm % MT, nb = nm / MT;
+  const int row = (nb0 + nb) * 16 + (ln >> 2) + ((r & 2) << 2);
+  const int tok = mt * 8 + 2 * (ln & 3) + (r & 1);
+  if (tok < M) y[(long long)tok * sy + row] = to_bf16(s);
 }
 
 // y (M, N) = x (M, K) @ w^T. Block: NB blocks of 16 channels and 1/KS of the units of K (a cluster of KS blocks
@@ -228,11 +251,7 @@ __device__ __forceinline__ void int4_mma_body(
   U4 wn[NB][2];  // PF 1: the next unit's weights, loaded a unit ahead; PF 2: only the first unit's, loaded early
   if (PF && u_begin + warp < u_end) {
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
-      const U4* p = wq + ((long long)(nb0 + nb) * units + u_begin + warp) * 64 + lane;
-      wn[nb][0] = ld_stream(p);
-      wn[nb][1] = ld_stream(p + 32);
-    }
+    for (int nb = 0; nb < NB; ++nb) load_unit(wq, nb0 + nb, units, u_begin + warp, lane, wn[nb]);
   }
   grid_dependency_wait();  // x may be the previous kernel's output: read it only after that kernel is done
   for (int u = u_begin + warp; u < u_end; u += WARPS) {
@@ -243,19 +262,13 @@ __device__ __forceinline__ void int4_mma_body(
         wv[nb][0] = wn[nb][0];
         wv[nb][1] = wn[nb][1];
       } else {
-        const U4* p = wq + ((long long)(nb0 + nb) * units + u) * 64 + lane;
-        wv[nb][0] = ld_stream(p);
-        wv[nb][1] = ld_stream(p + 32);
+        load_unit(wq, nb0 + nb, units, u, lane, wv[nb]);
       }
       mv[nb] = ld_keep(meta + ((long long)(nb0 + nb) * groups + (u >> unit_shift)) * 8 + g);
     }
     if (PF == 1 && u + WARPS < u_end) {
 #pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-        const U4* p = wq + ((long long)(nb0 + nb) * units + u + WARPS) * 64 + lane;
-        wn[nb][0] = ld_stream(p);
-        wn[nb][1] = ld_stream(p + 32);
-      }
+      for (int nb = 0; nb < NB; ++nb) load_unit(wq, nb0 + nb, units, u + WARPS, lane, wn[nb]);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -305,10 +318,7 @@ __device__ __forceinline__ void int4_mma_body(
     if (KS > 1) {
       red[i] = s;  // slot i of warp 0 was read only by this thread
     } else {
-      const int ln = i & 31, r = (i >> 5) & 3, nm = i >> 7, mt = nm % MT, nb = nm / MT;
-      const int row = (nb0 + nb) * 16 + (ln >> 2) + ((r & 2) << 2);
-      const int tok = mt * 8 + 2 * (ln & 3) + (r & 1);
-      if (tok < M) y[(long long)tok * sy + row] = to_bf16(s);
+      store_sum<MT>(y, i, s, nb0, M, sy);
     }
   }
   if (KS > 1) {
@@ -318,10 +328,7 @@ __device__ __forceinline__ void int4_mma_body(
       float s = 0.f;
 #pragma unroll
       for (int r = 0; r < KS; ++r) s += ld_peer(smem_addr(red + i), r);
-      const int ln = i & 31, r = (i >> 5) & 3, nm = i >> 7, mt = nm % MT, nb = nm / MT;
-      const int row = (nb0 + nb) * 16 + (ln >> 2) + ((r & 2) << 2);
-      const int tok = mt * 8 + 2 * (ln & 3) + (r & 1);
-      if (tok < M) y[(long long)tok * sy + row] = to_bf16(s);
+      store_sum<MT>(y, i, s, nb0, M, sy);
     }
     cluster_sync();  // no block leaves while others may still read its shared memory
   }
@@ -352,15 +359,15 @@ __global__ void __launch_bounds__(128) int4_mma_dequant(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int u = blockIdx.x * 4 + warp, nb = blockIdx.y;
   if (u >= units) return;
-  const U4* p = wq + ((long long)nb * units + u) * 64 + lane;
-  const U4 w0 = ld_stream(p), w1 = ld_stream(p + 32);
+  U4 wv[2];
+  load_unit(wq, nb, units, u, lane, wv);
   const U4 mv = ld_keep(meta + ((long long)nb * groups + (u >> unit_shift)) * 8 + g);
   const float s[2] = {as_float(mv.v[0]), as_float(mv.v[1])};
   const float z[2] = {-as_float(mv.v[2] << 16) - 128.f, -as_float(mv.v[3] << 16) - 128.f};
   U4 o[2][4];  // o[ro]: 32 bf16 of channel 16 nb + g + 8 ro at inputs 128 u + 32 t + (0..31)
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const u32 w = (j < 4 ? w0 : w1).v[j & 3];
+    const u32 w = wv[j >> 2].v[j & 3];
 #pragma unroll
     for (int ro = 0; ro < 2; ++ro)
 #pragma unroll
@@ -386,6 +393,7 @@ __global__ void __launch_bounds__(128) int4_mma_dequant(
 """
 
 _COMPILED: dict = {}  # (kernel name, device index) -> torch's compiled-kernel object
+_COMPILES: dict = {}  # device index -> whether NVRTC compiled the source there
 _DRIVER: list = []  # cuLaunchKernelEx, looked up once
 
 
@@ -508,7 +516,7 @@ def int4_mma_linear(x: torch.Tensor, w: Int4MMAWeight, config: dict | None = Non
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     tpl = f"{nb}, {mt}, {cfg['WARPS']}, {cfg['PF']}"
     name = f"int4_mma<{tpl}>" if ks == 1 else f"int4_mma_split<{tpl}, {ks}>"
-    args = (w.words, w.meta, x2, y, m, k // 128, w.meta.shape[1], (w.group // 128).bit_length() - 1, x2.stride(0), n)
+    args = (w.words, w.meta, x2, y, m, k // 128, w.meta.shape[1], w.unit_shift, x2.stride(0), n)
     _launch(name, (n // (16 * nb), ks, 1), 32 * cfg["WARPS"], args, x.device, cfg.get("PDL", False))
     return y.reshape(*x.shape[:-1], n)
 
@@ -517,7 +525,7 @@ def dequantize_int4_mma(w: Int4MMAWeight) -> torch.Tensor:
     """The weight ``(N, K)`` in bf16 (``F.linear(x, result)`` is the linear)."""
     out = torch.empty(w.n, w.k, device=w.words.device, dtype=torch.bfloat16)
     units = w.k // 128
-    args = (w.words, w.meta, out, units, w.meta.shape[1], (w.group // 128).bit_length() - 1, w.k)
+    args = (w.words, w.meta, out, units, w.meta.shape[1], w.unit_shift, w.k)
     _launch("int4_mma_dequant", (-(-units // 4), w.n // 16, 1), 128, args, out.device)
     return out
 
