@@ -1,0 +1,330 @@
+"""int4 weight-only GEMM for many activation rows (prefill), on Hopper's warpgroup tensor cores (wgmma).
+
+Why: dequantizing the weight to bf16 and calling cuBLAS writes and reads the whole bf16 weight once
+more; at M = 2048 that cost 6-20% against bf16 (benchmarks/notes/int4_kernel.md). Here the weights go
+from their int4 words straight into the registers that are wgmma's A operand, so nothing bigger than
+the int4 weight is ever read.
+
+It reads the same layout as the small-M kernel (:mod:`slimtorch.kernels.int4_mma`), whose K slots are
+permuted for that kernel. A wgmma step reads its 16 inputs of x in order from shared memory, so each
+lane gathers, for its fragment of step ``j`` (inputs ``16 j + 2 t + {0, 1, 8, 9}`` of a unit of 128),
+two words written for lane ``(g, j // 2)`` and picks four bytes of them with one ``prmt``: the codes
+of inputs ``16 j + 2 t`` and ``+ 1`` (channels g and g + 8) are bytes ``t % 2`` and ``2 + t % 2`` of word
+``4 (j % 2) + t // 2``, those of ``+ 8`` and ``+ 9`` the same bytes of the word two further on.
+
+Per block: 128 output channels (two warpgroups of 64, one warp per 16) and NT activation rows (the
+wgmma's N). x comes through the tensor memory accelerator, 64 inputs x NT rows per stage, into a ring of
+STAGES shared-memory buffers guarded by mbarriers. Weights are scaled in bf16 (``s (q - z)`` rounded
+once, as the dequantize path does), and the products are summed in float32.
+
+Needs sm_90 (wgmma, TMA), the layout's conditions (N a multiple of 128 here), bf16 x whose row stride
+is a multiple of 8 elements.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from slimtorch.kernels.int4_mma import Int4MMAWeight, _LaunchConfig
+
+
+def _wgmma_asm(nt: int) -> str:
+    """The inline-asm wgmma m64n{nt}k16 with A from registers: nt / 2 float accumulators, then a0..a3 and B's
+    descriptor."""
+    nd = nt // 2
+    regs = ", ".join(f"%{i}" for i in range(nd))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
+    return (
+        f"template <> __device__ __forceinline__ void wgmma<{nt}>(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {{\n"
+        f'  asm volatile("wgmma.mma_async.sync.aligned.m64n{nt}k16.f32.bf16.bf16 {{{regs}}}, '
+        f'{{%{nd},%{nd + 1},%{nd + 2},%{nd + 3}}}, %{nd + 4}, 1, 1, 1, 0;"\n'
+        f'    : {outs}\n'
+        f'    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));\n'
+        "}\n")
+
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+struct alignas(16) U4 { u32 v[4]; };
+struct alignas(64) TMap { u64 v[16]; };
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void bar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_expect(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
+  u32 done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+__device__ __forceinline__ u32 codes_bf16x2(u32 w) {  // (w & 0x000F000F) | 0x43004300: bf16 pair 128 + q
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w), "n"(0x000F000F), "n"(0x43004300));
+  return r;
+}
+// s (q - z) for a pair: (128 + q) - (128 + z) is exact in bf16, then one rounding of the product with s
+__device__ __forceinline__ u32 dequant_bf16x2(u32 codes, u32 zz, u32 ss) {
+  u32 d, r;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(codes_bf16x2(codes)), "r"(0x3F803F80u), "r"(zz));
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(d), "r"(ss), "r"(0x80008000u));
+  return r;
+}
+__device__ __forceinline__ u32 bf16x2_of(u32 float_bits) {  // a float32 rounded to bf16, in both halves
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(r) : "r"(float_bits));
+  return r;
+}
+__device__ __forceinline__ u16 to_bf16(float f) {
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+// wgmma's descriptor of a K-major tile in shared memory with the 128-byte swizzle: rows of 128 bytes,
+// 8-row atoms 1024 bytes apart
+__device__ __forceinline__ u64 smem_desc(u32 addr) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)64 << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory");
+}
+template <int NT> __device__ __forceinline__ void wgmma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc);
+@WGMMA@
+template <int ND> __device__ __forceinline__ void fence_operands(float* d) {
+#pragma unroll
+  for (int i = 0; i < ND; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+
+template <int D>
+__device__ __forceinline__ void tma_load_nd(u32 dst, const TMap* map, u32 bar, int c0, int c1, int c2, int c3, int c4) {
+  if (D == 2)
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+  else if (D == 3)
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+                 :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+  else
+    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];"
+                 :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar) : "memory");
+}
+__device__ __forceinline__ u32 lds(u32 addr) {
+  u32 r;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(addr));
+  return r;
+}
+__device__ __forceinline__ U4 lds4(u32 addr) {
+  U4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.v[0]), "=r"(r.v[1]), "=r"(r.v[2]), "=r"(r.v[3]) : "r"(addr));
+  return r;
+}
+
+// y (M, N) = x (M, K) @ w^T, for M rows of x in blocks of NT and N channels in blocks of 128 (block (bx, by):
+// channels 128 bx.., rows NT by..). 256 threads: warpgroup wg takes channels 64 wg.., warp w of it 16 of them.
+// Stage s (unit u = s / 2, half h = s % 2) brings into a ring slot, through the tensor memory accelerator:
+// x's rows x inputs 64 s .. 64 s + 63 (128-byte swizzle), the unit's words of the block's 8 x 16 channels
+// (1 KB per warp) and their scales/zeros.
+template <int NT, int STAGES>
+__global__ void __launch_bounds__(256, 1) int4_wgmma(
+    const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, const __grid_constant__ TMap mmap,
+    u16* __restrict__ y, int M, int units, int unit_shift, int sy) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  constexpr u32 TILE = NT * 128, WB = 8192, MB = 1024;  // bytes per slot: x, words, meta
+  const u32 xs = (smem_addr(smem) + 1023) & ~1023u, ws = xs + STAGES * TILE, ms = ws + STAGES * WB;
+  const u32 full = ms + STAGES * MB, empty = full + STAGES * 8;  // mbarriers
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int nk = 2 * units, m0 = blockIdx.y * NT, nb0 = blockIdx.x * 8;
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      bar_init(full + 8 * s, 1);
+      bar_init(empty + 8 * s, 8);  // one arrival per warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto produce = [&](int s, int slot) {
+    const u32 bar = full + 8 * slot;
+    bar_expect(bar, TILE + WB + MB);
+    tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, m0, 0, 0, 0);
+    tma_load_nd<2>(ws + slot * WB, &wmap, bar, 256 * (s >> 1), nb0, 0, 0, 0);
+    tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, nb0, 0, 0);
+  };
+  if (tid == 0)
+    for (int s = 0; s < STAGES && s < nk; ++s) produce(s, s);
+
+  float acc[NT / 2];
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
+  u32 a[2][4][4];
+  const u32 sel = (t & 1) ? 0x7351u : 0x6240u;
+  const u32 wlane = warp * 1024 + g * 64, mlane = warp * 128 + g * 16;
+  const bool odd = t >> 1;  // words t / 2 and t / 2 + 2 of each 16 bytes read
+  for (int u = 0; u < units; ++u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int s = 2 * u + h, slot = s % STAGES;
+      bar_wait(full + 8 * slot, (s / STAGES) & 1);
+      const U4 mv = lds4(ms + slot * MB + mlane);
+      const u32 s0 = bf16x2_of(mv.v[0]), s1 = bf16x2_of(mv.v[1]);
+      // step jj (inputs 64 h + 16 jj ...): words 4 (jj % 2) + t / 2 and that + 2 of lane (g, 2 h + jj / 2)
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const U4 v = lds4(ws + slot * WB + wlane + (jj & 1) * 512 + (2 * h + (jj >> 1)) * 16);
+        const u32 n = prmt(odd ? v.v[1] : v.v[0], odd ? v.v[3] : v.v[2], sel);
+        a[h][jj][0] = dequant_bf16x2(n, mv.v[2], s0);
+        a[h][jj][1] = dequant_bf16x2(n >> 4, mv.v[3], s1);
+        a[h][jj][2] = dequant_bf16x2(n >> 8, mv.v[2], s0);
+        a[h][jj][3] = dequant_bf16x2(n >> 12, mv.v[3], s1);
+      }
+      fence_operands<NT / 2>(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj)
+        wgmma<NT>(acc, a[h][jj][0], a[h][jj][1], a[h][jj][2], a[h][jj][3], smem_desc(xs + slot * TILE + 32 * jj));
+      wgmma_commit();
+      wgmma_wait<1>();  // step s - 1 is done: its slot may be refilled
+      fence_operands<NT / 2>(acc);
+      if (s > 0) {
+        const int done = (s - 1) % STAGES;
+        if (lane == 0) bar_arrive(empty + 8 * done);
+        if (tid == 0 && s - 1 + STAGES < nk) {
+          bar_wait(empty + 8 * done, ((s - 1) / STAGES) & 1);
+          produce(s - 1 + STAGES, done);
+        }
+        __syncwarp();
+      }
+    }
+  }
+  wgmma_wait<0>();
+  fence_operands<NT / 2>(acc);
+  // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r)
+  const long long ch = (long long)(nb0 + warp) * 16 + g;
+#pragma unroll
+  for (int c = 0; c < NT / 8; ++c)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = m0 + 8 * c + 2 * t + (r & 1);
+      if (row < M) y[(long long)row * sy + ch + 8 * (r >> 1)] = to_bf16(acc[4 * c + r]);
+    }
+}
+""".replace("@WGMMA@", _wgmma_asm(128) + _wgmma_asm(256))
+
+_COMPILED: dict = {}  # (kernel name, device index) -> torch's compiled-kernel object
+_LIB: list = []  # the CUDA driver library, loaded once
+
+
+def _driver():
+    if not _LIB:
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        _LIB.append(_get_gpu_runtime_library())
+    return _LIB[0]
+
+
+def gemm_supported(device: torch.device) -> bool:
+    """Whether the wgmma kernel can run here: CUDA sm_90 (Hopper; wgmma is sm_90a only)."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def _smem_bytes(nt: int, stages: int) -> int:
+    return stages * (nt * 128 + 8192 + 1024) + 1024 + 16 * stages
+
+
+def _kernel(name: str, device: torch.device, smem: int):
+    key = (name, device.index)
+    kern = _COMPILED.get(key)
+    if kern is None:
+        with torch.cuda.device(device):
+            kern = torch.cuda._compile_kernel(_SOURCE, name, compute_capability="90a")
+        err = _driver().cuFuncSetAttribute(kern.func, 8, smem)  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if err:
+            raise RuntimeError(f"cuFuncSetAttribute({name}) failed with CUDA error {err}")
+        _COMPILED[key] = kern
+    return kern
+
+
+def _encode(dtype: int, dims: tuple, strides: tuple, box: tuple, ptr: int, swizzle: int) -> ctypes.Array:
+    """A TMA descriptor (cuTensorMapEncodeTiled): dims innermost first, strides in bytes of dims 1.., the box
+    in elements; out-of-bounds elements read as zeros."""
+    buf = (ctypes.c_ubyte * 192)()
+    addr = (ctypes.addressof(buf) + 63) & ~63
+    r = len(dims)
+    err = _driver().cuTensorMapEncodeTiled(
+        ctypes.c_void_p(addr), dtype, r, ctypes.c_void_p(ptr), (ctypes.c_uint64 * r)(*dims),
+        (ctypes.c_uint64 * (r - 1))(*strides), (ctypes.c_uint32 * r)(*box), (ctypes.c_uint32 * r)(*([1] * r)),
+        0, swizzle, 3, 0)  # no interleave, L2 promotion 256 B, zeros out of bounds
+    if err:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUDA error {err} (dims {dims}, box {box})")
+    out = (ctypes.c_ubyte * 128)()
+    ctypes.memmove(out, addr, 128)
+    return out
+
+
+_WMAPS: dict = {}  # (words pointer, meta pointer, shapes) -> the weight's two descriptors
+
+
+def _weight_maps(w: Int4MMAWeight) -> tuple:
+    """Descriptors of the words (a unit's 8 blocks of 16 channels per box) and of the scales/zeros (a group's
+    8 blocks per box). They depend only on addresses and shapes."""
+    key = (w.words.data_ptr(), w.meta.data_ptr(), tuple(w.words.shape), tuple(w.meta.shape))
+    maps = _WMAPS.get(key)
+    if maps is None:
+        nbs, units, groups = w.words.shape[0], w.words.shape[1], w.meta.shape[1]
+        # UINT32 = 2; words (nb, u x 256): a unit's 1 KB of 8 blocks per box
+        wmap = _encode(2, (units * 256, nbs), (units * 1024,), (256, 8), w.words.data_ptr(), 0)
+        mmap = _encode(2, (32, groups, nbs), (128, groups * 128), (32, 1, 8), w.meta.data_ptr(), 0)
+        maps = _WMAPS[key] = (wmap, mmap)
+    return maps
+
+
+def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int = 256, stages: int = 4) -> torch.Tensor:
+    """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows)."""
+    k, n = w.k, w.n
+    if x.dtype != torch.bfloat16 or x.shape[-1] != k:
+        raise ValueError(f"int4_gemm takes bf16 x (..., {k}); got {x.dtype} {tuple(x.shape)}")
+    if n % 128:
+        raise ValueError(f"int4_gemm needs N a multiple of 128; got {n}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    smem = _smem_bytes(nt, stages)
+    name = f"int4_wgmma<{nt}, {stages}>"
+    kern = _kernel(name, x.device, smem)
+    # BFLOAT16 = 9; x (M, K): boxes of 64 inputs x nt rows, 128-byte swizzle (3)
+    xmap = _encode(9, (k, m), (x2.stride(0) * 2,), (64, nt), x2.data_ptr(), 3)
+    wmap, mmap = _weight_maps(w)
+    vals = [ctypes.c_void_p(y.data_ptr()), ctypes.c_int(m), ctypes.c_int(k // 128), ctypes.c_int(w.unit_shift),
+            ctypes.c_int(n)]
+    ptrs = (ctypes.c_void_p * 8)(ctypes.addressof(xmap), ctypes.addressof(wmap), ctypes.addressof(mmap),
+                                 *map(ctypes.addressof, vals))
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(n // 128, -(-m // nt), 1), (ctypes.c_uint * 3)(256, 1, 1), smem,
+                        ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(x.device.index)), None, 0)
+    err = _driver().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, ptrs, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx({name}) failed with CUDA error {err}")
+    return y.reshape(*x.shape[:-1], n)
