@@ -139,21 +139,51 @@ __device__ __forceinline__ U4 lds4(u32 addr) {
   return r;
 }
 
-// y (M, N) = x (M, K) @ w^T, for M rows of x in blocks of NT and N channels in blocks of 128 (block (bx, by):
-// channels 128 bx.., rows NT by..). 256 threads: warpgroup wg takes channels 64 wg.., warp w of it 16 of them.
-// Stage s (unit u = s / 2, half h = s % 2) brings into a ring slot, through the tensor memory accelerator:
-// x's rows x inputs 64 s .. 64 s + 63 (128-byte swizzle), the unit's words of the block's 8 x 16 channels
-// (1 KB per warp) and their scales/zeros.
+// Block b of the launch: whole tiles first (tile = b), then the last `tail` tiles in `parts` K ranges each.
+// Tiles are numbered with the 128-channel blocks fastest, so neighbouring blocks share their rows of x.
+struct Work {
+  int nb0, m0, u0, u1, part, tail_tile;
+};
+__device__ __forceinline__ Work work_item(int b, int tiles_n, int whole, int parts, int units, int NT) {
+  Work r;
+  int tile = b;
+  r.part = -1;
+  r.tail_tile = 0;
+  r.u0 = 0;
+  r.u1 = units;
+  if (b >= whole) {
+    const int q = b - whole;
+    r.tail_tile = q / parts;
+    r.part = q % parts;
+    tile = whole + r.tail_tile;
+    r.u0 = (int)((long long)units * r.part / parts);
+    r.u1 = (int)((long long)units * (r.part + 1) / parts);
+  }
+  r.nb0 = (tile % tiles_n) * 8;
+  r.m0 = (tile / tiles_n) * NT;
+  return r;
+}
+
+// y (M, N) = x (M, K) @ w^T in tiles of 128 channels x NT rows of x; warpgroup wg computes channels 64 wg.. of
+// a tile, warp w of it 16. Stage i of the block (unit u = (s0 + i) / 2, half h = (s0 + i) % 2) brings into ring
+// slot i % STAGES, through the tensor memory accelerator: x's rows x inputs 64 (s0 + i) + (0..63) (128-byte
+// swizzle), the unit's words of the tile's 8 x 16 channels (1 KB per warp) and their scales/zeros. Three sets
+// of A registers let three stages' wgmmas be in flight while the next stage's weights are decoded; thread 0
+// refills a slot as soon as all 8 warps are done with it. Tail blocks (a share of K) write float32 partial
+// sums to `part_sums`; the last of a tile's parts to finish adds them up and stores the tile.
 template <int NT, int STAGES>
-__global__ void __launch_bounds__(256, 1) int4_wgmma(
+__global__ void __launch_bounds__(256, NT <= 64 ? 2 : 1) int4_wgmma(
     const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, const __grid_constant__ TMap mmap,
-    u16* __restrict__ y, int M, int units, int unit_shift, int sy) {
+    u16* __restrict__ y, float4* __restrict__ part_sums, int* __restrict__ counters,
+    int M, int units, int unit_shift, int tiles_n, int whole, int parts, int sy) {
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr u32 TILE = NT * 128, WB = 8192, MB = 1024;  // bytes per slot: x, words, meta
   const u32 xs = (smem_addr(smem) + 1023) & ~1023u, ws = xs + STAGES * TILE, ms = ws + STAGES * WB;
   const u32 full = ms + STAGES * MB, empty = full + STAGES * 8;  // mbarriers
+  __shared__ int last_part;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int nk = 2 * units, m0 = blockIdx.y * NT, nb0 = blockIdx.x * 8;
+  const Work wk = work_item(blockIdx.x, tiles_n, whole, parts, units, NT);
+  const int s0 = 2 * wk.u0, ns = 2 * (wk.u1 - wk.u0);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       bar_init(full + 8 * s, 1);
@@ -162,72 +192,106 @@ __global__ void __launch_bounds__(256, 1) int4_wgmma(
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  auto produce = [&](int s, int slot) {
+  auto produce = [&](int i) {
+    const int slot = i % STAGES, s = s0 + i;
     const u32 bar = full + 8 * slot;
     bar_expect(bar, TILE + WB + MB);
-    tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, m0, 0, 0, 0);
-    tma_load_nd<2>(ws + slot * WB, &wmap, bar, 256 * (s >> 1), nb0, 0, 0, 0);
-    tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, nb0, 0, 0);
+    tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, wk.m0, 0, 0, 0);
+    tma_load_nd<2>(ws + slot * WB, &wmap, bar, 256 * (s >> 1), wk.nb0, 0, 0, 0);
+    tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, wk.nb0, 0, 0);
   };
   if (tid == 0)
-    for (int s = 0; s < STAGES && s < nk; ++s) produce(s, s);
+    for (int i = 0; i < STAGES && i < ns; ++i) produce(i);
 
-  float acc[NT / 2];
-#pragma unroll
-  for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
-  u32 a[2][4][4];
   const u32 sel = (t & 1) ? 0x7351u : 0x6240u;
   const u32 wlane = warp * 1024 + g * 64, mlane = warp * 128 + g * 16;
   const bool odd = t >> 1;  // words t / 2 and t / 2 + 2 of each 16 bytes read
-  for (int u = 0; u < units; ++u) {
+  float acc[NT / 2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int s = 2 * u + h, slot = s % STAGES;
-      bar_wait(full + 8 * slot, (s / STAGES) & 1);
-      const U4 mv = lds4(ms + slot * MB + mlane);
-      const u32 s0 = bf16x2_of(mv.v[0]), s1 = bf16x2_of(mv.v[1]);
-      // step jj (inputs 64 h + 16 jj ...): words 4 (jj % 2) + t / 2 and that + 2 of lane (g, 2 h + jj / 2)
+  for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
+  u32 a0[4][4], a1[4][4], a2[4][4];
+  auto step = [&](int i, u32 (&a)[4][4]) {
+    const int slot = i % STAGES, h = (s0 + i) & 1;
+    bar_wait(full + 8 * slot, (i / STAGES) & 1);
+    const U4 mv = lds4(ms + slot * MB + mlane);
+    const u32 sc0 = bf16x2_of(mv.v[0]), sc1 = bf16x2_of(mv.v[1]);
+    // step jj (inputs 64 h + 16 jj ...): words 4 (jj % 2) + t / 2 and that + 2 of lane (g, 2 h + jj / 2)
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const U4 v = lds4(ws + slot * WB + wlane + (jj & 1) * 512 + (2 * h + (jj >> 1)) * 16);
-        const u32 n = prmt(odd ? v.v[1] : v.v[0], odd ? v.v[3] : v.v[2], sel);
-        a[h][jj][0] = dequant_bf16x2(n, mv.v[2], s0);
-        a[h][jj][1] = dequant_bf16x2(n >> 4, mv.v[3], s1);
-        a[h][jj][2] = dequant_bf16x2(n >> 8, mv.v[2], s0);
-        a[h][jj][3] = dequant_bf16x2(n >> 12, mv.v[3], s1);
+    for (int jj = 0; jj < 4; ++jj) {
+      const U4 v = lds4(ws + slot * WB + wlane + (jj & 1) * 512 + (2 * h + (jj >> 1)) * 16);
+      const u32 n = prmt(odd ? v.v[1] : v.v[0], odd ? v.v[3] : v.v[2], sel);
+      a[jj][0] = dequant_bf16x2(n, mv.v[2], sc0);
+      a[jj][1] = dequant_bf16x2(n >> 4, mv.v[3], sc1);
+      a[jj][2] = dequant_bf16x2(n >> 8, mv.v[2], sc0);
+      a[jj][3] = dequant_bf16x2(n >> 12, mv.v[3], sc1);
+    }
+    fence_operands<NT / 2>(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj)
+      wgmma<NT>(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], smem_desc(xs + slot * TILE + 32 * jj));
+    wgmma_commit();
+    wgmma_wait<2>();  // stage i - 2 is done: its slot may be refilled, its A registers rewritten
+    fence_operands<NT / 2>(acc);
+    if (i >= 2) {
+      const int done = i - 2;
+      if (lane == 0) bar_arrive(empty + 8 * (done % STAGES));
+      if (tid == 0 && done + STAGES < ns) {
+        bar_wait(empty + 8 * (done % STAGES), (done / STAGES) & 1);
+        produce(done + STAGES);
       }
-      fence_operands<NT / 2>(acc);
-      wgmma_fence();
+      __syncwarp();
+    }
+  };
+  int i = 0;
+  for (; i + 2 < ns; i += 3) {  // no conditional steps inside: ptxas then keeps the wgmmas asynchronous
+    step(i, a0);
+    step(i + 1, a1);
+    step(i + 2, a2);
+  }
+  if (i < ns) step(i, a0);
+  if (i + 1 < ns) step(i + 1, a1);
+  wgmma_wait<0>();
+  fence_operands<NT / 2>(acc);
+
+  if (wk.part >= 0) {  // a share of K: add up with the tile's other parts; the last one to finish stores
+    float4* mine = part_sums + ((long long)wk.tail_tile * parts + wk.part) * (NT * 32);
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj)
-        wgmma<NT>(acc, a[h][jj][0], a[h][jj][1], a[h][jj][2], a[h][jj][3], smem_desc(xs + slot * TILE + 32 * jj));
-      wgmma_commit();
-      wgmma_wait<1>();  // step s - 1 is done: its slot may be refilled
-      fence_operands<NT / 2>(acc);
-      if (s > 0) {
-        const int done = (s - 1) % STAGES;
-        if (lane == 0) bar_arrive(empty + 8 * done);
-        if (tid == 0 && s - 1 + STAGES < nk) {
-          bar_wait(empty + 8 * done, ((s - 1) / STAGES) & 1);
-          produce(s - 1 + STAGES, done);
-        }
-        __syncwarp();
+    for (int i = 0; i < NT / 8; ++i) mine[i * 256 + tid] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      const int done = atomicAdd(counters + wk.tail_tile, 1);
+      last_part = done == parts - 1;
+      if (last_part) counters[wk.tail_tile] = 0;  // ready for the next launch
+    }
+    __syncthreads();
+    if (!last_part) return;
+    __threadfence();
+    for (int p = 0; p < parts; ++p) {
+      if (p == wk.part) continue;
+      const float4* other = part_sums + ((long long)wk.tail_tile * parts + p) * (NT * 32);
+#pragma unroll
+      for (int i = 0; i < NT / 8; ++i) {
+        const float4 v = __ldcg(other + i * 256 + tid);
+        acc[4 * i] += v.x;
+        acc[4 * i + 1] += v.y;
+        acc[4 * i + 2] += v.z;
+        acc[4 * i + 3] += v.w;
       }
     }
   }
-  wgmma_wait<0>();
-  fence_operands<NT / 2>(acc);
   // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r)
-  const long long ch = (long long)(nb0 + warp) * 16 + g;
+  const long long ch = (long long)(wk.nb0 + warp) * 16 + g;
 #pragma unroll
   for (int c = 0; c < NT / 8; ++c)
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int row = m0 + 8 * c + 2 * t + (r & 1);
+      const int row = wk.m0 + 8 * c + 2 * t + (r & 1);
       if (row < M) y[(long long)row * sy + ch + 8 * (r >> 1)] = to_bf16(acc[4 * c + r]);
     }
 }
-""".replace("@WGMMA@", _wgmma_asm(128) + _wgmma_asm(256))
+""".replace("@WGMMA@", "".join(_wgmma_asm(nt) for nt in (64, 128, 256)))
 
 _COMPILED: dict = {}  # (kernel name, device index) -> torch's compiled-kernel object
 _LIB: list = []  # the CUDA driver library, loaded once
@@ -298,7 +362,20 @@ def _weight_maps(w: Int4MMAWeight) -> tuple:
     return maps
 
 
-def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int = 256, stages: int = 4) -> torch.Tensor:
+_COUNTERS: dict = {}  # (device index, stream) -> int32 zeros, one per tail tile; each launch leaves them zero
+
+
+def schedule(tiles: int, units: int, sms: int, max_parts: int = 8) -> tuple[int, int]:
+    """(whole, parts): the first ``whole`` tiles are computed whole, the rest (fewer than one round of ``sms``
+    blocks) in ``parts`` shares of K, so that the last round keeps more of the chip busy. Each share has at
+    least 4 units of 128 inputs."""
+    tail = tiles % sms
+    parts = min(max_parts, sms // tail if tail else 1, units // 4)
+    return (tiles - tail, parts) if parts > 1 else (tiles, 1)
+
+
+def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int = 256, stages: int = 5,
+              max_parts: int = 8) -> torch.Tensor:
     """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows)."""
     k, n = w.k, w.n
     if x.dtype != torch.bfloat16 or x.shape[-1] != k:
@@ -312,18 +389,29 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int = 256, stages: int = 4)
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
+    dev = x.device
     smem = _smem_bytes(nt, stages)
     name = f"int4_wgmma<{nt}, {stages}>"
-    kern = _kernel(name, x.device, smem)
-    # BFLOAT16 = 9; x (M, K): boxes of 64 inputs x nt rows, 128-byte swizzle (3)
+    kern = _kernel(name, dev, smem)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    tiles_n, units = n // 128, k // 128
+    tiles = tiles_n * -(-m // nt)
+    whole, parts = schedule(tiles, units, sms, max_parts)
+    tail = tiles - whole
+    items = whole + tail * parts
+    part_sums = torch.empty(max(1, tail * parts * nt * 128), device=dev, dtype=torch.float32)
+    stream = torch._C._cuda_getCurrentRawStream(dev.index)
+    counters = _COUNTERS.get((dev.index, stream))
+    if counters is None or counters.numel() < tail:
+        counters = _COUNTERS[(dev.index, stream)] = torch.zeros(max(sms, tail), device=dev, dtype=torch.int32)
+    # BFLOAT16 = 9: x (M, K) in boxes of 64 inputs x nt rows, 128-byte swizzle (3)
     xmap = _encode(9, (k, m), (x2.stride(0) * 2,), (64, nt), x2.data_ptr(), 3)
     wmap, mmap = _weight_maps(w)
-    vals = [ctypes.c_void_p(y.data_ptr()), ctypes.c_int(m), ctypes.c_int(k // 128), ctypes.c_int(w.unit_shift),
-            ctypes.c_int(n)]
-    ptrs = (ctypes.c_void_p * 8)(ctypes.addressof(xmap), ctypes.addressof(wmap), ctypes.addressof(mmap),
-                                 *map(ctypes.addressof, vals))
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(n // 128, -(-m // nt), 1), (ctypes.c_uint * 3)(256, 1, 1), smem,
-                        ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(x.device.index)), None, 0)
+    vals = [ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(part_sums.data_ptr()), ctypes.c_void_p(counters.data_ptr()),
+            *(ctypes.c_int(v) for v in (m, units, w.unit_shift, tiles_n, whole, parts, n))]
+    ptrs = (ctypes.c_void_p * 13)(*(ctypes.addressof(v) for v in (xmap, wmap, mmap, *vals)))
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(items, 1, 1), (ctypes.c_uint * 3)(256, 1, 1), smem,
+                        ctypes.c_void_p(stream), None, 0)
     err = _driver().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, ptrs, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx({name}) failed with CUDA error {err}")
