@@ -149,6 +149,80 @@ def test_int4_mma_layout_round_trips_and_its_fragments_compute_the_linear(group)
     assert rel(_emulate_int4_mma(x, w), ref) < 1e-6
 
 
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 (default mode): byte i of the result is byte (sel >> 4 i) & 7 of {b, a}."""
+    src = [(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)]
+    return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+def test_int4_gemm_gathers_the_wgmma_fragments_from_the_mma_layout():
+    """The wgmma kernel's reads, emulated: a unit's 1 KB of a block of 16 channels (as the TMA copies it to
+    shared memory), for lane (g, t), half h and step jj the 16 bytes at (jj % 2) 512 + g 64 + (2 h + jj // 2) 16,
+    words t // 2 and t // 2 + 2 of them, one prmt. The nibbles must be the codes of wgmma's A fragment: channels
+    g (nibbles 0, 4, 2, 6) and g + 8 (1, 5, 3, 7) at inputs 16 j + 2 t + (0, 1, 8, 9), j = 4 h + jj."""
+    from slimtorch.kernels.int4_mma import prepare_int4_mma
+
+    torch.manual_seed(3)
+    n, k = 32, 256
+    packed, scale, zero = R.quantize_int4_weight(torch.randn(n, k), 128)
+    codes = R.unpack_int4(packed)
+    words = prepare_int4_mma(packed, scale, zero).words.reshape(n // 16, k // 128, 256).tolist()
+    expected = {0: (0, 0), 4: (0, 1), 2: (0, 8), 6: (0, 9), 1: (8, 0), 5: (8, 1), 3: (8, 8), 7: (8, 9)}
+    checked = 0
+    for nb in range(n // 16):
+        for u in range(k // 128):
+            block = [v & 0xFFFFFFFF for v in words[nb][u]]  # 1 KB as 256 words
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                sel = 0x7351 if t & 1 else 0x6240
+                for h in range(2):
+                    for jj in range(4):
+                        base = ((jj & 1) * 512 + g * 64 + (2 * h + (jj >> 1)) * 16) // 4
+                        word = _prmt(block[base + (t >> 1)], block[base + (t >> 1) + 2], sel)
+                        j = 4 * h + jj
+                        for nib, (dr, dk) in expected.items():
+                            got = (word >> (4 * nib)) & 15
+                            assert got == codes[16 * nb + g + dr, 128 * u + 16 * j + 2 * t + dk], (nb, u, lane, j, nib)
+                            checked += 1
+    assert checked == n * k
+
+
+def test_int4_gemm_schedule_splits_only_a_thin_last_round():
+    from slimtorch.kernels.int4_gemm import schedule
+
+    assert schedule(688, 32, 132) == (660, 4)  # 4096 x 11008, M = 2048: 28 tiles left after 5 rounds, 4 parts each
+    assert schedule(864, 40, 132) == (864, 1)  # 72 tiles left: two parts would not fit one round
+    assert schedule(16, 32, 132) == (0, 8)  # fewer tiles than blocks: all split, at most 8 parts
+    assert schedule(16, 4, 132) == (16, 1)  # each part needs 4 units of K
+    assert schedule(264, 32, 132) == (264, 1)  # whole rounds
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("k,n", [(1024, 384), (4096, 11008)])
+def test_int4_gemm_matches_reference(k, n):
+    from slimtorch.kernels.int4_gemm import gemm_supported, int4_gemm, schedule
+    from slimtorch.kernels.int4_mma import int4_linear, prepare_int4_mma
+
+    assert gemm_supported(torch.device("cuda", torch.cuda.current_device()))
+    torch.manual_seed(k)
+    w = torch.randn(n, k, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for group in (128, 256):
+        packed, scale, zero = R.quantize_int4_weight(w, group)
+        wm = prepare_int4_mma(packed, scale, zero)
+        for m, nt, stages in ((33, 64, 6), (77, 128, 4), (300, 256, 5), (513, 128, 6), (2048, 256, 3)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = R.int4_weight_only_linear_ref(x.float(), packed, scale, zero).float()
+            split = schedule((n // 128) * -(-m // nt), k // 128, sms)[1] > 1
+            for _ in range(2):  # a split launch leaves its counters at zero for the next
+                y = int4_gemm(x, wm, nt, stages)
+                assert not y.isnan().any() and rel(y, ref) < 4e-3, (m, nt, stages, split)  # bf16 weights
+        x = torch.randn(3, 100, k, device="cuda", dtype=torch.bfloat16)
+        assert rel(int4_linear(x, wm), R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)) < 4e-3
+
+
 def test_int4_mma_layout_needs_integer_zeros_and_its_shapes():
     from slimtorch.kernels.int4_mma import layout_supported, prepare_int4_mma
 
@@ -194,7 +268,7 @@ def test_int4_mma_kernel_matches_reference(k, n):
             for cfg in ({"NB": 2, "WARPS": 4, "PF": 0, "KS": 1, "PDL": False},
                         {"NB": 1, "WARPS": 16, "PF": 1, "KS": 3 if hopper else 1, "PDL": hopper}):
                 assert rel(int4_mma_linear(x, wm, {"MT": mt, **cfg}), ref) < 3e-3, cfg
-        x = torch.randn(2, 50, k, device="cuda", dtype=torch.bfloat16)  # 100 rows: dequantize + cuBLAS
+        x = torch.randn(2, 50, k, device="cuda", dtype=torch.bfloat16)  # 100 rows: the wgmma GEMM or dequantize
         assert rel(int4_linear(x, wm), x.float() @ wd.T) < 1e-2
 
 

@@ -13,12 +13,21 @@ of inputs ``16 j + 2 t`` and ``+ 1`` (channels g and g + 8) are bytes ``t % 2`` 
 ``4 (j % 2) + t // 2``, those of ``+ 8`` and ``+ 9`` the same bytes of the word two further on.
 
 Per block: 128 output channels (two warpgroups of 64, one warp per 16) and NT activation rows (the
-wgmma's N). x comes through the tensor memory accelerator, 64 inputs x NT rows per stage, into a ring of
-STAGES shared-memory buffers guarded by mbarriers. Weights are scaled in bf16 (``s (q - z)`` rounded
-once, as the dequantize path does), and the products are summed in float32.
+wgmma's N). Through the tensor memory accelerator, each stage brings 64 inputs x NT rows of x (128-byte
+swizzle), the unit's words of the block's channels and their scales/zeros into a ring of STAGES
+shared-memory slots guarded by mbarriers. Three sets of A registers keep two stages' wgmmas in flight
+while the next stage is decoded. Weights are scaled in bf16 (``s (q - z)`` rounded once, as the dequantize
+path does), and the products are summed in float32. When the tiles leave the last round of blocks mostly
+empty, those tiles are split over K (:func:`schedule`): float32 partial sums, added up by the last part to
+finish.
 
-Needs sm_90 (wgmma, TMA), the layout's conditions (N a multiple of 128 here), bf16 x whose row stride
-is a multiple of 8 elements.
+Measured on an H100 (benchmarks/results/int4_gemm_sweep.jsonl): 2-3x faster than dequantize + cuBLAS at
+M = 128 (and 1.0-1.3x bf16 at four of five shapes), 0.83-0.92x bf16 at M = 2048, behind dequantize + cuBLAS
+at M = 4096 and more (:data:`GEMM_BELOW_M`). The decode costs: with the A operand held constant, the same
+pipeline was 14% faster at 8192 x 8192, M = 2048 (benchmarks/notes/int4_kernel.md).
+
+Needs sm_90 (wgmma, TMA), the layout's conditions and N a multiple of 128, bf16 x whose row stride is a
+multiple of 8 elements.
 """
 
 from __future__ import annotations
@@ -305,10 +314,37 @@ def _driver():
     return _LIB[0]
 
 
-def gemm_supported(device: torch.device) -> bool:
-    """Whether the wgmma kernel can run here: CUDA sm_90 (Hopper; wgmma is sm_90a only)."""
-    return (device.type == "cuda" and torch.version.hip is None
-            and torch.cuda.get_device_capability(device) == (9, 0))
+_COMPILES: dict = {}  # device index -> whether NVRTC compiled the kernel for sm_90a there
+
+
+def gemm_supported(device: torch.device, w: Int4MMAWeight | None = None) -> bool:
+    """Whether the wgmma GEMM runs here (on ``w``): a Hopper GPU (sm_90: wgmma and TMA), NVRTC compiling the
+    kernel for sm_90a (tried once per device), and N a multiple of 128."""
+    if device.type != "cuda" or torch.version.hip is not None or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    if w is not None and w.n % 128:
+        return False
+    if device.index not in _COMPILES:
+        try:
+            nt, stages = gemm_config(GEMM_BELOW_M - 1)
+            _kernel(f"int4_wgmma<{nt}, {stages}>", device, _smem_bytes(nt, stages))
+            _COMPILES[device.index] = True
+        except Exception:  # noqa: BLE001 (no NVRTC, or a torch without _compile_kernel)
+            _COMPILES[device.index] = False
+    return _COMPILES[device.index]
+
+
+# From this many rows on, dequantizing to bf16 once and calling cuBLAS was faster than this kernel on an H100
+# (benchmarks/results/int4_gemm_sweep.jsonl: at M = 4096 the two were within 3% at 4096 x 11008 and 8192 x 8192,
+# and the dequantize path 10% faster at 4096 x 4096; at M = 2048 this kernel was as fast or faster at all five
+# shapes).
+GEMM_BELOW_M = 4096
+
+
+def gemm_config(m: int) -> tuple[int, int]:
+    """(NT, STAGES): rows of x per block and ring depth. 128-row blocks up to M = 128 (where 256 rows would leave
+    most of the chip idle), else 256 (the sweep: 1.1-1.8x faster from M = 512 on)."""
+    return (128, 6) if m <= 128 else (256, 5)
 
 
 def _smem_bytes(nt: int, stages: int) -> int:
@@ -374,9 +410,10 @@ def schedule(tiles: int, units: int, sms: int, max_parts: int = 8) -> tuple[int,
     return (tiles - tail, parts) if parts > 1 else (tiles, 1)
 
 
-def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int = 256, stages: int = 5,
+def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: int | None = None,
               max_parts: int = 8) -> torch.Tensor:
-    """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows)."""
+    """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows; ``nt``/``stages`` default to
+    :func:`gemm_config`)."""
     k, n = w.k, w.n
     if x.dtype != torch.bfloat16 or x.shape[-1] != k:
         raise ValueError(f"int4_gemm takes bf16 x (..., {k}); got {x.dtype} {tuple(x.shape)}")
@@ -390,6 +427,10 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int = 256, stages: int = 5,
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     dev = x.device
+    if nt is None or stages is None:
+        nt, stages = gemm_config(m)
+    if nt not in (64, 128, 256) or _smem_bytes(nt, stages) > 227 * 1024:
+        raise ValueError(f"int4_gemm: NT {nt} must be 64, 128 or 256, and {stages} stages must fit 227 KB")
     smem = _smem_bytes(nt, stages)
     name = f"int4_wgmma<{nt}, {stages}>"
     kern = _kernel(name, dev, smem)
