@@ -33,6 +33,7 @@ multiple of 8 elements.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
@@ -398,7 +399,58 @@ def _weight_maps(w: Int4MMAWeight) -> tuple:
     return maps
 
 
-_COUNTERS: dict = {}  # (device index, stream) -> int32 zeros, one per tail tile; each launch leaves them zero
+class _Plan:
+    """The launch of one (device, stream, M, K, N, NT, STAGES): its ctypes objects, the split schedule, the
+    counters and the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
+
+    def __init__(self, dev: torch.device, stream: int, m: int, k: int, n: int, nt: int, stages: int,
+                 max_parts: int) -> None:
+        self.smem = _smem_bytes(nt, stages)
+        self.kern = _kernel(f"int4_wgmma<{nt}, {stages}>", dev, self.smem)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        tiles_n, units = n // 128, k // 128
+        tiles = tiles_n * -(-m // nt)
+        whole, parts = schedule(tiles, units, sms, max_parts)
+        tail = tiles - whole
+        # partial sums of the split tiles, and one counter per split tile (each launch leaves them at zero)
+        self.part_sums = torch.empty(max(1, tail * parts * nt * 128), device=dev, dtype=torch.float32)
+        self.counters = torch.zeros(max(1, tail), device=dev, dtype=torch.int32)
+        self.xbuf = (ctypes.c_ubyte * 192)()
+        self.xmap = (ctypes.c_ubyte * 128).from_address((ctypes.addressof(self.xbuf) + 63) & ~63)
+        self.xdims = (ctypes.c_uint64 * 2)(k, m)
+        self.xstride = (ctypes.c_uint64 * 1)(0)
+        self.xbox = (ctypes.c_uint32 * 2)(64, nt)
+        self.ones = (ctypes.c_uint32 * 2)(1, 1)
+        self.y = ctypes.c_void_p()
+        self.ints = [ctypes.c_void_p(self.part_sums.data_ptr()), ctypes.c_void_p(self.counters.data_ptr()),
+                     *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, parts, n))]
+        self.unit_shift = self.ints[4]
+        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(whole + tail * parts, 1, 1), (ctypes.c_uint * 3)(256, 1, 1),
+                                 self.smem, ctypes.c_void_p(stream), None, 0)
+        self.cfg_ref = ctypes.byref(self.cfg)
+        self.maps = self.ptrs = None
+
+    def launch(self, x2: torch.Tensor, w: Int4MMAWeight, y: torch.Tensor) -> None:
+        lib = _driver()
+        self.xstride[0] = x2.stride(0) * 2
+        # BFLOAT16 = 9, rank 2, boxes of 64 inputs x NT rows, no interleave, 128-byte swizzle, L2 promotion 256 B,
+        # zeros past M
+        err = lib.cuTensorMapEncodeTiled(self.xmap, 9, 2, ctypes.c_void_p(x2.data_ptr()), self.xdims, self.xstride,
+                                         self.xbox, self.ones, 0, 3, 3, 0)
+        if err:
+            raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUDA error {err} for x {tuple(x2.shape)}")
+        maps = _weight_maps(w)
+        if maps is not self.maps:  # the argument pointers, remade when the weight changes
+            self.maps = maps
+            self.ptrs = (ctypes.c_void_p * 13)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.y, *self.ints)))
+        self.y.value = y.data_ptr()
+        self.unit_shift.value = w.unit_shift
+        err = lib.cuLaunchKernelEx(self.cfg_ref, self.kern.func, self.ptrs, None)
+        if err:
+            raise RuntimeError(f"cuLaunchKernelEx(int4_wgmma) failed with CUDA error {err}")
+
+
+_PLANS: dict = {}
 
 
 def schedule(tiles: int, units: int, sms: int, max_parts: int = 8) -> tuple[int, int]:
@@ -431,29 +483,10 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
         nt, stages = gemm_config(m)
     if nt not in (64, 128, 256) or _smem_bytes(nt, stages) > 227 * 1024:
         raise ValueError(f"int4_gemm: NT {nt} must be 64, 128 or 256, and {stages} stages must fit 227 KB")
-    smem = _smem_bytes(nt, stages)
-    name = f"int4_wgmma<{nt}, {stages}>"
-    kern = _kernel(name, dev, smem)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    tiles_n, units = n // 128, k // 128
-    tiles = tiles_n * -(-m // nt)
-    whole, parts = schedule(tiles, units, sms, max_parts)
-    tail = tiles - whole
-    items = whole + tail * parts
-    part_sums = torch.empty(max(1, tail * parts * nt * 128), device=dev, dtype=torch.float32)
     stream = torch._C._cuda_getCurrentRawStream(dev.index)
-    counters = _COUNTERS.get((dev.index, stream))
-    if counters is None or counters.numel() < tail:
-        counters = _COUNTERS[(dev.index, stream)] = torch.zeros(max(sms, tail), device=dev, dtype=torch.int32)
-    # BFLOAT16 = 9: x (M, K) in boxes of 64 inputs x nt rows, 128-byte swizzle (3)
-    xmap = _encode(9, (k, m), (x2.stride(0) * 2,), (64, nt), x2.data_ptr(), 3)
-    wmap, mmap = _weight_maps(w)
-    vals = [ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(part_sums.data_ptr()), ctypes.c_void_p(counters.data_ptr()),
-            *(ctypes.c_int(v) for v in (m, units, w.unit_shift, tiles_n, whole, parts, n))]
-    ptrs = (ctypes.c_void_p * 13)(*(ctypes.addressof(v) for v in (xmap, wmap, mmap, *vals)))
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(items, 1, 1), (ctypes.c_uint * 3)(256, 1, 1), smem,
-                        ctypes.c_void_p(stream), None, 0)
-    err = _driver().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, ptrs, None)
-    if err:
-        raise RuntimeError(f"cuLaunchKernelEx({name}) failed with CUDA error {err}")
+    key = (dev.index, stream, m, k, n, nt, stages, max_parts, threading.get_ident())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, max_parts)
+    plan.launch(x2, w, y)
     return y.reshape(*x.shape[:-1], n)
