@@ -21,10 +21,11 @@ path does), and the products are summed in float32. When the tiles leave the las
 empty, those tiles are split over K (:func:`schedule`): float32 partial sums, added up by the last part to
 finish.
 
-Measured on an H100 (benchmarks/results/int4_gemm_sweep.jsonl): 2-3x faster than dequantize + cuBLAS at
-M = 128 (and 1.0-1.3x bf16 at four of five shapes), 0.83-0.92x bf16 at M = 2048, behind dequantize + cuBLAS
-at M = 4096 and more (:data:`GEMM_BELOW_M`). The decode costs: with the A operand held constant, the same
-pipeline was 14% faster at 8192 x 8192, M = 2048 (benchmarks/notes/int4_kernel.md).
+Measured on an H100 (benchmarks/results/kernels.jsonl at 68823fa): 0.90-1.35x bf16 at M = 128 (2-3x
+faster than dequantize + cuBLAS), 0.85-0.98x at M = 2048; from M = 4096 dequantize + cuBLAS is as fast
+or faster (:data:`GEMM_BELOW_M`, from int4_gemm_sweep.jsonl). With the A operand held constant the same
+pipeline was 14% faster at 8192 x 8192, M = 2048: the decode is the main cost
+(benchmarks/notes/int4_kernel.md).
 
 Needs sm_90 (wgmma, TMA), the layout's conditions and N a multiple of 128, bf16 x whose row stride is a
 multiple of 8 elements.
