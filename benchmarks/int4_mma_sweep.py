@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import _time, rotation_sets  # noqa: E402
+from kernels import _time, int4_weights, rotation_sets  # noqa: E402
 
 from slimtorch.kernels import int4_mma as I  # noqa: E402
 from slimtorch.kernels import reference as R  # noqa: E402
@@ -52,10 +52,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         sets = rotation_sets(k * n // 2)
-        torch.manual_seed(0)
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
-        qs = [R.quantize_int4_weight(w.float(), 128) for w in ws]
-        packed = [I.prepare_int4_mma(*q) for q in qs]
+        ws, qs, packed = int4_weights(k, n, sets)
         for m in (int(v) for v in args.ms.split(",")):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             ref = R.int4_weight_only_linear_ref(xs[0].float(), *qs[0]).float()

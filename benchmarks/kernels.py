@@ -39,6 +39,17 @@ def rotation_sets(set_bytes: int, least: int = 3) -> int:
     return max(least, -(-3 * L2_BYTES // set_bytes))
 
 
+def int4_weights(k: int, n: int, sets: int, group: int = 128):
+    """``sets`` random bf16 weights (N, K), their int4 quantization (packed, scale, zero) and those in the
+    tensor-core layout (seeded, so every sweep times the same weights)."""
+    from slimtorch.kernels.int4_mma import prepare_int4_mma
+
+    torch.manual_seed(0)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
+    qs = [R.quantize_int4_weight(w.float(), group) for w in ws]
+    return ws, qs, [prepare_int4_mma(*q) for q in qs]
+
+
 def median_us(run, calls: int, trials: int) -> float:
     """Median over ``trials`` of the CUDA-event time of ``run()`` (which makes ``calls`` calls), per call."""
     run()

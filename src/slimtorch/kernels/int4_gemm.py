@@ -38,7 +38,7 @@ import threading
 
 import torch
 
-from slimtorch.kernels.int4_mma import Int4MMAWeight, _LaunchConfig
+from slimtorch.kernels.int4_mma import _PRELUDE, Int4MMAWeight, _LaunchConfig
 
 
 def _wgmma_asm(nt: int) -> str:
@@ -56,18 +56,10 @@ def _wgmma_asm(nt: int) -> str:
         "}\n")
 
 
-_SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
+_SOURCE = _PRELUDE + r"""
 typedef unsigned long long u64;
-struct alignas(16) U4 { u32 v[4]; };
 struct alignas(64) TMap { u64 v[16]; };
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
 __device__ __forceinline__ void bar_init(u32 bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
 }
@@ -88,26 +80,13 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
 }
-__device__ __forceinline__ u32 codes_bf16x2(u32 w) {  // (w & 0x000F000F) | 0x43004300: bf16 pair 128 + q
-  u32 r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w), "n"(0x000F000F), "n"(0x43004300));
-  return r;
-}
 // s (q - z) for a pair: (128 + q) - (128 + z) is exact in bf16, then one rounding of the product with s
 __device__ __forceinline__ u32 dequant_bf16x2(u32 codes, u32 zz, u32 ss) {
-  u32 d, r;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(codes_bf16x2(codes)), "r"(0x3F803F80u), "r"(zz));
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(d), "r"(ss), "r"(0x80008000u));
-  return r;
+  return fma_bf16x2(fma_bf16x2(codes_bf16x2(codes), 0x3F803F80u, zz), ss, 0x80008000u);
 }
 __device__ __forceinline__ u32 bf16x2_of(u32 float_bits) {  // a float32 rounded to bf16, in both halves
   u32 r;
   asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(r) : "r"(float_bits));
-  return r;
-}
-__device__ __forceinline__ u16 to_bf16(float f) {
-  u16 r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
   return r;
 }
 // wgmma's descriptor of a K-major tile in shared memory with the 128-byte swizzle: rows of 128 bytes,
