@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset, e.g. bf16,ours_int4wo")
     args = ap.parse_args()
     from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
-    from slimtorch.kernels.int4_mma import int4_linear, prepare_int4_mma
+    from slimtorch.kernels.int4_mma import int4_linear
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     hw = get_hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
@@ -152,10 +152,7 @@ def main() -> None:
     print(f"{'K':>6} {'N':>6} {'M':>5} {'method':>16} {'eager us':>9} {'graph us':>9} {'x bf16':>7} {'pred us':>8}")
     for k, n in shapes:
         sets = rotation_sets(k * n // 2)  # int4 weights, the smallest
-        torch.manual_seed(0)
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
-        q4raw = [R.quantize_int4_weight(w.float(), 128) for w in weights]
-        q4 = [prepare_int4_mma(*q) for q in q4raw]  # the layout of the tensor-core kernel (int4_mma.py)
+        weights, q4raw, q4 = int4_weights(k, n, sets)  # q4: the tensor-core kernels' layout (int4_mma.py)
         q4t = [prepare_int4(*q) for q in q4raw]  # the Triton kernels' layout (int4.py)
         q8 = [R.quantize_weight_channels(w.float(), torch.int8) for w in weights]
         qf8 = [R.quantize_weight_channels(w.float(), torch.float8_e4m3fn) for w in weights]

@@ -38,7 +38,7 @@ import threading
 
 import torch
 
-from slimtorch.kernels.int4_mma import _PRELUDE, Int4MMAWeight, _LaunchConfig
+from slimtorch.kernels.int4_mma import _PRELUDE, Int4MMAWeight, _driver, _LaunchConfig
 
 
 def _wgmma_asm(nt: int) -> str:
@@ -106,22 +106,14 @@ template <int ND> __device__ __forceinline__ void fence_operands(float* d) {
   for (int i = 0; i < ND; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
 
-template <int D>
-__device__ __forceinline__ void tma_load_nd(u32 dst, const TMap* map, u32 bar, int c0, int c1, int c2, int c3, int c4) {
+template <int D>  // a 2-D or 3-D box of a TMA descriptor into shared memory, completing bytes on the mbarrier
+__device__ __forceinline__ void tma_load_nd(u32 dst, const TMap* map, u32 bar, int c0, int c1, int c2) {
   if (D == 2)
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                  :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
-  else if (D == 3)
+  else
     asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
                  :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
-  else
-    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];"
-                 :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar) : "memory");
-}
-__device__ __forceinline__ u32 lds(u32 addr) {
-  u32 r;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(addr));
-  return r;
 }
 __device__ __forceinline__ U4 lds4(u32 addr) {
   U4 r;
@@ -186,9 +178,9 @@ __global__ void __launch_bounds__(256, NT <= 64 ? 2 : 1) int4_wgmma(
     const int slot = i % STAGES, s = s0 + i;
     const u32 bar = full + 8 * slot;
     bar_expect(bar, TILE + WB + MB);
-    tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, wk.m0, 0, 0, 0);
-    tma_load_nd<2>(ws + slot * WB, &wmap, bar, 256 * (s >> 1), wk.nb0, 0, 0, 0);
-    tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, wk.nb0, 0, 0);
+    tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, wk.m0, 0);
+    tma_load_nd<2>(ws + slot * WB, &wmap, bar, 256 * (s >> 1), wk.nb0, 0);
+    tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, wk.nb0);
   };
   if (tid == 0)
     for (int i = 0; i < STAGES && i < ns; ++i) produce(i);
@@ -284,16 +276,6 @@ __global__ void __launch_bounds__(256, NT <= 64 ? 2 : 1) int4_wgmma(
 """.replace("@WGMMA@", "".join(_wgmma_asm(nt) for nt in (64, 128, 256)))
 
 _COMPILED: dict = {}  # (kernel name, device index) -> torch's compiled-kernel object
-_LIB: list = []  # the CUDA driver library, loaded once
-
-
-def _driver():
-    if not _LIB:
-        from torch.cuda._utils import _get_gpu_runtime_library
-
-        _LIB.append(_get_gpu_runtime_library())
-    return _LIB[0]
-
 
 _COMPILES: dict = {}  # device index -> whether NVRTC compiled the kernel for sm_90a there
 
@@ -345,20 +327,29 @@ def _kernel(name: str, device: torch.device, smem: int):
     return kern
 
 
-def _encode(dtype: int, dims: tuple, strides: tuple, box: tuple, ptr: int, swizzle: int) -> ctypes.Array:
-    """A TMA descriptor (cuTensorMapEncodeTiled): dims innermost first, strides in bytes of dims 1.., the box
-    in elements; out-of-bounds elements read as zeros."""
+def _map_buffer() -> tuple:
+    """Room for one TMA descriptor: (the buffer to keep alive, its 64-byte-aligned 128 bytes)."""
     buf = (ctypes.c_ubyte * 192)()
-    addr = (ctypes.addressof(buf) + 63) & ~63
-    r = len(dims)
-    err = _driver().cuTensorMapEncodeTiled(
-        ctypes.c_void_p(addr), dtype, r, ctypes.c_void_p(ptr), (ctypes.c_uint64 * r)(*dims),
-        (ctypes.c_uint64 * (r - 1))(*strides), (ctypes.c_uint32 * r)(*box), (ctypes.c_uint32 * r)(*([1] * r)),
-        0, swizzle, 3, 0)  # no interleave, L2 promotion 256 B, zeros out of bounds
+    return buf, (ctypes.c_ubyte * 128).from_address((ctypes.addressof(buf) + 63) & ~63)
+
+
+def _encode_into(out, dtype: int, ptr: int, dims, strides, box, ones, swizzle: int) -> None:
+    """cuTensorMapEncodeTiled into ``out`` (ctypes arrays: dims innermost first, strides in bytes of dims 1..,
+    the box in elements), no interleave, L2 promotion 256 B, zeros out of bounds."""
+    err = _driver().cuTensorMapEncodeTiled(out, dtype, len(dims), ctypes.c_void_p(ptr), dims, strides, box, ones,
+                                           0, swizzle, 3, 0)
     if err:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUDA error {err} (dims {dims}, box {box})")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUDA error {err} (dims {list(dims)}, box {list(box)})")
+
+
+def _encode(dtype: int, dims: tuple, strides: tuple, box: tuple, ptr: int, swizzle: int) -> ctypes.Array:
+    """A TMA descriptor (see :func:`_encode_into`) as 128 bytes of its own."""
+    keep, view = _map_buffer()
+    r = len(dims)
+    _encode_into(view, dtype, ptr, (ctypes.c_uint64 * r)(*dims), (ctypes.c_uint64 * (r - 1))(*strides),
+                 (ctypes.c_uint32 * r)(*box), (ctypes.c_uint32 * r)(*([1] * r)), swizzle)
     out = (ctypes.c_ubyte * 128)()
-    ctypes.memmove(out, addr, 128)
+    ctypes.memmove(out, view, 128)
     return out
 
 
@@ -395,8 +386,7 @@ class _Plan:
         # partial sums of the split tiles, and one counter per split tile (each launch leaves them at zero)
         self.part_sums = torch.empty(max(1, tail * parts * nt * 128), device=dev, dtype=torch.float32)
         self.counters = torch.zeros(max(1, tail), device=dev, dtype=torch.int32)
-        self.xbuf = (ctypes.c_ubyte * 192)()
-        self.xmap = (ctypes.c_ubyte * 128).from_address((ctypes.addressof(self.xbuf) + 63) & ~63)
+        self.xbuf, self.xmap = _map_buffer()
         self.xdims = (ctypes.c_uint64 * 2)(k, m)
         self.xstride = (ctypes.c_uint64 * 1)(0)
         self.xbox = (ctypes.c_uint32 * 2)(64, nt)
@@ -411,21 +401,16 @@ class _Plan:
         self.maps = self.ptrs = None
 
     def launch(self, x2: torch.Tensor, w: Int4MMAWeight, y: torch.Tensor) -> None:
-        lib = _driver()
         self.xstride[0] = x2.stride(0) * 2
-        # BFLOAT16 = 9, rank 2, boxes of 64 inputs x NT rows, no interleave, 128-byte swizzle, L2 promotion 256 B,
-        # zeros past M
-        err = lib.cuTensorMapEncodeTiled(self.xmap, 9, 2, ctypes.c_void_p(x2.data_ptr()), self.xdims, self.xstride,
-                                         self.xbox, self.ones, 0, 3, 3, 0)
-        if err:
-            raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUDA error {err} for x {tuple(x2.shape)}")
+        # BFLOAT16 = 9: boxes of 64 inputs x NT rows, 128-byte swizzle (3), zeros past M
+        _encode_into(self.xmap, 9, x2.data_ptr(), self.xdims, self.xstride, self.xbox, self.ones, 3)
         maps = _weight_maps(w)
         if maps is not self.maps:  # the argument pointers, remade when the weight changes
             self.maps = maps
             self.ptrs = (ctypes.c_void_p * 13)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.y, *self.ints)))
         self.y.value = y.data_ptr()
         self.unit_shift.value = w.unit_shift
-        err = lib.cuLaunchKernelEx(self.cfg_ref, self.kern.func, self.ptrs, None)
+        err = _driver().cuLaunchKernelEx(self.cfg_ref, self.kern.func, self.ptrs, None)
         if err:
             raise RuntimeError(f"cuLaunchKernelEx(int4_wgmma) failed with CUDA error {err}")
 

@@ -398,7 +398,16 @@ __global__ void __launch_bounds__(128) int4_mma_dequant(
 
 _COMPILED: dict = {}  # (kernel name, device index) -> torch's compiled-kernel object
 _COMPILES: dict = {}  # device index -> whether NVRTC compiled the source there
-_DRIVER: list = []  # cuLaunchKernelEx, looked up once
+_DRIVER: list = []  # the CUDA driver library (ctypes), loaded once
+
+
+def _driver():
+    """The CUDA driver library through ctypes (also used by int4_gemm.py)."""
+    if not _DRIVER:
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        _DRIVER.append(_get_gpu_runtime_library())
+    return _DRIVER[0]
 
 
 class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
@@ -441,10 +450,6 @@ def _launch(name: str, grid: tuple, block: int, args: tuple, device: torch.devic
     """cuLaunchKernelEx on the current stream (captured by CUDA graphs like any launch), optionally as a
     programmatic dependent launch. Kept lean (at M = 1 the kernel takes about 10 us): the ctypes objects of
     each launch shape are made once per thread."""
-    if not _DRIVER:
-        from torch.cuda._utils import _get_gpu_runtime_library
-
-        _DRIVER.append(_get_gpu_runtime_library().cuLaunchKernelEx)
     kinds = tuple(isinstance(a, torch.Tensor) for a in args)
     key = (name, device.index, grid, block, pdl, kinds, threading.get_ident())
     plan = _PLANS.get(key)
@@ -453,7 +458,7 @@ def _launch(name: str, grid: tuple, block: int, args: tuple, device: torch.devic
     for v, a, kind in zip(plan.vals, args, kinds):
         v.value = a.data_ptr() if kind else a
     plan.cfg.stream = torch._C._cuda_getCurrentRawStream(device.index)
-    err = _DRIVER[0](plan.cfg_ref, plan.func, plan.ptrs, None)
+    err = _driver().cuLaunchKernelEx(plan.cfg_ref, plan.func, plan.ptrs, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx({name}) failed with CUDA error {err}")
 
