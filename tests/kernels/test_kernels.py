@@ -117,7 +117,7 @@ def _emulate_int4_mma(x: torch.Tensor, w) -> torch.Tensor:
                     a, b = torch.zeros(16, 16, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
                     for lane in range(32):
                         g, t = divmod(lane, 4)
-                        word = int(w.words[nb, u, j // 4, lane, j % 4]) & 0xFFFFFFFF
+                        word = int(w.words[nb, u, t >> 1, j // 4, 2 * g + (t & 1), j % 4]) & 0xFFFFFFFF
                         for reg, (row, col, shift, z) in enumerate([(g, 2 * t, 0, zb[g, 0]), (g + 8, 2 * t, 4, zb[g, 1]),
                                                                     (g, 2 * t + 8, 8, zb[g, 0]),
                                                                     (g + 8, 2 * t + 8, 12, zb[g, 1])]):
@@ -141,7 +141,8 @@ def test_int4_mma_layout_round_trips_and_its_fragments_compute_the_linear(group)
     n, k = 32, 512
     packed, scale, zero = R.quantize_int4_weight(torch.randn(n, k), group)
     w = prepare_int4_mma(packed, scale, zero)
-    assert (w.words.shape, w.meta.shape, w.n, w.k, w.group) == ((2, 4, 2, 32, 4), (2, k // group, 8, 4), n, k, group)
+    assert (w.words.shape, w.meta.shape, w.n, w.k, w.group) == ((2, 4, 2, 2, 16, 4), (2, k // group, 8, 4), n, k,
+                                                                  group)
     codes, s2, z2 = unpack_int4_mma(w)
     assert torch.equal(codes, R.unpack_int4(packed)) and torch.equal(s2, scale) and torch.equal(z2, zero)
     x = torch.randn(10, k).to(torch.bfloat16).float()  # 10 rows: two tiles of 8, the second partly empty
@@ -156,28 +157,29 @@ def _prmt(a: int, b: int, sel: int) -> int:
 
 
 def test_int4_gemm_gathers_the_wgmma_fragments_from_the_mma_layout():
-    """The wgmma kernel's reads, emulated: a unit's 1 KB of a block of 16 channels (as the TMA copies it to
-    shared memory), for lane (g, t), half h and step jj the 16 bytes at (jj % 2) 512 + g 64 + (2 h + jj // 2) 16,
-    words t // 2 and t // 2 + 2 of them, one prmt. The nibbles must be the codes of wgmma's A fragment: channels
-    g (nibbles 0, 4, 2, 6) and g + 8 (1, 5, 3, 7) at inputs 16 j + 2 t + (0, 1, 8, 9), j = 4 h + jj."""
+    """The wgmma kernel's reads, emulated: for half h of a unit, the 512 bytes of a block of 16 channels at
+    words[nb, u, h] (as the TMA copies them to shared memory); for lane (g, t) and step jj the 16 bytes at
+    (jj % 2) 256 + g 32 + (jj // 2) 16, words t // 2 and t // 2 + 2 of them, one prmt. The nibbles must be the
+    codes of wgmma's A fragment: channels g (nibbles 0, 4, 2, 6) and g + 8 (1, 5, 3, 7) at inputs
+    16 j + 2 t + (0, 1, 8, 9), j = 4 h + jj."""
     from slimtorch.kernels.int4_mma import prepare_int4_mma
 
     torch.manual_seed(3)
     n, k = 32, 256
     packed, scale, zero = R.quantize_int4_weight(torch.randn(n, k), 128)
     codes = R.unpack_int4(packed)
-    words = prepare_int4_mma(packed, scale, zero).words.reshape(n // 16, k // 128, 256).tolist()
+    words = prepare_int4_mma(packed, scale, zero).words.reshape(n // 16, k // 128, 2, 128).tolist()
     expected = {0: (0, 0), 4: (0, 1), 2: (0, 8), 6: (0, 9), 1: (8, 0), 5: (8, 1), 3: (8, 8), 7: (8, 9)}
     checked = 0
     for nb in range(n // 16):
         for u in range(k // 128):
-            block = [v & 0xFFFFFFFF for v in words[nb][u]]  # 1 KB as 256 words
-            for lane in range(32):
-                g, t = lane >> 2, lane & 3
-                sel = 0x7351 if t & 1 else 0x6240
-                for h in range(2):
+            for h in range(2):
+                block = [v & 0xFFFFFFFF for v in words[nb][u][h]]  # one stage's 512 bytes as 128 words
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    sel = 0x7351 if t & 1 else 0x6240
                     for jj in range(4):
-                        base = ((jj & 1) * 512 + g * 64 + (2 * h + (jj >> 1)) * 16) // 4
+                        base = ((jj & 1) * 256 + g * 32 + (jj >> 1) * 16) // 4
                         word = _prmt(block[base + (t >> 1)], block[base + (t >> 1) + 2], sel)
                         j = 4 * h + jj
                         for nib, (dr, dk) in expected.items():
@@ -187,14 +189,50 @@ def test_int4_gemm_gathers_the_wgmma_fragments_from_the_mma_layout():
     assert checked == n * k
 
 
-def test_int4_gemm_schedule_splits_only_a_thin_last_round():
+def test_int4_gemm_schedule_cuts_only_a_partial_last_round():
     from slimtorch.kernels.int4_gemm import schedule
 
-    assert schedule(688, 32, 132) == (660, 4)  # 4096 x 11008, M = 2048: 28 tiles left after 5 rounds, 4 parts each
-    assert schedule(864, 40, 132) == (864, 1)  # 72 tiles left: two parts would not fit one round
-    assert schedule(16, 32, 132) == (0, 8)  # fewer tiles than blocks: all split, at most 8 parts
-    assert schedule(16, 4, 132) == (16, 1)  # each part needs 4 units of K
-    assert schedule(264, 32, 132) == (264, 1)  # whole rounds
+    assert schedule(688, 32, 132) == (660, 28, 132)  # 4096 x 11008, M = 2048: 28 tiles left after 5 rounds
+    assert schedule(864, 40, 132) == (792, 72, 132)  # 5120 x 13824: 72 tiles in the 7th round
+    assert schedule(512, 64, 132) == (396, 116, 132)  # 8192 x 8192: a last round 88% full
+    assert schedule(130, 64, 132) == (130, 0, 0)  # at least 90% full: left whole
+    assert schedule(16, 32, 132) == (0, 16, 128)  # fewer tiles than blocks: shares of 4 units
+    assert schedule(16, 4, 132) == (16, 0, 0)  # 4 units per share would leave each block one tile anyway
+    assert schedule(264, 32, 132) == (264, 0, 0)  # whole rounds
+
+
+@pytest.mark.parametrize("tiles,units,sms", [(688, 32, 132), (864, 40, 132), (512, 64, 132), (16, 32, 132),
+                                             (31, 37, 12), (5, 9, 4)])
+def test_int4_gemm_pieces_cover_every_unit_once(tiles, units, sms):
+    """The blocks' pieces (as the kernel walks them) cover each (tile, unit) exactly once, and when every block
+    takes a share of the tail their work is equal within a unit; a part's `parts` is its tile's number of pieces, its slot is its own, and the slot the last
+    part computes for each other block of the tile (first share piece: 2 b, else 2 b + 1) is that block's."""
+    from slimtorch.kernels.int4_gemm import pieces, schedule
+
+    whole, tail, sk = schedule(tiles, units, sms)
+    grid = max(min(sms, whole), sk)
+    seen = torch.zeros(tiles, units, dtype=torch.int32)
+    by_tile: dict[int, list] = {}
+    work = []
+    for b in range(grid):
+        ps = pieces(b, grid, 1, units, whole, tail, sk)
+        work.append(sum(p["u1"] - p["u0"] for p in ps))
+        for p in ps:
+            seen[p["tile"], p["u0"]:p["u1"]] += 1
+            if p["tt"] >= 0:
+                by_tile.setdefault(p["tt"], []).append((b, p))
+    assert bool((seen == 1).all())
+    if sk == grid:  # every block takes a share: equal work to within a unit
+        assert max(work) - min(work) <= 1
+    slots = [p["slot"] for parts in by_tile.values() for _, p in parts]
+    assert len(slots) == len(set(slots))
+    w = tail * units
+    for tt, parts in by_tile.items():
+        assert all(p["parts"] == len(parts) for _, p in parts)
+        first = (sk * (tt * units + 1) - 1) // w
+        assert [b for b, _ in parts] == list(range(first, first + len(parts)))
+        for b, p in parts:
+            assert p["slot"] == 2 * b + (tt != w * b // sk // units)
 
 
 @pytest.mark.gpu
@@ -215,7 +253,7 @@ def test_int4_gemm_matches_reference(k, n):
         for m, nt, stages in ((33, 64, 6), (77, 128, 4), (300, 256, 5), (513, 128, 6), (2048, 256, 3)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = R.int4_weight_only_linear_ref(x.float(), packed, scale, zero).float()
-            split = schedule((n // 128) * -(-m // nt), k // 128, sms)[1] > 1
+            split = schedule((n // 128) * -(-m // nt), k // 128, sms)[2] > 0
             for _ in range(2):  # a split launch leaves its counters at zero for the next
                 y = int4_gemm(x, wm, nt, stages)
                 assert not y.isnan().any() and rel(y, ref) < 4e-3, (m, nt, stages, split)  # bf16 weights

@@ -121,157 +121,205 @@ __device__ __forceinline__ U4 lds4(u32 addr) {
   return r;
 }
 
-// Block b of the launch: whole tiles first (tile = b), then the last `tail` tiles in `parts` K ranges each.
-// Tiles are numbered with the 128-channel blocks fastest, so neighbouring blocks share their rows of x.
+__device__ __forceinline__ void consumer_sync() {  // the two consumer warpgroups only (the producer has left)
+  asm volatile("bar.sync 1, 256;" ::: "memory");
+}
+
+// The schedule, mirrored by `pieces` in Python. Tiles are numbered with the 128-channel blocks fastest, so that
+// neighbouring blocks share their rows of x. Block b first computes the whole tiles b, b + grid, ... below
+// `whole`; then, if b < sk, its share [e_b, e_b+1) of the other `tail` tiles' units (e_b = W b / sk, W = tail x
+// units), cut at tile boundaries ("stream-K"). A piece short of a whole tile is a part: it writes float32 partial
+// sums to slot 2 b (the first piece of b's share) or 2 b + 1 (the last), and the last of the tile's parts to
+// finish adds them up and stores the tile.
 struct Work {
-  int nb0, m0, u0, u1, part, tail_tile;
+  int nb0, m0, u0, u1, tt, parts, slot, valid;  // tt: the tail tile of a part (-1 for a whole tile)
 };
-__device__ __forceinline__ Work work_item(int b, int tiles_n, int whole, int parts, int units, int NT) {
+__device__ __forceinline__ int sk_owner(long long x, int sk, long long W) {  // the block whose share holds unit x
+  return (int)((sk * (x + 1) - 1) / W);
+}
+__device__ __forceinline__ int sk_first_tile(int b, int sk, long long W, int units) { return (int)(W * b / sk / units); }
+__device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int units, int whole, int tail, int sk,
+                                      int NT) {
   Work r;
-  int tile = b;
-  r.part = -1;
-  r.tail_tile = 0;
+  r.tt = -1;
+  r.parts = 1;
+  r.slot = 0;
+  r.valid = 1;
   r.u0 = 0;
   r.u1 = units;
-  if (b >= whole) {
-    const int q = b - whole;
-    r.tail_tile = q / parts;
-    r.part = q % parts;
-    tile = whole + r.tail_tile;
-    r.u0 = (int)((long long)units * r.part / parts);
-    r.u1 = (int)((long long)units * (r.part + 1) / parts);
+  int tile;
+  const int ndp = b < whole ? (whole - 1 - b) / grid + 1 : 0;
+  if (k < ndp) {
+    tile = b + k * grid;
+  } else if (b < sk) {
+    const long long W = (long long)tail * units, e0 = W * b / sk, e1 = W * (b + 1) / sk;
+    const int t0 = (int)(e0 / units), tt = t0 + (k - ndp);
+    const long long base = (long long)tt * units;
+    const long long x0 = e0 > base ? e0 : base, x1 = e1 < base + units ? e1 : base + units;
+    r.valid = x0 < x1;
+    r.u0 = (int)(x0 - base);
+    r.u1 = (int)(x1 - base);
+    tile = whole + tt;
+    if (r.u1 - r.u0 < units) {
+      r.tt = tt;
+      r.parts = sk_owner(base + units - 1, sk, W) - sk_owner(base, sk, W) + 1;
+      r.slot = 2 * b + (tt != t0);
+    }
+  } else {
+    r.valid = 0;
+    tile = 0;
   }
   r.nb0 = (tile % tiles_n) * 8;
   r.m0 = (tile / tiles_n) * NT;
   return r;
 }
 
-// y (M, N) = x (M, K) @ w^T in tiles of 128 channels x NT rows of x; warpgroup wg computes channels 64 wg.. of
-// a tile, warp w of it 16. Stage i of the block (unit u = (s0 + i) / 2, half h = (s0 + i) % 2) brings into ring
-// slot i % STAGES, through the tensor memory accelerator: x's rows x inputs 64 (s0 + i) + (0..63) (128-byte
-// swizzle), the unit's words of the tile's 8 x 16 channels (1 KB per warp) and their scales/zeros. Three sets
-// of A registers let three stages' wgmmas be in flight while the next stage's weights are decoded; thread 0
-// refills a slot as soon as all 8 warps are done with it. Tail blocks (a share of K) write float32 partial
-// sums to `part_sums`; the last of a tile's parts to finish adds them up and stores the tile.
+// y (M, N) = x (M, K) @ w^T in tiles of 128 channels x NT rows of x. Warpgroup 0 is the producer: its thread 0
+// walks the block's pieces and, for each stage i (unit u = i / 2, half i % 2), brings into ring slot (stage count)
+// % STAGES, through the tensor memory accelerator, x's rows x inputs 64 i + (0..63) (128-byte swizzle), the
+// unit's words of the tile's 8 x 16 channels (1 KB per warp) and their scales/zeros. Consumer warpgroup c
+// (1 + c) computes channels 64 c.. of the tile, warp w of the 8 consumer warps 16. Three sets of A registers let
+// three stages' wgmmas be in flight while the next stage's weights are decoded; a slot is released (one arrival
+// per consumer warp) as soon as its wgmmas are done. The producer runs ahead into the next piece while the
+// consumers store the last. Registers: the producer gives its back (setmaxnreg) to the consumers.
 template <int NT, int STAGES>
-__global__ void __launch_bounds__(256, NT <= 64 ? 2 : 1) int4_wgmma(
+__global__ void __launch_bounds__(384, 1) int4_wgmma(
     const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, const __grid_constant__ TMap mmap,
     u16* __restrict__ y, float4* __restrict__ part_sums, int* __restrict__ counters,
-    int M, int units, int unit_shift, int tiles_n, int whole, int parts, int sy) {
+    int M, int units, int unit_shift, int tiles_n, int whole, int tail, int sk, int sy) {
   extern __shared__ __align__(1024) unsigned char smem[];
-  constexpr u32 TILE = NT * 128, WB = 8192, MB = 1024;  // bytes per slot: x, words, meta
+  constexpr u32 TILE = NT * 128, WB = 4096, MB = 1024;  // bytes per slot: x, words, meta (even stages only)
   const u32 xs = (smem_addr(smem) + 1023) & ~1023u, ws = xs + STAGES * TILE, ms = ws + STAGES * WB;
   const u32 full = ms + STAGES * MB, empty = full + STAGES * 8;  // mbarriers
   __shared__ int last_part;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const Work wk = work_item(blockIdx.x, tiles_n, whole, parts, units, NT);
-  const int s0 = 2 * wk.u0, ns = 2 * (wk.u1 - wk.u0);
+  const int tid = threadIdx.x, b = blockIdx.x, grid = gridDim.x;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       bar_init(full + 8 * s, 1);
-      bar_init(empty + 8 * s, 8);  // one arrival per warp
+      bar_init(empty + 8 * s, 8);  // one arrival per consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  auto produce = [&](int i) {
-    const int slot = i % STAGES, s = s0 + i;
-    const u32 bar = full + 8 * slot;
-    bar_expect(bar, TILE + WB + MB);
-    tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, wk.m0, 0);
-    tma_load_nd<2>(ws + slot * WB, &wmap, bar, 256 * (s >> 1), wk.nb0, 0);
-    tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, wk.nb0);
-  };
-  if (tid == 0)
-    for (int i = 0; i < STAGES && i < ns; ++i) produce(i);
-
+  if (tid < 128) {  // the producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    if (tid == 0) {
+      int it = 0;
+      for (int k = 0;; ++k) {
+        const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT);
+        if (!wk.valid) break;
+        for (int s = 2 * wk.u0; s < 2 * wk.u1; ++s, ++it) {
+          const int slot = it % STAGES;
+          if (it >= STAGES) bar_wait(empty + 8 * slot, (it / STAGES + 1) & 1);
+          const u32 bar = full + 8 * slot;
+          bar_expect(bar, TILE + WB + (s & 1 ? 0 : MB));
+          tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, wk.m0, 0);
+          tma_load_nd<2>(ws + slot * WB, &wmap, bar, 128 * s, wk.nb0, 0);
+          if (!(s & 1)) tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, wk.nb0);
+        }
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  const int ct = tid - 128, lane = ct & 31, warp = ct >> 5, g = lane >> 2, t = lane & 3;
   const u32 sel = (t & 1) ? 0x7351u : 0x6240u;
-  const u32 wlane = warp * 1024 + g * 64, mlane = warp * 128 + g * 16;
+  const u32 wlane = warp * 512 + g * 32, mlane = warp * 128 + g * 16;
   const bool odd = t >> 1;  // words t / 2 and t / 2 + 2 of each 16 bytes read
   float acc[NT / 2];
-#pragma unroll
-  for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
   u32 a0[4][4], a1[4][4], a2[4][4];
-  auto step = [&](int i, u32 (&a)[4][4]) {
-    const int slot = i % STAGES, h = (s0 + i) & 1;
-    bar_wait(full + 8 * slot, (i / STAGES) & 1);
-    const U4 mv = lds4(ms + slot * MB + mlane);
-    const u32 sc0 = bf16x2_of(mv.v[0]), sc1 = bf16x2_of(mv.v[1]);
-    // step jj (inputs 64 h + 16 jj ...): words 4 (jj % 2) + t / 2 and that + 2 of lane (g, 2 h + jj / 2)
+  int it0 = 0;  // stages consumed before this piece
+  for (int k = 0;; ++k) {
+    const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT);
+    if (!wk.valid) break;
+    const int ns = 2 * (wk.u1 - wk.u0);
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      const U4 v = lds4(ws + slot * WB + wlane + (jj & 1) * 512 + (2 * h + (jj >> 1)) * 16);
-      const u32 n = prmt(odd ? v.v[1] : v.v[0], odd ? v.v[3] : v.v[2], sel);
-      a[jj][0] = dequant_bf16x2(n, mv.v[2], sc0);
-      a[jj][1] = dequant_bf16x2(n >> 4, mv.v[3], sc1);
-      a[jj][2] = dequant_bf16x2(n >> 8, mv.v[2], sc0);
-      a[jj][3] = dequant_bf16x2(n >> 12, mv.v[3], sc1);
-    }
-    fence_operands<NT / 2>(acc);
-    wgmma_fence();
+    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
+    auto step = [&](int i, u32 (&a)[4][4]) {
+      const int it = it0 + i, slot = it % STAGES;
+      bar_wait(full + 8 * slot, (it / STAGES) & 1);
+      const U4 mv = lds4(ms + ((it - (i & 1)) % STAGES) * MB + mlane);  // an odd stage: the even one's slot
+      const u32 sc0 = bf16x2_of(mv.v[0]), sc1 = bf16x2_of(mv.v[1]);
+      // step jj (inputs 64 h + 16 jj ...): words 4 (jj % 2) + t / 2 and that + 2 of lane (g, 2 h + jj / 2), whose
+      // 16 bytes are at [jj % 2, 2 g + jj / 2] of the warp's 512 (words[nb, u, h])
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj)
-      wgmma<NT>(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], smem_desc(xs + slot * TILE + 32 * jj));
-    wgmma_commit();
-    wgmma_wait<2>();  // stage i - 2 is done: its slot may be refilled, its A registers rewritten
-    fence_operands<NT / 2>(acc);
-    if (i >= 2) {
-      const int done = i - 2;
-      if (lane == 0) bar_arrive(empty + 8 * (done % STAGES));
-      if (tid == 0 && done + STAGES < ns) {
-        bar_wait(empty + 8 * (done % STAGES), (done / STAGES) & 1);
-        produce(done + STAGES);
+      for (int jj = 0; jj < 4; ++jj) {
+        const U4 v = lds4(ws + slot * WB + wlane + (jj & 1) * 256 + (jj >> 1) * 16);
+        const u32 n = prmt(odd ? v.v[1] : v.v[0], odd ? v.v[3] : v.v[2], sel);
+        a[jj][0] = dequant_bf16x2(n, mv.v[2], sc0);
+        a[jj][1] = dequant_bf16x2(n >> 4, mv.v[3], sc1);
+        a[jj][2] = dequant_bf16x2(n >> 8, mv.v[2], sc0);
+        a[jj][3] = dequant_bf16x2(n >> 12, mv.v[3], sc1);
       }
-      __syncwarp();
+      fence_operands<NT / 2>(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj)
+        wgmma<NT>(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], smem_desc(xs + slot * TILE + 32 * jj));
+      wgmma_commit();
+      wgmma_wait<2>();  // stage i - 2 is done: its slot may be refilled, its A registers rewritten
+      fence_operands<NT / 2>(acc);
+      if (i >= 2 && lane == 0) bar_arrive(empty + 8 * ((it - 2) % STAGES));
+    };
+    int i = 0;
+    for (; i + 2 < ns; i += 3) {  // no conditional steps inside: ptxas then keeps the wgmmas asynchronous
+      step(i, a0);
+      step(i + 1, a1);
+      step(i + 2, a2);
     }
-  };
-  int i = 0;
-  for (; i + 2 < ns; i += 3) {  // no conditional steps inside: ptxas then keeps the wgmmas asynchronous
-    step(i, a0);
-    step(i + 1, a1);
-    step(i + 2, a2);
-  }
-  if (i < ns) step(i, a0);
-  if (i + 1 < ns) step(i + 1, a1);
-  wgmma_wait<0>();
-  fence_operands<NT / 2>(acc);
+    if (i < ns) step(i, a0);
+    if (i + 1 < ns) step(i + 1, a1);
+    wgmma_wait<0>();
+    fence_operands<NT / 2>(acc);
+    if (lane == 0)
+      for (int d = ns > 2 ? ns - 2 : 0; d < ns; ++d) bar_arrive(empty + 8 * ((it0 + d) % STAGES));
+    it0 += ns;
 
-  if (wk.part >= 0) {  // a share of K: add up with the tile's other parts; the last one to finish stores
-    float4* mine = part_sums + ((long long)wk.tail_tile * parts + wk.part) * (NT * 32);
+    bool store = true;
+    if (wk.tt >= 0) {  // a part: add up with the tile's other parts; the last one to finish stores
+      float4* mine = part_sums + (long long)wk.slot * (NT * 32);
 #pragma unroll
-    for (int i = 0; i < NT / 8; ++i) mine[i * 256 + tid] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-      const int done = atomicAdd(counters + wk.tail_tile, 1);
-      last_part = done == parts - 1;
-      if (last_part) counters[wk.tail_tile] = 0;  // ready for the next launch
-    }
-    __syncthreads();
-    if (!last_part) return;
-    __threadfence();
-    for (int p = 0; p < parts; ++p) {
-      if (p == wk.part) continue;
-      const float4* other = part_sums + ((long long)wk.tail_tile * parts + p) * (NT * 32);
+      for (int i = 0; i < NT / 8; ++i) mine[i * 256 + ct] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+      __threadfence();
+      consumer_sync();
+      if (ct == 0) {
+        const int done = atomicAdd(counters + wk.tt, 1);
+        last_part = done == wk.parts - 1;
+        if (last_part) counters[wk.tt] = 0;  // ready for the next launch
+      }
+      consumer_sync();
+      store = last_part;
+      if (store) {
+        __threadfence();
+        const long long W = (long long)tail * units, base = (long long)wk.tt * units;
+        const int first = sk_owner(base, sk, W);
+        for (int ob = first; ob < first + wk.parts; ++ob) {
+          if (ob == b) continue;
+          const int oslot = 2 * ob + (wk.tt != sk_first_tile(ob, sk, W, units));
+          const float4* other = part_sums + (long long)oslot * (NT * 32);
 #pragma unroll
-      for (int i = 0; i < NT / 8; ++i) {
-        const float4 v = __ldcg(other + i * 256 + tid);
-        acc[4 * i] += v.x;
-        acc[4 * i + 1] += v.y;
-        acc[4 * i + 2] += v.z;
-        acc[4 * i + 3] += v.w;
+          for (int i = 0; i < NT / 8; ++i) {
+            const float4 v = __ldcg(other + i * 256 + ct);
+            acc[4 * i] += v.x;
+            acc[4 * i + 1] += v.y;
+            acc[4 * i + 2] += v.z;
+            acc[4 * i + 3] += v.w;
+          }
+        }
       }
     }
-  }
-  // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r)
-  const long long ch = (long long)(wk.nb0 + warp) * 16 + g;
+    if (store) {
+      // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r)
+      const long long ch = (long long)(wk.nb0 + warp) * 16 + g;
 #pragma unroll
-  for (int c = 0; c < NT / 8; ++c)
+      for (int c = 0; c < NT / 8; ++c)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = wk.m0 + 8 * c + 2 * t + (r & 1);
-      if (row < M) y[(long long)row * sy + ch + 8 * (r >> 1)] = to_bf16(acc[4 * c + r]);
+        for (int r = 0; r < 4; ++r) {
+          const int row = wk.m0 + 8 * c + 2 * t + (r & 1);
+          if (row < M) y[(long long)row * sy + ch + 8 * (r >> 1)] = to_bf16(acc[4 * c + r]);
+        }
     }
+  }
 }
 """.replace("@WGMMA@", "".join(_wgmma_asm(nt) for nt in (64, 128, 256)))
 
@@ -311,7 +359,7 @@ def gemm_config(m: int) -> tuple[int, int]:
 
 
 def _smem_bytes(nt: int, stages: int) -> int:
-    return stages * (nt * 128 + 8192 + 1024) + 1024 + 16 * stages
+    return stages * (nt * 128 + 4096 + 1024) + 1024 + 16 * stages
 
 
 def _kernel(name: str, device: torch.device, smem: int):
@@ -357,34 +405,33 @@ _WMAPS: dict = {}  # (words pointer, meta pointer, shapes) -> the weight's two d
 
 
 def _weight_maps(w: Int4MMAWeight) -> tuple:
-    """Descriptors of the words (a unit's 8 blocks of 16 channels per box) and of the scales/zeros (a group's
-    8 blocks per box). They depend only on addresses and shapes."""
+    """Descriptors of the words (half a unit of 8 blocks of 16 channels per box) and of the scales/zeros (a
+    group's 8 blocks per box). They depend only on addresses and shapes."""
     key = (w.words.data_ptr(), w.meta.data_ptr(), tuple(w.words.shape), tuple(w.meta.shape))
     maps = _WMAPS.get(key)
     if maps is None:
         nbs, units, groups = w.words.shape[0], w.words.shape[1], w.meta.shape[1]
-        # UINT32 = 2; words (nb, u x 256): a unit's 1 KB of 8 blocks per box
-        wmap = _encode(2, (units * 256, nbs), (units * 1024,), (256, 8), w.words.data_ptr(), 0)
+        # UINT32 = 2; words (nb, u x 256): half a unit's 512 bytes (words[nb, u, h]) of 8 blocks per box
+        wmap = _encode(2, (units * 256, nbs), (units * 1024,), (128, 8), w.words.data_ptr(), 0)
         mmap = _encode(2, (32, groups, nbs), (128, groups * 128), (32, 1, 8), w.meta.data_ptr(), 0)
         maps = _WMAPS[key] = (wmap, mmap)
     return maps
 
 
 class _Plan:
-    """The launch of one (device, stream, M, K, N, NT, STAGES): its ctypes objects, the split schedule, the
-    counters and the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
+    """The launch of one (device, stream, M, K, N, NT, STAGES): its ctypes objects, the schedule, the counters and
+    the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
 
     def __init__(self, dev: torch.device, stream: int, m: int, k: int, n: int, nt: int, stages: int,
-                 max_parts: int) -> None:
+                 stream_k: bool) -> None:
         self.smem = _smem_bytes(nt, stages)
         self.kern = _kernel(f"int4_wgmma<{nt}, {stages}>", dev, self.smem)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         tiles_n, units = n // 128, k // 128
         tiles = tiles_n * -(-m // nt)
-        whole, parts = schedule(tiles, units, sms, max_parts)
-        tail = tiles - whole
-        # partial sums of the split tiles, and one counter per split tile (each launch leaves them at zero)
-        self.part_sums = torch.empty(max(1, tail * parts * nt * 128), device=dev, dtype=torch.float32)
+        whole, tail, sk = schedule(tiles, units, sms) if stream_k else (tiles, 0, 0)
+        # partial sums: two slots per stream-K block; a counter per tail tile (each launch leaves them at zero)
+        self.part_sums = torch.empty(max(1, 2 * sk * nt * 128), device=dev, dtype=torch.float32)
         self.counters = torch.zeros(max(1, tail), device=dev, dtype=torch.int32)
         self.xbuf, self.xmap = _map_buffer()
         self.xdims = (ctypes.c_uint64 * 2)(k, m)
@@ -393,9 +440,10 @@ class _Plan:
         self.ones = (ctypes.c_uint32 * 2)(1, 1)
         self.y = ctypes.c_void_p()
         self.ints = [ctypes.c_void_p(self.part_sums.data_ptr()), ctypes.c_void_p(self.counters.data_ptr()),
-                     *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, parts, n))]
+                     *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, tail, sk, n))]
         self.unit_shift = self.ints[4]
-        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(whole + tail * parts, 1, 1), (ctypes.c_uint * 3)(256, 1, 1),
+        grid = max(min(sms, whole), sk)
+        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(grid, 1, 1), (ctypes.c_uint * 3)(384, 1, 1),
                                  self.smem, ctypes.c_void_p(stream), None, 0)
         self.cfg_ref = ctypes.byref(self.cfg)
         self.maps = self.ptrs = None
@@ -407,7 +455,7 @@ class _Plan:
         maps = _weight_maps(w)
         if maps is not self.maps:  # the argument pointers, remade when the weight changes
             self.maps = maps
-            self.ptrs = (ctypes.c_void_p * 13)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.y, *self.ints)))
+            self.ptrs = (ctypes.c_void_p * 14)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.y, *self.ints)))
         self.y.value = y.data_ptr()
         self.unit_shift.value = w.unit_shift
         err = _driver().cuLaunchKernelEx(self.cfg_ref, self.kern.func, self.ptrs, None)
@@ -418,17 +466,44 @@ class _Plan:
 _PLANS: dict = {}
 
 
-def schedule(tiles: int, units: int, sms: int, max_parts: int = 8) -> tuple[int, int]:
-    """(whole, parts): the first ``whole`` tiles are computed whole, the rest (fewer than one round of ``sms``
-    blocks) in ``parts`` shares of K, so that the last round keeps more of the chip busy. Each share has at
-    least 4 units of 128 inputs."""
+def schedule(tiles: int, units: int, sms: int, min_units: int = 4) -> tuple[int, int, int]:
+    """(whole, tail, sk): the first ``whole`` tiles are computed whole, round-robin over the blocks; the last
+    ``tail`` tiles (less than one round) are cut into ``sk`` equal shares of their units ("stream-K"), one per
+    block, so that the last round keeps the whole chip busy. Each share has at least ``min_units`` units of 128
+    inputs; a last round at least 90% full is left whole."""
     tail = tiles % sms
-    parts = min(max_parts, sms // tail if tail else 1, units // 4)
-    return (tiles - tail, parts) if parts > 1 else (tiles, 1)
+    sk = min(sms, tail * units // min_units)
+    if tail == 0 or tail * 10 >= sms * 9 or sk <= tail:
+        return tiles, 0, 0
+    return tiles - tail, tail, sk
+
+
+def pieces(b: int, grid: int, tiles_n: int, units: int, whole: int, tail: int, sk: int) -> list[dict]:
+    """Block ``b``'s pieces of work, as the kernel's ``piece`` walks them (here for the tests): ``tile``,
+    units ``u0..u1``, and for a part of a tile its tail tile ``tt``, the tile's number of ``parts`` and the
+    partial-sum ``slot``."""
+    out = [dict(tile=t, u0=0, u1=units, tt=-1, parts=1, slot=0) for t in range(b, whole, grid)]
+    if b < sk:
+        w = tail * units
+        e0, e1 = w * b // sk, w * (b + 1) // sk
+
+        def owner(x: int) -> int:
+            return (sk * (x + 1) - 1) // w
+
+        for tt in range(e0 // units, tail):
+            base = tt * units
+            x0, x1 = max(e0, base), min(e1, base + units)
+            if x0 >= x1:
+                break
+            p = dict(tile=whole + tt, u0=x0 - base, u1=x1 - base, tt=-1, parts=1, slot=0)
+            if x1 - x0 < units:
+                p.update(tt=tt, parts=owner(base + units - 1) - owner(base) + 1, slot=2 * b + (tt != e0 // units))
+            out.append(p)
+    return out
 
 
 def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: int | None = None,
-              max_parts: int = 8) -> torch.Tensor:
+              stream_k: bool = True) -> torch.Tensor:
     """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows; ``nt``/``stages`` default to
     :func:`gemm_config`)."""
     k, n = w.k, w.n
@@ -449,9 +524,9 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     if nt not in (64, 128, 256) or _smem_bytes(nt, stages) > 227 * 1024:
         raise ValueError(f"int4_gemm: NT {nt} must be 64, 128 or 256, and {stages} stages must fit 227 KB")
     stream = torch._C._cuda_getCurrentRawStream(dev.index)
-    key = (dev.index, stream, m, k, n, nt, stages, max_parts, threading.get_ident())
+    key = (dev.index, stream, m, k, n, nt, stages, stream_k, threading.get_ident())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, max_parts)
+        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, stream_k)
     plan.launch(x2, w, y)
     return y.reshape(*x.shape[:-1], n)

@@ -13,9 +13,11 @@ dequantizing to bf16 first).
 The layout (:func:`prepare_int4_mma`, plain torch, testable on CPU) puts in each thread's 16-byte loads
 exactly the codes its mma fragments need:
 
-* ``words (N/16, K/128, 2, 32, 4)`` int32: for 16 output channels (a block ``nb``) and 128 inputs (a
-  unit ``u``), lane ``l = 4 g + t`` holds 8 words, ``j = 4 h + i`` at ``[nb, u, h, l, i]`` (so each of
-  the lane's two 16-byte loads is one contiguous 512-byte line of the warp); word ``j`` holds the codes
+* ``words (N/16, K/128, 2, 2, 16, 4)`` int32: for 16 output channels (a block ``nb``) and 128 inputs (a
+  unit ``u``), lane ``l = 4 g + t`` holds 8 words, ``j = 4 h + i`` at ``[nb, u, t // 2, h, 2 g + t % 2, i]``
+  (each of the lane's two 16-byte loads, h = 0 and 1, reads two whole 256-byte lines with the warp; and the
+  lanes with ``t // 2`` = 0 or 1, whose inputs are the first or second 64 of the unit, each have one
+  contiguous 512 bytes, which the wgmma GEMM loads per half unit); word ``j`` holds the codes
   of channels ``16 nb + g`` (nibbles 0, 4, 2, 6) and ``16 nb + g + 8`` (nibbles 1, 5, 3, 7) at inputs ``128 u + 32 t + 4 j +
   {0, 1, 2, 3}`` (nibble pairs (0, 4) and (2, 6) are inputs (+0, +1) and (+2, +3)). The mma's K
   slots are permuted so that these are the inputs the lane's B fragments hold when it reads
@@ -42,7 +44,7 @@ from slimtorch.kernels.reference import unpack_int4
 class Int4MMAWeight:
     """An int4 weight in the tensor-core kernel's layout (see the module docstring)."""
 
-    words: torch.Tensor  # (N/16, K/128, 2, 32, 4) int32
+    words: torch.Tensor  # (N/16, K/128, 2, 2, 16, 4) int32
     meta: torch.Tensor  # (N/16, K/G, 8, 4) int32
     group: int
 
@@ -105,8 +107,8 @@ def prepare_int4_mma(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     # channel = 16 nb + 8 ro + g; input = 128 u + 32 t + 4 j + 2 kb + kl; nibble = ro + 2 kb + 4 kl
     q = q.reshape(nb, 2, 8, units, 4, 8, 2, 2).permute(0, 3, 2, 4, 5, 7, 6, 1)  # nb u g t j kl kb ro
     q = q.reshape(nb, units, 32, 8, 4, 2)  # last: the two nibbles of a byte, low first
-    words = (q[..., 0] | (q[..., 1] << 4)).contiguous().view(torch.int32).reshape(nb, units, 32, 2, 4)
-    words = words.transpose(2, 3).contiguous()  # (nb, u, h, lane, i): word j = 4 h + i
+    words = (q[..., 0] | (q[..., 1] << 4)).contiguous().view(torch.int32).reshape(nb, units, 8, 2, 2, 2, 4)
+    words = words.permute(0, 1, 3, 5, 2, 4, 6).reshape(nb, units, 2, 2, 16, 4).contiguous()  # nb u t//2 h 2g+t%2 i
     s = scale.float().reshape(nb, 2, 8, groups).permute(0, 3, 2, 1)  # nb grp g ro
     z = _bf16_bits(-(128 + zero.float())).reshape(nb, 2, 8, groups).permute(0, 3, 2, 1)
     meta = torch.cat([s.contiguous().view(torch.int32), z], dim=-1).contiguous()
@@ -117,7 +119,8 @@ def unpack_int4_mma(w: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, torch
     """The inverse of :func:`prepare_int4_mma`: codes ``(N, K)`` uint8, scale and zero ``(N, K/G)``."""
     nb, units = w.words.shape[:2]
     groups = w.meta.shape[1]
-    b = w.words.transpose(2, 3).contiguous().view(torch.uint8).reshape(nb, units, 32, 8, 4)
+    b = w.words.reshape(nb, units, 2, 2, 8, 2, 4).permute(0, 1, 4, 2, 5, 3, 6)  # nb u g t//2 t%2 h i
+    b = b.contiguous().view(torch.uint8).reshape(nb, units, 32, 8, 4)
     q = torch.stack([b & 15, b >> 4], dim=-1).reshape(nb, units, 8, 4, 8, 2, 2, 2)  # nb u g t j kl kb ro
     codes = q.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(nb * 16, units * 128)
     s = w.meta[..., :2].contiguous().view(torch.float32)  # nb grp g ro
@@ -181,13 +184,13 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// A lane's 32 bytes of the weights of channel block nb, unit u: two 16-byte loads, each one contiguous 512-byte
-// line of the warp.
+// A lane's 32 bytes of the weights of channel block nb, unit u: two 16-byte loads (words 4 h + i at
+// [t / 2, h, 2 g + t % 2, i]), each of which the warp reads as two whole 256-byte lines.
 __device__ __forceinline__ void load_unit(const U4* __restrict__ wq, long long nb, int units, int u, int lane,
                                           U4 (&out)[2]) {
-  const U4* p = wq + (nb * units + u) * 64 + lane;
+  const U4* p = wq + (nb * units + u) * 64 + ((lane & 2) << 4) + ((lane >> 1) & ~1) + (lane & 1);
   out[0] = ld_stream(p);
-  out[1] = ld_stream(p + 32);
+  out[1] = ld_stream(p + 16);
 }
 
 // Programmatic dependent launch (sm_90): launched with that attribute, a kernel may start while the previous
