@@ -254,9 +254,10 @@ def test_int4_gemm_matches_reference(k, n):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = R.int4_weight_only_linear_ref(x.float(), packed, scale, zero).float()
             split = schedule((n // 128) * -(-m // nt), k // 128, sms)[2] > 0
-            for _ in range(2):  # a split launch leaves its counters at zero for the next
-                y = int4_gemm(x, wm, nt, stages)
-                assert not y.isnan().any() and rel(y, ref) < 4e-3, (m, nt, stages, split)  # bf16 weights
+            for cluster in (None, 1) if n % 256 == 0 else (None,):  # clusters of 2 blocks where N allows
+                for _ in range(2):  # a split launch leaves its counters at zero for the next
+                    y = int4_gemm(x, wm, nt, stages, cluster=cluster)
+                    assert not y.isnan().any() and rel(y, ref) < 4e-3, (m, nt, stages, split, cluster)  # bf16 weights
         x = torch.randn(3, 100, k, device="cuda", dtype=torch.bfloat16)
         assert rel(int4_linear(x, wm), R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)) < 4e-3
 

@@ -38,7 +38,7 @@ import threading
 
 import torch
 
-from slimtorch.kernels.int4_mma import _PRELUDE, Int4MMAWeight, _driver, _LaunchConfig
+from slimtorch.kernels.int4_mma import _PRELUDE, Int4MMAWeight, _driver, _LaunchAttr, _LaunchConfig
 
 
 def _wgmma_asm(nt: int) -> str:
@@ -65,9 +65,6 @@ __device__ __forceinline__ void bar_init(u32 bar, u32 count) {
 }
 __device__ __forceinline__ void bar_expect(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
 }
 __device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
   u32 done = 0;
@@ -121,16 +118,44 @@ __device__ __forceinline__ U4 lds4(u32 addr) {
   return r;
 }
 
+template <int CL>  // x's rows for this block of the cluster, multicast to the shared memory of all CL blocks
+__device__ __forceinline__ void tma_load_x(u32 dst, const TMap* map, u32 bar, int c0, int c1) {
+  if (CL == 1)
+    tma_load_nd<2>(dst, map, bar, c0, c1, 0);
+  else
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3}], [%4], %5;"
+                 :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar), "h"((unsigned short)((1 << CL) - 1)) : "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_barrier() {  // every thread of every block of the cluster
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+template <int CL>  // arrive on the mbarrier at `bar` of block `rank` of the cluster
+__device__ __forceinline__ void bar_arrive_in(u32 bar, u32 rank) {
+  if (CL == 1) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+  } else {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
+  }
+}
 __device__ __forceinline__ void consumer_sync() {  // the two consumer warpgroups only (the producer has left)
   asm volatile("bar.sync 1, 256;" ::: "memory");
 }
 
-// The schedule, mirrored by `pieces` in Python. Tiles are numbered with the 128-channel blocks fastest, so that
-// neighbouring blocks share their rows of x. Block b first computes the whole tiles b, b + grid, ... below
-// `whole`; then, if b < sk, its share [e_b, e_b+1) of the other `tail` tiles' units (e_b = W b / sk, W = tail x
-// units), cut at tile boundaries ("stream-K"). A piece short of a whole tile is a part: it writes float32 partial
-// sums to slot 2 b (the first piece of b's share) or 2 b + 1 (the last), and the last of the tile's parts to
-// finish adds them up and stores the tile.
+// The schedule, mirrored by `pieces` in Python, is in clusters of CL blocks and tiles of CL x 128 channels x NT
+// rows (block `rank` of a cluster computes the tile's channels 128 rank..). Tiles are numbered with the channels
+// fastest, so that neighbouring clusters share their rows of x. Cluster c first computes the whole tiles c,
+// c + clusters, ... below `whole`; then, if c < sk, its share [e_c, e_c+1) of the other `tail` tiles' units
+// (e_c = W c / sk, W = tail x units), cut at tile boundaries ("stream-K"). A piece short of a whole tile is a
+// part: each block writes its float32 partial sums to slot 2 b (the first piece of its cluster's share) or
+// 2 b + 1 (the last), b = CL c + rank, and the last of the tile's parts to finish adds them up and stores.
 struct Work {
   int nb0, m0, u0, u1, tt, parts, slot, valid;  // tt: the tail tile of a part (-1 for a whole tile)
 };
@@ -139,7 +164,7 @@ __device__ __forceinline__ int sk_owner(long long x, int sk, long long W) {  // 
 }
 __device__ __forceinline__ int sk_first_tile(int b, int sk, long long W, int units) { return (int)(W * b / sk / units); }
 __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int units, int whole, int tail, int sk,
-                                      int NT) {
+                                      int NT, int CL, int rank) {
   Work r;
   r.tt = -1;
   r.parts = 1;
@@ -163,13 +188,13 @@ __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int u
     if (r.u1 - r.u0 < units) {
       r.tt = tt;
       r.parts = sk_owner(base + units - 1, sk, W) - sk_owner(base, sk, W) + 1;
-      r.slot = 2 * b + (tt != t0);
+      r.slot = 2 * (CL * b + rank) + (tt != t0);
     }
   } else {
     r.valid = 0;
     tile = 0;
   }
-  r.nb0 = (tile % tiles_n) * 8;
+  r.nb0 = ((tile % tiles_n) * CL + rank) * 8;
   r.m0 = (tile / tiles_n) * NT;
   return r;
 }
@@ -182,7 +207,7 @@ __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int u
 // three stages' wgmmas be in flight while the next stage's weights are decoded; a slot is released (one arrival
 // per consumer warp) as soon as its wgmmas are done. The producer runs ahead into the next piece while the
 // consumers store the last. Registers: the producer gives its back (setmaxnreg) to the consumers.
-template <int NT, int STAGES>
+template <int NT, int STAGES, int CL>
 __global__ void __launch_bounds__(384, 1) int4_wgmma(
     const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, const __grid_constant__ TMap mmap,
     u16* __restrict__ y, float4* __restrict__ part_sums, int* __restrict__ counters,
@@ -192,134 +217,136 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
   const u32 xs = (smem_addr(smem) + 1023) & ~1023u, ws = xs + STAGES * TILE, ms = ws + STAGES * WB;
   const u32 full = ms + STAGES * MB, empty = full + STAGES * 8;  // mbarriers
   __shared__ int last_part;
-  const int tid = threadIdx.x, b = blockIdx.x, grid = gridDim.x;
+  const int tid = threadIdx.x, rank = CL > 1 ? (int)cluster_rank() : 0, b = blockIdx.x / CL, grid = gridDim.x / CL;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       bar_init(full + 8 * s, 1);
-      bar_init(empty + 8 * s, 8);  // one arrival per consumer warp
+      bar_init(empty + 8 * s, 8 * CL);  // one arrival per consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  if (CL > 1) cluster_barrier();  // the other blocks' barriers are ready for multicasts and arrivals
   if (tid < 128) {  // the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (tid == 0) {
       int it = 0;
       for (int k = 0;; ++k) {
-        const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT);
+        const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT, CL, rank);
         if (!wk.valid) break;
         for (int s = 2 * wk.u0; s < 2 * wk.u1; ++s, ++it) {
           const int slot = it % STAGES;
           if (it >= STAGES) bar_wait(empty + 8 * slot, (it / STAGES + 1) & 1);
           const u32 bar = full + 8 * slot;
           bar_expect(bar, TILE + WB + (s & 1 ? 0 : MB));
-          tma_load_nd<2>(xs + slot * TILE, &xmap, bar, 64 * s, wk.m0, 0);
+          tma_load_x<CL>(xs + slot * TILE + rank * (TILE / CL), &xmap, bar, 64 * s, wk.m0 + rank * (NT / CL));
           tma_load_nd<2>(ws + slot * WB, &wmap, bar, 128 * s, wk.nb0, 0);
           if (!(s & 1)) tma_load_nd<3>(ms + slot * MB, &mmap, bar, 0, (s >> 1) >> unit_shift, wk.nb0);
         }
       }
     }
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
-  const int ct = tid - 128, lane = ct & 31, warp = ct >> 5, g = lane >> 2, t = lane & 3;
-  const u32 sel = (t & 1) ? 0x7351u : 0x6240u;
-  const u32 wlane = warp * 512 + g * 32, mlane = warp * 128 + g * 16;
-  const bool odd = t >> 1;  // words t / 2 and t / 2 + 2 of each 16 bytes read
-  float acc[NT / 2];
-  u32 a0[4][4], a1[4][4], a2[4][4];
-  int it0 = 0;  // stages consumed before this piece
-  for (int k = 0;; ++k) {
-    const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT);
-    if (!wk.valid) break;
-    const int ns = 2 * (wk.u1 - wk.u0);
+  } else {  // the consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    const int ct = tid - 128, lane = ct & 31, warp = ct >> 5, g = lane >> 2, t = lane & 3;
+    const u32 sel = (t & 1) ? 0x7351u : 0x6240u;
+    const u32 wlane = warp * 512 + g * 32, mlane = warp * 128 + g * 16;
+    const bool odd = t >> 1;  // words t / 2 and t / 2 + 2 of each 16 bytes read
+    float acc[NT / 2];
+    u32 a0[4][4], a1[4][4], a2[4][4];
+    int it0 = 0;  // stages consumed before this piece
+    for (int k = 0;; ++k) {
+      const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT, CL, rank);
+      if (!wk.valid) break;
+      const int ns = 2 * (wk.u1 - wk.u0);
 #pragma unroll
-    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
-    auto step = [&](int i, u32 (&a)[4][4]) {
-      const int it = it0 + i, slot = it % STAGES;
-      bar_wait(full + 8 * slot, (it / STAGES) & 1);
-      const U4 mv = lds4(ms + ((it - (i & 1)) % STAGES) * MB + mlane);  // an odd stage: the even one's slot
-      const u32 sc0 = bf16x2_of(mv.v[0]), sc1 = bf16x2_of(mv.v[1]);
-      // step jj (inputs 64 h + 16 jj ...): words 4 (jj % 2) + t / 2 and that + 2 of lane (g, 2 h + jj / 2), whose
-      // 16 bytes are at [jj % 2, 2 g + jj / 2] of the warp's 512 (words[nb, u, h])
+      for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
+      auto step = [&](int i, u32 (&a)[4][4]) {
+        const int it = it0 + i, slot = it % STAGES;
+        bar_wait(full + 8 * slot, (it / STAGES) & 1);
+        const U4 mv = lds4(ms + ((it - (i & 1)) % STAGES) * MB + mlane);  // an odd stage: the even one's slot
+        const u32 sc0 = bf16x2_of(mv.v[0]), sc1 = bf16x2_of(mv.v[1]);
+        // step jj (inputs 64 h + 16 jj ...): words 4 (jj % 2) + t / 2 and that + 2 of lane (g, 2 h + jj / 2), whose
+        // 16 bytes are at [jj % 2, 2 g + jj / 2] of the warp's 512 (words[nb, u, h])
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const U4 v = lds4(ws + slot * WB + wlane + (jj & 1) * 256 + (jj >> 1) * 16);
-        const u32 n = prmt(odd ? v.v[1] : v.v[0], odd ? v.v[3] : v.v[2], sel);
-        a[jj][0] = dequant_bf16x2(n, mv.v[2], sc0);
-        a[jj][1] = dequant_bf16x2(n >> 4, mv.v[3], sc1);
-        a[jj][2] = dequant_bf16x2(n >> 8, mv.v[2], sc0);
-        a[jj][3] = dequant_bf16x2(n >> 12, mv.v[3], sc1);
+        for (int jj = 0; jj < 4; ++jj) {
+          const U4 v = lds4(ws + slot * WB + wlane + (jj & 1) * 256 + (jj >> 1) * 16);
+          const u32 n = prmt(odd ? v.v[1] : v.v[0], odd ? v.v[3] : v.v[2], sel);
+          a[jj][0] = dequant_bf16x2(n, mv.v[2], sc0);
+          a[jj][1] = dequant_bf16x2(n >> 4, mv.v[3], sc1);
+          a[jj][2] = dequant_bf16x2(n >> 8, mv.v[2], sc0);
+          a[jj][3] = dequant_bf16x2(n >> 12, mv.v[3], sc1);
+        }
+        fence_operands<NT / 2>(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+          wgmma<NT>(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], smem_desc(xs + slot * TILE + 32 * jj));
+        wgmma_commit();
+        wgmma_wait<2>();  // stage i - 2 is done: its slot may be refilled, its A registers rewritten
+        fence_operands<NT / 2>(acc);
+        if (i >= 2 && lane < CL) bar_arrive_in<CL>(empty + 8 * ((it - 2) % STAGES), lane);
+      };
+      int i = 0;
+      for (; i + 2 < ns; i += 3) {  // no conditional steps inside: ptxas then keeps the wgmmas asynchronous
+        step(i, a0);
+        step(i + 1, a1);
+        step(i + 2, a2);
       }
+      if (i < ns) step(i, a0);
+      if (i + 1 < ns) step(i + 1, a1);
+      wgmma_wait<0>();
       fence_operands<NT / 2>(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj)
-        wgmma<NT>(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], smem_desc(xs + slot * TILE + 32 * jj));
-      wgmma_commit();
-      wgmma_wait<2>();  // stage i - 2 is done: its slot may be refilled, its A registers rewritten
-      fence_operands<NT / 2>(acc);
-      if (i >= 2 && lane == 0) bar_arrive(empty + 8 * ((it - 2) % STAGES));
-    };
-    int i = 0;
-    for (; i + 2 < ns; i += 3) {  // no conditional steps inside: ptxas then keeps the wgmmas asynchronous
-      step(i, a0);
-      step(i + 1, a1);
-      step(i + 2, a2);
-    }
-    if (i < ns) step(i, a0);
-    if (i + 1 < ns) step(i + 1, a1);
-    wgmma_wait<0>();
-    fence_operands<NT / 2>(acc);
-    if (lane == 0)
-      for (int d = ns > 2 ? ns - 2 : 0; d < ns; ++d) bar_arrive(empty + 8 * ((it0 + d) % STAGES));
-    it0 += ns;
+      if (lane < CL)
+        for (int d = ns > 2 ? ns - 2 : 0; d < ns; ++d) bar_arrive_in<CL>(empty + 8 * ((it0 + d) % STAGES), lane);
+      it0 += ns;
 
-    bool store = true;
-    if (wk.tt >= 0) {  // a part: add up with the tile's other parts; the last one to finish stores
-      float4* mine = part_sums + (long long)wk.slot * (NT * 32);
+      bool store = true;
+      if (wk.tt >= 0) {  // a part: add up with the tile's other parts; the last one to finish stores
+        float4* mine = part_sums + (long long)wk.slot * (NT * 32);
 #pragma unroll
-      for (int i = 0; i < NT / 8; ++i) mine[i * 256 + ct] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
-      __threadfence();
-      consumer_sync();
-      if (ct == 0) {
-        const int done = atomicAdd(counters + wk.tt, 1);
-        last_part = done == wk.parts - 1;
-        if (last_part) counters[wk.tt] = 0;  // ready for the next launch
-      }
-      consumer_sync();
-      store = last_part;
-      if (store) {
+        for (int i = 0; i < NT / 8; ++i) mine[i * 256 + ct] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
         __threadfence();
-        const long long W = (long long)tail * units, base = (long long)wk.tt * units;
-        const int first = sk_owner(base, sk, W);
-        for (int ob = first; ob < first + wk.parts; ++ob) {
-          if (ob == b) continue;
-          const int oslot = 2 * ob + (wk.tt != sk_first_tile(ob, sk, W, units));
-          const float4* other = part_sums + (long long)oslot * (NT * 32);
+        consumer_sync();
+        if (ct == 0) {
+          const int done = atomicAdd(counters + CL * wk.tt + rank, 1);
+          last_part = done == wk.parts - 1;
+          if (last_part) counters[CL * wk.tt + rank] = 0;  // ready for the next launch
+        }
+        consumer_sync();
+        store = last_part;
+        if (store) {
+          __threadfence();
+          const long long W = (long long)tail * units, base = (long long)wk.tt * units;
+          const int first = sk_owner(base, sk, W);
+          for (int ob = first; ob < first + wk.parts; ++ob) {
+            if (ob == b) continue;
+            const int oslot = 2 * (CL * ob + rank) + (wk.tt != sk_first_tile(ob, sk, W, units));
+            const float4* other = part_sums + (long long)oslot * (NT * 32);
 #pragma unroll
-          for (int i = 0; i < NT / 8; ++i) {
-            const float4 v = __ldcg(other + i * 256 + ct);
-            acc[4 * i] += v.x;
-            acc[4 * i + 1] += v.y;
-            acc[4 * i + 2] += v.z;
-            acc[4 * i + 3] += v.w;
+            for (int i = 0; i < NT / 8; ++i) {
+              const float4 v = __ldcg(other + i * 256 + ct);
+              acc[4 * i] += v.x;
+              acc[4 * i + 1] += v.y;
+              acc[4 * i + 2] += v.z;
+              acc[4 * i + 3] += v.w;
+            }
           }
         }
       }
-    }
-    if (store) {
-      // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r)
-      const long long ch = (long long)(wk.nb0 + warp) * 16 + g;
+      if (store) {
+        // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r)
+        const long long ch = (long long)(wk.nb0 + warp) * 16 + g;
 #pragma unroll
-      for (int c = 0; c < NT / 8; ++c)
+        for (int c = 0; c < NT / 8; ++c)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int row = wk.m0 + 8 * c + 2 * t + (r & 1);
-          if (row < M) y[(long long)row * sy + ch + 8 * (r >> 1)] = to_bf16(acc[4 * c + r]);
-        }
+          for (int r = 0; r < 4; ++r) {
+            const int row = wk.m0 + 8 * c + 2 * t + (r & 1);
+            if (row < M) y[(long long)row * sy + ch + 8 * (r >> 1)] = to_bf16(acc[4 * c + r]);
+          }
+      }
     }
   }
+  if (CL > 1) cluster_barrier();  // no block leaves while the others may still arrive on its barriers
 }
 """.replace("@WGMMA@", "".join(_wgmma_asm(nt) for nt in (64, 128, 256)))
 
@@ -338,7 +365,8 @@ def gemm_supported(device: torch.device, w: Int4MMAWeight | None = None) -> bool
     if device.index not in _COMPILES:
         try:
             nt, stages = gemm_config(GEMM_BELOW_M - 1)
-            _kernel(f"int4_wgmma<{nt}, {stages}>", device, _smem_bytes(nt, stages))
+            for cl in (1, 2):
+                _kernel(f"int4_wgmma<{nt}, {stages}, {cl}>", device, _smem_bytes(nt, stages))
             _COMPILES[device.index] = True
         except Exception:  # noqa: BLE001 (no NVRTC, or a torch without _compile_kernel)
             _COMPILES[device.index] = False
@@ -419,32 +447,34 @@ def _weight_maps(w: Int4MMAWeight) -> tuple:
 
 
 class _Plan:
-    """The launch of one (device, stream, M, K, N, NT, STAGES): its ctypes objects, the schedule, the counters and
-    the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
+    """The launch of one (device, stream, M, K, N, NT, STAGES, cluster): its ctypes objects, the schedule, the
+    counters and the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
 
-    def __init__(self, dev: torch.device, stream: int, m: int, k: int, n: int, nt: int, stages: int,
+    def __init__(self, dev: torch.device, stream: int, m: int, k: int, n: int, nt: int, stages: int, cl: int,
                  stream_k: bool) -> None:
         self.smem = _smem_bytes(nt, stages)
-        self.kern = _kernel(f"int4_wgmma<{nt}, {stages}>", dev, self.smem)
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        tiles_n, units = n // 128, k // 128
+        self.kern = _kernel(f"int4_wgmma<{nt}, {stages}, {cl}>", dev, self.smem)
+        self.attr = _LaunchAttr(4, b"", (ctypes.c_int * 16)(cl, 1, 1))  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(cl, 1, 1), (ctypes.c_uint * 3)(384, 1, 1), self.smem,
+                                 ctypes.c_void_p(stream), ctypes.pointer(self.attr), 1)
+        clusters = _max_clusters(self.kern.func, self.cfg, dev, cl)
+        tiles_n, units = n // (128 * cl), k // 128  # in tiles of cl x 128 channels
         tiles = tiles_n * -(-m // nt)
-        whole, tail, sk = schedule(tiles, units, sms) if stream_k else (tiles, 0, 0)
-        # partial sums: two slots per stream-K block; a counter per tail tile (each launch leaves them at zero)
-        self.part_sums = torch.empty(max(1, 2 * sk * nt * 128), device=dev, dtype=torch.float32)
-        self.counters = torch.zeros(max(1, tail), device=dev, dtype=torch.int32)
+        whole, tail, sk = schedule(tiles, units, clusters) if stream_k else (tiles, 0, 0)
+        # partial sums: two slots per stream-K block; a counter per tail tile and block (each launch leaves them
+        # at zero)
+        self.part_sums = torch.empty(max(1, 2 * sk * cl * nt * 128), device=dev, dtype=torch.float32)
+        self.counters = torch.zeros(max(1, tail * cl), device=dev, dtype=torch.int32)
         self.xbuf, self.xmap = _map_buffer()
         self.xdims = (ctypes.c_uint64 * 2)(k, m)
         self.xstride = (ctypes.c_uint64 * 1)(0)
-        self.xbox = (ctypes.c_uint32 * 2)(64, nt)
+        self.xbox = (ctypes.c_uint32 * 2)(64, nt // cl)  # each block of a cluster loads its share of the rows
         self.ones = (ctypes.c_uint32 * 2)(1, 1)
         self.y = ctypes.c_void_p()
         self.ints = [ctypes.c_void_p(self.part_sums.data_ptr()), ctypes.c_void_p(self.counters.data_ptr()),
                      *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, tail, sk, n))]
         self.unit_shift = self.ints[4]
-        grid = max(min(sms, whole), sk)
-        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(grid, 1, 1), (ctypes.c_uint * 3)(384, 1, 1),
-                                 self.smem, ctypes.c_void_p(stream), None, 0)
+        self.cfg.grid[0] = max(min(clusters, whole), sk) * cl
         self.cfg_ref = ctypes.byref(self.cfg)
         self.maps = self.ptrs = None
 
@@ -464,6 +494,20 @@ class _Plan:
 
 
 _PLANS: dict = {}
+_CLUSTERS: dict = {}  # (kernel, cluster size) -> how many clusters fit on the device at once
+
+
+def _max_clusters(func, cfg: _LaunchConfig, dev: torch.device, cl: int) -> int:
+    """How many clusters of ``cl`` blocks (one block per SM) can run at once: the SMs / cl, or fewer where the
+    GPU's partitions hold an odd number of SMs (cuOccupancyMaxActiveClusters)."""
+    key = (func.value if hasattr(func, "value") else func, cl)
+    if key not in _CLUSTERS:
+        n = ctypes.c_int(0)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        if cl == 1 or _driver().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg)):
+            n.value = sms // cl
+        _CLUSTERS[key] = max(1, min(n.value, sms // cl))
+    return _CLUSTERS[key]
 
 
 def schedule(tiles: int, units: int, sms: int, min_units: int = 4) -> tuple[int, int, int]:
@@ -503,7 +547,7 @@ def pieces(b: int, grid: int, tiles_n: int, units: int, whole: int, tail: int, s
 
 
 def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: int | None = None,
-              stream_k: bool = True) -> torch.Tensor:
+              stream_k: bool = True, cluster: int | None = None) -> torch.Tensor:
     """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows; ``nt``/``stages`` default to
     :func:`gemm_config`)."""
     k, n = w.k, w.n
@@ -524,9 +568,12 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     if nt not in (64, 128, 256) or _smem_bytes(nt, stages) > 227 * 1024:
         raise ValueError(f"int4_gemm: NT {nt} must be 64, 128 or 256, and {stages} stages must fit 227 KB")
     stream = torch._C._cuda_getCurrentRawStream(dev.index)
-    key = (dev.index, stream, m, k, n, nt, stages, stream_k, threading.get_ident())
+    cl = cluster or (2 if n % 256 == 0 else 1)
+    if cl not in (1, 2) or n % (128 * cl):
+        raise ValueError(f"int4_gemm: a cluster of {cl} blocks needs N a multiple of {128 * cl}; got {n}")
+    key = (dev.index, stream, m, k, n, nt, stages, cl, stream_k, threading.get_ident())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, stream_k)
+        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, cl, stream_k)
     plan.launch(x2, w, y)
     return y.reshape(*x.shape[:-1], n)
