@@ -192,17 +192,17 @@ def test_int4_gemm_gathers_the_wgmma_fragments_from_the_mma_layout():
 def test_int4_gemm_schedule_cuts_only_a_partial_last_round():
     from slimtorch.kernels.int4_gemm import schedule
 
-    assert schedule(688, 32, 132) == (660, 28, 132)  # 4096 x 11008, M = 2048: 28 tiles left after 5 rounds
-    assert schedule(864, 40, 132) == (792, 72, 132)  # 5120 x 13824: 72 tiles in the 7th round
-    assert schedule(512, 64, 132) == (396, 116, 132)  # 8192 x 8192: a last round 88% full
-    assert schedule(130, 64, 132) == (130, 0, 0)  # at least 90% full: left whole
-    assert schedule(16, 32, 132) == (0, 16, 128)  # fewer tiles than blocks: shares of 4 units
+    assert schedule(344, 32, 66) == (330, 14, 66)  # 4096 x 11008, M = 2048 (tiles of 2 x 128 channels): 14 left
+    assert schedule(432, 40, 66) == (432, 0, 0)  # 5120 x 13824: a 7th round 55% full is left whole
+    assert schedule(16, 32, 66) == (0, 16, 66)  # 4096 x 4096, M = 128: fewer tiles than clusters
+    assert schedule(43, 32, 66) == (43, 0, 0)  # 4096 x 11008, M = 128: 65% of a round
     assert schedule(16, 4, 132) == (16, 0, 0)  # 4 units per share would leave each block one tile anyway
+    assert schedule(3, 8, 132) == (0, 3, 6)  # each share has at least 4 units
     assert schedule(264, 32, 132) == (264, 0, 0)  # whole rounds
 
 
-@pytest.mark.parametrize("tiles,units,sms", [(688, 32, 132), (864, 40, 132), (512, 64, 132), (16, 32, 132),
-                                             (31, 37, 12), (5, 9, 4)])
+@pytest.mark.parametrize("tiles,units,sms", [(344, 32, 66), (16, 32, 66), (3, 8, 132), (29, 37, 12), (5, 9, 4),
+                                             (70, 7, 64)])
 def test_int4_gemm_pieces_cover_every_unit_once(tiles, units, sms):
     """The blocks' pieces (as the kernel walks them) cover each (tile, unit) exactly once, and when every block
     takes a share of the tail their work is equal within a unit; a part's `parts` is its tile's number of pieces, its slot is its own, and the slot the last
