@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     ap.add_argument("--ms", default="128,2048,8192")
-    ap.add_argument("--configs", default="256:5,128:6,64:6", help="NT:STAGES pairs")
+    ap.add_argument("--configs", default="256:4,256:3,128:6,128:8", help="NT:STAGES pairs")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()

@@ -145,6 +145,25 @@ __device__ __forceinline__ void bar_arrive_in(u32 bar, u32 rank) {
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
   }
 }
+__device__ __forceinline__ void warpgroup_sync(int wg) {  // consumer warpgroup wg's 128 threads
+  asm volatile("bar.sync %0, 128;" :: "r"(2 + wg) : "memory");
+}
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+// four 8 x 8 bf16 matrices from their mma-style fragments, transposed, to the rows whose addresses lanes 8 i..8 i + 7
+// give for matrix i
+__device__ __forceinline__ void stmatrix_x4_trans(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+               :: "r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+__device__ __forceinline__ void tma_store_2d(const TMap* map, u32 src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
+               :: "l"((u64)map), "r"(c0), "r"(c1), "r"(src) : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
 __device__ __forceinline__ void consumer_sync() {  // the two consumer warpgroups only (the producer has left)
   asm volatile("bar.sync 1, 256;" ::: "memory");
 }
@@ -210,12 +229,13 @@ __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int u
 template <int NT, int STAGES, int CL>
 __global__ void __launch_bounds__(384, 1) int4_wgmma(
     const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, const __grid_constant__ TMap mmap,
-    u16* __restrict__ y, float4* __restrict__ part_sums, int* __restrict__ counters,
-    int M, int units, int unit_shift, int tiles_n, int whole, int tail, int sk, int sy) {
+    const __grid_constant__ TMap ymap, float4* __restrict__ part_sums, int* __restrict__ counters,
+    int M, int units, int unit_shift, int tiles_n, int whole, int tail, int sk) {
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr u32 TILE = NT * 128, WB = 4096, MB = 1024;  // bytes per slot: x, words, meta (even stages only)
   const u32 xs = (smem_addr(smem) + 1023) & ~1023u, ws = xs + STAGES * TILE, ms = ws + STAGES * WB;
-  const u32 full = ms + STAGES * MB, empty = full + STAGES * 8;  // mbarriers
+  const u32 ys = ms + STAGES * MB;  // the output tile, 64 channels x NT rows per warpgroup (128-byte swizzle)
+  const u32 full = ys + 2 * TILE, empty = full + STAGES * 8;  // mbarriers
   __shared__ int last_part;
   const int tid = threadIdx.x, rank = CL > 1 ? (int)cluster_rank() : 0, b = blockIdx.x / CL, grid = gridDim.x / CL;
   if (tid == 0) {
@@ -333,18 +353,27 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
           }
         }
       }
-      if (store) {
-        // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r)
-        const long long ch = (long long)(wk.nb0 + warp) * 16 + g;
+      if (store) {  // through shared memory (stmatrix) and the TMA, which leaves out the rows past M
+        const int wg = warp >> 2, j = lane & 7, mat = lane >> 3;
+        const u32 tile_wg = ys + wg * TILE;
+        if ((ct & 127) == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the last store has read it
+        warpgroup_sync(wg);
+        // accumulator 4 c + r: channel g (+ 8 for r >= 2) of this warp's 16, row m0 + 8 c + 2 t (+ 1 for odd r);
+        // matrix mat of a stmatrix: rows 8 (c + mat / 2) .. + 7, channels 8 (mat % 2) .. + 7 of the warp's 16,
+        // whose 16 bytes are chunk 2 (warp % 4) + mat % 2 of the row's 128, swizzled (chunk ^ row % 8)
 #pragma unroll
-        for (int c = 0; c < NT / 8; ++c)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int row = wk.m0 + 8 * c + 2 * t + (r & 1);
-            if (row < M) y[(long long)row * sy + ch + 8 * (r >> 1)] = to_bf16(acc[4 * c + r]);
-          }
+        for (int c = 0; c < NT / 8; c += 2) {
+          const u32 row = 8 * (c + (mat >> 1)) + j, chunk = 2 * (warp & 3) + (mat & 1);
+          stmatrix_x4_trans(tile_wg + row * 128 + ((chunk ^ j) << 4), pack_bf16x2(acc[4 * c], acc[4 * c + 1]),
+                            pack_bf16x2(acc[4 * c + 2], acc[4 * c + 3]), pack_bf16x2(acc[4 * c + 4], acc[4 * c + 5]),
+                            pack_bf16x2(acc[4 * c + 6], acc[4 * c + 7]));
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the TMA
+        warpgroup_sync(wg);
+        if ((ct & 127) == 0) tma_store_2d(&ymap, tile_wg, wk.nb0 * 16 + wg * 64, wk.m0);
       }
     }
+    if ((ct & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   }
   if (CL > 1) cluster_barrier();  // no block leaves while the others may still arrive on its barriers
 }
@@ -383,11 +412,11 @@ GEMM_BELOW_M = 4096
 def gemm_config(m: int) -> tuple[int, int]:
     """(NT, STAGES): rows of x per block and ring depth. 128-row blocks up to M = 128 (where 256 rows would leave
     most of the chip idle), else 256 (the sweep: 1.1-1.8x faster from M = 512 on)."""
-    return (128, 6) if m <= 128 else (256, 5)
+    return (128, 6) if m <= 128 else (256, 4)
 
 
 def _smem_bytes(nt: int, stages: int) -> int:
-    return stages * (nt * 128 + 4096 + 1024) + 1024 + 16 * stages
+    return stages * (nt * 128 + 4096 + 1024) + 2 * nt * 128 + 1024 + 16 * stages
 
 
 def _kernel(name: str, device: torch.device, smem: int):
@@ -470,9 +499,12 @@ class _Plan:
         self.xstride = (ctypes.c_uint64 * 1)(0)
         self.xbox = (ctypes.c_uint32 * 2)(64, nt // cl)  # each block of a cluster loads its share of the rows
         self.ones = (ctypes.c_uint32 * 2)(1, 1)
-        self.y = ctypes.c_void_p()
+        self.ybuf, self.ymap = _map_buffer()
+        self.ydims = (ctypes.c_uint64 * 2)(n, m)
+        self.ystride = (ctypes.c_uint64 * 1)(n * 2)
+        self.ybox = (ctypes.c_uint32 * 2)(64, nt)  # a warpgroup's 64 channels x NT rows
         self.ints = [ctypes.c_void_p(self.part_sums.data_ptr()), ctypes.c_void_p(self.counters.data_ptr()),
-                     *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, tail, sk, n))]
+                     *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, tail, sk))]
         self.unit_shift = self.ints[4]
         self.cfg.grid[0] = max(min(clusters, whole), sk) * cl
         self.cfg_ref = ctypes.byref(self.cfg)
@@ -482,11 +514,11 @@ class _Plan:
         self.xstride[0] = x2.stride(0) * 2
         # BFLOAT16 = 9: boxes of 64 inputs x NT rows, 128-byte swizzle (3), zeros past M
         _encode_into(self.xmap, 9, x2.data_ptr(), self.xdims, self.xstride, self.xbox, self.ones, 3)
+        _encode_into(self.ymap, 9, y.data_ptr(), self.ydims, self.ystride, self.ybox, self.ones, 3)  # y: the same
         maps = _weight_maps(w)
         if maps is not self.maps:  # the argument pointers, remade when the weight changes
             self.maps = maps
-            self.ptrs = (ctypes.c_void_p * 14)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.y, *self.ints)))
-        self.y.value = y.data_ptr()
+            self.ptrs = (ctypes.c_void_p * 13)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.ymap, *self.ints)))
         self.unit_shift.value = w.unit_shift
         err = _driver().cuLaunchKernelEx(self.cfg_ref, self.kern.func, self.ptrs, None)
         if err:
