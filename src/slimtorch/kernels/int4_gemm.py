@@ -183,7 +183,7 @@ __device__ __forceinline__ int sk_owner(long long x, int sk, long long W) {  // 
 }
 __device__ __forceinline__ int sk_first_tile(int b, int sk, long long W, int units) { return (int)(W * b / sk / units); }
 __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int units, int whole, int tail, int sk,
-                                      int NT, int CL, int rank) {
+                                      int NT, int CL, int rank, int rows, int band) {
   Work r;
   r.tt = -1;
   r.parts = 1;
@@ -213,8 +213,10 @@ __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int u
     r.valid = 0;
     tile = 0;
   }
-  r.nb0 = ((tile % tiles_n) * CL + rank) * 8;
-  r.m0 = (tile / tiles_n) * NT;
+  // tile -> (row tile, channel tile): bands of `band` row tiles, row tiles fastest within a band
+  const int per = band * tiles_n, q = tile / per, in = tile - q * per, nr = min(band, rows - q * band);
+  r.nb0 = ((in / nr) * CL + rank) * 8;
+  r.m0 = (q * band + in % nr) * NT;
   return r;
 }
 
@@ -230,7 +232,7 @@ template <int NT, int STAGES, int CL>
 __global__ void __launch_bounds__(384, 1) int4_wgmma(
     const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, const __grid_constant__ TMap mmap,
     const __grid_constant__ TMap ymap, float4* __restrict__ part_sums, int* __restrict__ counters,
-    int M, int units, int unit_shift, int tiles_n, int whole, int tail, int sk) {
+    int M, int units, int unit_shift, int tiles_n, int whole, int tail, int sk, int band) {
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr u32 TILE = NT * 128, WB = 4096, MB = 1024;  // bytes per slot: x, words, meta (even stages only)
   const u32 xs = (smem_addr(smem) + 1023) & ~1023u, ws = xs + STAGES * TILE, ms = ws + STAGES * WB;
@@ -252,7 +254,7 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
     if (tid == 0) {
       int it = 0;
       for (int k = 0;; ++k) {
-        const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT, CL, rank);
+        const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT, CL, rank, (M + NT - 1) / NT, band);
         if (!wk.valid) break;
         for (int s = 2 * wk.u0; s < 2 * wk.u1; ++s, ++it) {
           const int slot = it % STAGES;
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
     u32 a0[4][4], a1[4][4], a2[4][4];
     int it0 = 0;  // stages consumed before this piece
     for (int k = 0;; ++k) {
-      const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT, CL, rank);
+      const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT, CL, rank, (M + NT - 1) / NT, band);
       if (!wk.valid) break;
       const int ns = 2 * (wk.u1 - wk.u0);
 #pragma unroll
@@ -480,7 +482,7 @@ class _Plan:
     counters and the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
 
     def __init__(self, dev: torch.device, stream: int, m: int, k: int, n: int, nt: int, stages: int, cl: int,
-                 stream_k: bool) -> None:
+                 stream_k: bool, band: int) -> None:
         self.smem = _smem_bytes(nt, stages)
         self.kern = _kernel(f"int4_wgmma<{nt}, {stages}, {cl}>", dev, self.smem)
         self.attr = _LaunchAttr(4, b"", (ctypes.c_int * 16)(cl, 1, 1))  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
@@ -504,7 +506,7 @@ class _Plan:
         self.ystride = (ctypes.c_uint64 * 1)(n * 2)
         self.ybox = (ctypes.c_uint32 * 2)(64, nt)  # a warpgroup's 64 channels x NT rows
         self.ints = [ctypes.c_void_p(self.part_sums.data_ptr()), ctypes.c_void_p(self.counters.data_ptr()),
-                     *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, tail, sk))]
+                     *(ctypes.c_int(v) for v in (m, units, 0, tiles_n, whole, tail, sk, band))]
         self.unit_shift = self.ints[4]
         self.cfg.grid[0] = max(min(clusters, whole), sk) * cl
         self.cfg_ref = ctypes.byref(self.cfg)
@@ -518,7 +520,7 @@ class _Plan:
         maps = _weight_maps(w)
         if maps is not self.maps:  # the argument pointers, remade when the weight changes
             self.maps = maps
-            self.ptrs = (ctypes.c_void_p * 13)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.ymap, *self.ints)))
+            self.ptrs = (ctypes.c_void_p * 14)(*(ctypes.addressof(v) for v in (self.xmap, *maps, self.ymap, *self.ints)))
         self.unit_shift.value = w.unit_shift
         err = _driver().cuLaunchKernelEx(self.cfg_ref, self.kern.func, self.ptrs, None)
         if err:
@@ -580,7 +582,7 @@ def pieces(b: int, grid: int, tiles_n: int, units: int, whole: int, tail: int, s
 
 
 def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: int | None = None,
-              stream_k: bool = True, cluster: int | None = None) -> torch.Tensor:
+              stream_k: bool = True, cluster: int | None = None, band: int = 4) -> torch.Tensor:
     """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows; ``nt``/``stages`` default to
     :func:`gemm_config`)."""
     k, n = w.k, w.n
@@ -604,9 +606,9 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     cl = cluster or (2 if n % 256 == 0 else 1)
     if cl not in (1, 2) or n % (128 * cl):
         raise ValueError(f"int4_gemm: a cluster of {cl} blocks needs N a multiple of {128 * cl}; got {n}")
-    key = (dev.index, stream, m, k, n, nt, stages, cl, stream_k, threading.get_ident())
+    key = (dev.index, stream, m, k, n, nt, stages, cl, stream_k, band, threading.get_ident())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, cl, stream_k)
+        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, cl, stream_k, band)
     plan.launch(x2, w, y)
     return y.reshape(*x.shape[:-1], n)
