@@ -395,7 +395,7 @@ def gemm_supported(device: torch.device, w: Int4MMAWeight | None = None) -> bool
         return False
     if device.index not in _COMPILES:
         try:
-            nt, stages = gemm_config(GEMM_BELOW_M - 1)
+            nt, stages = gemm_config(4096)
             for cl in (1, 2):
                 _kernel(f"int4_wgmma<{nt}, {stages}, {cl}>", device, _smem_bytes(nt, stages))
             _COMPILES[device.index] = True
@@ -404,17 +404,11 @@ def gemm_supported(device: torch.device, w: Int4MMAWeight | None = None) -> bool
     return _COMPILES[device.index]
 
 
-# From this many rows on, dequantizing to bf16 once and calling cuBLAS was faster than this kernel on an H100
-# (benchmarks/results/int4_gemm_sweep.jsonl: at M = 4096 the two were within 3% at 4096 x 11008 and 8192 x 8192,
-# and the dequantize path 10% faster at 4096 x 4096; at M = 2048 this kernel was as fast or faster at all five
-# shapes).
-GEMM_BELOW_M = 4096
-
-
 def gemm_config(m: int) -> tuple[int, int]:
-    """(NT, STAGES): rows of x per block and ring depth. 128-row blocks up to M = 128 (where 256 rows would leave
-    most of the chip idle), else 256 (the sweep: 1.1-1.8x faster from M = 512 on)."""
-    return (128, 6) if m <= 128 else (256, 4)
+    """(NT, STAGES): rows of x per tile and ring depth. 128-row tiles up to M = 128 (where 256 rows would leave
+    most of the chip idle), else 256 (int4_gemm_sweep.jsonl: 1.1-1.2x faster from M = 2048 on). With 256 rows
+    the output tile's 64 KB leave room for 4 stages."""
+    return (128, 8) if m <= 128 else (256, 4)
 
 
 def _smem_bytes(nt: int, stages: int) -> int:

@@ -544,14 +544,15 @@ def dequantize_int4_mma(w: Int4MMAWeight) -> torch.Tensor:
 
 def int4_linear(x: torch.Tensor, w: Int4MMAWeight) -> torch.Tensor:
     """x (..., K) -> (..., N) in x's dtype. For bf16 x: up to :data:`MAX_M` rows, the tensor-core kernel here;
-    up to :data:`slimtorch.kernels.int4_gemm.GEMM_BELOW_M` rows on Hopper, the wgmma GEMM that reads the same
-    layout. Otherwise the weight is dequantized to bf16 once and cuBLAS multiplies (compute-bound there)."""
+    more rows on Hopper, the wgmma GEMM that reads the same layout (:mod:`slimtorch.kernels.int4_gemm`; as fast
+    as dequantize + cuBLAS or faster at M = 4096 and 8192 but for one shape 2% behind, int4_gemm_sweep.jsonl).
+    Otherwise the weight is dequantized to bf16 once and cuBLAS multiplies (compute-bound there)."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.dtype == torch.bfloat16 and 0 < m <= MAX_M:
         return int4_mma_linear(x, w)
     if x.dtype == torch.bfloat16 and m > 0:
         from slimtorch.kernels import int4_gemm
 
-        if m < int4_gemm.GEMM_BELOW_M and int4_gemm.gemm_supported(x.device, w):
+        if int4_gemm.gemm_supported(x.device, w):
             return int4_gemm.int4_gemm(x, w)
     return torch.nn.functional.linear(x, dequantize_int4_mma(w).to(x.dtype))
