@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
   }
   if (CL > 1) cluster_barrier();  // no block leaves while the others may still arrive on its barriers
 }
-""".replace("@WGMMA@", "".join(_wgmma_asm(nt) for nt in (64, 128, 256)))
+""".replace("@WGMMA@", "".join(_wgmma_asm(nt) for nt in (64, 128, 192, 256)))
 
 _COMPILED: dict = {}  # (kernel name, device index) -> torch's compiled-kernel object
 
@@ -395,7 +395,7 @@ def gemm_supported(device: torch.device, w: Int4MMAWeight | None = None) -> bool
         return False
     if device.index not in _COMPILES:
         try:
-            nt, stages = gemm_config(4096)
+            nt, stages = gemm_config(4096)  # the kernels are compiled per config; this tries one
             for cl in (1, 2):
                 _kernel(f"int4_wgmma<{nt}, {stages}, {cl}>", device, _smem_bytes(nt, stages))
             _COMPILES[device.index] = True
@@ -404,11 +404,27 @@ def gemm_supported(device: torch.device, w: Int4MMAWeight | None = None) -> bool
     return _COMPILES[device.index]
 
 
-def gemm_config(m: int) -> tuple[int, int]:
+def gemm_config(m: int, n: int = 0, sms: int = 132) -> tuple[int, int]:
     """(NT, STAGES): rows of x per tile and ring depth. 128-row tiles up to M = 128 (where 256 rows would leave
-    most of the chip idle), else 256 (int4_gemm_sweep.jsonl: 1.1-1.2x faster from M = 2048 on). With 256 rows
-    the output tile's 64 KB leave room for 4 stages."""
-    return (128, 8) if m <= 128 else (256, 4)
+    most of the chip idle). Else 256 rows (int4_gemm_sweep.jsonl: 1.1-1.2x faster than 128 from M = 2048 on),
+    or 192 where that takes fewer rounds of tiles (:func:`_rounds`, clusters of 2 blocks): at M = 2048 and
+    N = 13824, 9 rounds of 192 rows instead of 7 of 256 rows (the last a little over half full). The output
+    tile's room in shared memory leaves 4 stages at 256 rows and 5 at 192."""
+    if m <= 128:
+        return 128, 8
+    if n % 256 == 0:
+        clusters = max(1, sms // 2)
+        cost = {nt: _rounds(-(-m // nt) * (n // 256), clusters) * nt for nt in (256, 192)}
+        if cost[192] < cost[256]:
+            return 192, 5
+    return 256, 4
+
+
+def _rounds(tiles: int, slots: int) -> float:
+    """How many rounds of whole tiles ``slots`` blocks take: a last round at most half full counts by its share
+    (:func:`schedule` splits it over K), a fuller one as a whole round."""
+    full, tail = divmod(tiles, slots)
+    return full + (tail / slots if 2 * tail <= slots else 1) if tail else full
 
 
 def _smem_bytes(nt: int, stages: int) -> int:
@@ -593,9 +609,9 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
         return y.reshape(*x.shape[:-1], n)
     dev = x.device
     if nt is None or stages is None:
-        nt, stages = gemm_config(m)
-    if nt not in (64, 128, 256) or _smem_bytes(nt, stages) > 227 * 1024:
-        raise ValueError(f"int4_gemm: NT {nt} must be 64, 128 or 256, and {stages} stages must fit 227 KB")
+        nt, stages = gemm_config(m, n, torch.cuda.get_device_properties(dev).multi_processor_count)
+    if nt not in (64, 128, 192, 256) or _smem_bytes(nt, stages) > 226 * 1024:
+        raise ValueError(f"int4_gemm: NT {nt} must be 64, 128, 192 or 256, and {stages} stages must fit 226 KB")
     stream = torch._C._cuda_getCurrentRawStream(dev.index)
     cl = cluster or (2 if n % 256 == 0 else 1)
     if cl not in (1, 2) or n % (128 * cl):
