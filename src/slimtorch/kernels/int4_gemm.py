@@ -1,9 +1,9 @@
 """int4 weight-only GEMM for many activation rows (prefill), on Hopper's warpgroup tensor cores (wgmma).
 
 Why: dequantizing the weight to bf16 and calling cuBLAS writes and reads the whole bf16 weight once
-more; at M = 2048 that cost 6-20% against bf16 (benchmarks/notes/int4_kernel.md). Here the weights go
-from their int4 words straight into the registers that are wgmma's A operand, so nothing bigger than
-the int4 weight is ever read.
+more, and needs room for it; at M = 2048 that cost 6-20% against bf16 (benchmarks/notes/int4_kernel.md).
+Here the weights go from their int4 words straight into the registers that are wgmma's A operand, so
+nothing bigger than the int4 weight is ever read.
 
 It reads the same layout as the small-M kernel (:mod:`slimtorch.kernels.int4_mma`), whose K slots are
 permuted for that kernel. A wgmma step reads its 16 inputs of x in order from shared memory, so each
@@ -12,23 +12,26 @@ two words written for lane ``(g, j // 2)`` and picks four bytes of them with one
 of inputs ``16 j + 2 t`` and ``+ 1`` (channels g and g + 8) are bytes ``t % 2`` and ``2 + t % 2`` of word
 ``4 (j % 2) + t // 2``, those of ``+ 8`` and ``+ 9`` the same bytes of the word two further on.
 
-Per block: 128 output channels (two warpgroups of 64, one warp per 16) and NT activation rows (the
-wgmma's N). Through the tensor memory accelerator, each stage brings 64 inputs x NT rows of x (128-byte
-swizzle), the unit's words of the block's channels and their scales/zeros into a ring of STAGES
-shared-memory slots guarded by mbarriers. Three sets of A registers keep two stages' wgmmas in flight
-while the next stage is decoded. Weights are scaled in bf16 (``s (q - z)`` rounded once, as the dequantize
-path does), and the products are summed in float32. When the tiles leave the last round of blocks mostly
-empty, those tiles are split over K (:func:`schedule`): float32 partial sums, added up by the last part to
-finish.
+A tile is 128 output channels x NT activation rows (NT is the wgmma's N: 128, 192 or 256). A block has
+three warpgroups: a producer, whose one thread issues the tensor memory accelerator's copies, and two
+consumers of 64 channels each (``setmaxnreg`` moves the producer's registers to them). Blocks run in
+clusters of two along the channels, which share x: each loads half the rows and multicasts them to both.
+Each stage brings 64 inputs x NT rows of x (128-byte swizzle), half a unit's words of the block's
+channels (4 KB, contiguous per 16 channels) and, every other stage, their scales/zeros into a ring of
+shared-memory slots guarded by mbarriers; a slot is released to both blocks' producers once its wgmmas
+are done. Three sets of A registers keep two stages' wgmmas in flight while the next stage is decoded.
+Weights are scaled in bf16 (``s (q - z)`` rounded once, as the dequantize path does), and the products
+are summed in float32. The blocks are persistent: each walks its pieces of work (:func:`schedule`,
+mirrored by :func:`pieces`), the producer running ahead into the next piece while the consumers store
+the last through shared memory (``stmatrix``) and a TMA store. A last round of tiles at most half full is
+cut over K ("stream-K"): float32 partial sums, added up by the last part to finish.
 
-Measured on an H100 (benchmarks/results/kernels.jsonl at 68823fa): 0.90-1.35x bf16 at M = 128 (2-3x
-faster than dequantize + cuBLAS), 0.85-0.98x at M = 2048; from M = 4096 dequantize + cuBLAS is as fast
-or faster (:data:`GEMM_BELOW_M`, from int4_gemm_sweep.jsonl). With the A operand held constant the same
-pipeline was 14% faster at 8192 x 8192, M = 2048: the decode is the main cost
-(benchmarks/notes/int4_kernel.md).
+Measured on an H100 (benchmarks/results/kernels.jsonl at 2af246b, CUDA graphs): 0.73-1.47x bf16 at
+M = 128, 0.95-1.03x at M = 2048 and 0.90-1.04x at M = 8192 (the dequantize + cuBLAS path was 0.96-1.03x
+there). Held at the power limit (int4_gemm_sustained.jsonl), 0.94-0.98x at M = 2048.
 
-Needs sm_90 (wgmma, TMA), the layout's conditions and N a multiple of 128, bf16 x whose row stride is a
-multiple of 8 elements.
+Needs sm_90 (wgmma, TMA, clusters), the layout's conditions and N a multiple of 128 (clusters of two where
+N is a multiple of 256), bf16 x whose row stride is a multiple of 8 elements.
 """
 
 from __future__ import annotations
@@ -222,12 +225,15 @@ __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int u
 
 // y (M, N) = x (M, K) @ w^T in tiles of 128 channels x NT rows of x. Warpgroup 0 is the producer: its thread 0
 // walks the block's pieces and, for each stage i (unit u = i / 2, half i % 2), brings into ring slot (stage count)
-// % STAGES, through the tensor memory accelerator, x's rows x inputs 64 i + (0..63) (128-byte swizzle), the
-// unit's words of the tile's 8 x 16 channels (1 KB per warp) and their scales/zeros. Consumer warpgroup c
-// (1 + c) computes channels 64 c.. of the tile, warp w of the 8 consumer warps 16. Three sets of A registers let
-// three stages' wgmmas be in flight while the next stage's weights are decoded; a slot is released (one arrival
-// per consumer warp) as soon as its wgmmas are done. The producer runs ahead into the next piece while the
-// consumers store the last. Registers: the producer gives its back (setmaxnreg) to the consumers.
+// % STAGES, through the tensor memory accelerator: x's rows x inputs 64 i + (0..63) (128-byte swizzle; in a
+// cluster each block loads NT / CL of the rows for all CL blocks), words[nb, u, i % 2] of the tile's 8 blocks of
+// 16 channels (512 bytes each), and on even stages their scales/zeros (odd stages read the even stage's slot,
+// which is released only after them). Consumer warpgroup c (1 + c) computes channels 64 c.. of the tile, warp w
+// of the 8 consumer warps 16. Three sets of A registers let three stages' wgmmas be in flight while the next
+// stage's weights are decoded; a slot is released (one arrival per consumer warp of every block of the cluster,
+// since every block's producer writes into it) as soon as its wgmmas are done. The producer runs ahead into the
+// next piece while the consumers store the last (stmatrix into the output tile, then a TMA store per warpgroup).
+// Registers: the producer gives its back (setmaxnreg) to the consumers.
 template <int NT, int STAGES, int CL>
 __global__ void __launch_bounds__(384, 1) int4_wgmma(
     const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, const __grid_constant__ TMap mmap,
