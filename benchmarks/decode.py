@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import median_us  # noqa: E402
+from records import run_header  # noqa: E402
 
 from slimtorch.quant.modules import QuantLinear, set_module  # noqa: E402
 from slimtorch.spec import PerGroup, QuantSpec  # noqa: E402
@@ -127,10 +126,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--no-torchao", action="store_true")
     args = ap.parse_args()
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": os.environ.get("SLIMTORCH_COMMIT"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "model": "llama-7b-shaped",
-              "layers": args.layers, "context": args.context, "batch": 1}
+    common = {**run_header(torch.cuda.get_device_name()), "model": "llama-7b-shaped", "layers": args.layers,
+              "context": args.context, "batch": 1}
     torch.manual_seed(0)
     with torch.device("cuda"):
         base = Decoder(args.layers, args.context, **LLAMA_7B)

@@ -14,7 +14,6 @@ import argparse
 import csv
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import SHAPES, int4_weights  # noqa: E402
+from records import run_header  # noqa: E402
 
 from slimtorch.kernels import reference as R  # noqa: E402
 from slimtorch.kernels.int4_mma import int4_linear  # noqa: E402
@@ -82,9 +82,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": os.environ.get("SLIMTORCH_COMMIT"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    common = run_header(torch.cuda.get_device_name())
     args.out.mkdir(parents=True, exist_ok=True)
     smi_file = Path(tempfile.mkstemp(suffix=".csv")[1])
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",

@@ -10,9 +10,7 @@ DIR/int4_gemm_sweep.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import SHAPES, _time, int4_weights, rotation_sets  # noqa: E402
+from records import run_header  # noqa: E402
 
 from slimtorch.kernels import int4_gemm as G  # noqa: E402
 from slimtorch.kernels import int4_mma as I  # noqa: E402
@@ -35,9 +34,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": os.environ.get("SLIMTORCH_COMMIT"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    common = run_header(torch.cuda.get_device_name())
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes.split(","):

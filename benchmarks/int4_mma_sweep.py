@@ -9,10 +9,8 @@ goes to DIR/int4_mma_sweep.jsonl; the rule and the table ``_TUNED`` in int4_mma.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import _time, int4_weights, rotation_sets  # noqa: E402
+from records import run_header  # noqa: E402
 
 from slimtorch.kernels import int4_mma as I  # noqa: E402
 from slimtorch.kernels import reference as R  # noqa: E402
@@ -44,9 +43,7 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8,16", help="warps per program to try")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": os.environ.get("SLIMTORCH_COMMIT"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    common = run_header(torch.cuda.get_device_name())
     hopper = torch.cuda.get_device_capability()[0] >= 9
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes.split(","):

@@ -8,10 +8,8 @@ slimtorch/kernels/int4.py (gemv_config, mm_config) are read off these records.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import _time, rotation_sets  # noqa: E402
+from records import run_header  # noqa: E402
 
 from slimtorch.kernels import reference as R  # noqa: E402
 from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4  # noqa: E402
@@ -48,9 +47,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": os.environ.get("SLIMTORCH_COMMIT"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    common = run_header(torch.cuda.get_device_name())
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))

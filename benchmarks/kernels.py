@@ -12,17 +12,16 @@ benchmarks/results/), every record with its bf16 baseline from the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import subprocess
-import sys
 import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from records import run_header
 
 from slimtorch.cost.hardware import get_hardware
 from slimtorch.cost.roofline import linear_cost
@@ -132,9 +131,7 @@ def main() -> None:
     # the device tool's copy of the tree may report another HEAD: pass the real one in SLIMTORCH_COMMIT
     commit = os.environ.get("SLIMTORCH_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": commit, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": "python " + " ".join(sys.argv)}
+    common = run_header(torch.cuda.get_device_name(), commit)
     try:
         import torchao
         common["torchao"] = torchao.__version__

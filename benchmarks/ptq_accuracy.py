@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from records import run_header
 
 from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
@@ -43,9 +42,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": commit, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "limit": args.limit}
+    common = {**run_header(f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", commit),
+              "limit": args.limit}
     for name in args.models:
         fp = load_model(name)
         fp_res = evaluate(name, model=fp, limit=args.limit)

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import sys
 import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 import torch
+from records import run_header
 
 from slimtorch.cli.qat_job import parse_bits
 from slimtorch.eval.metrics import classifier_top1
@@ -198,10 +196,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    common = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": os.environ.get("SLIMTORCH_COMMIT"), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-              "command": "python " + " ".join(sys.argv)}
+    common = run_header(torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     train, test = data.fashion_mnist("train"), data.fashion_mnist("test")
     x, y = train.normalized()[:args.limit_train], train.labels[:args.limit_train]
