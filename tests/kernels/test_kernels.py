@@ -193,10 +193,24 @@ def test_int4_gemm_config_picks_the_tile_height_with_fewer_rounds():
     from slimtorch.kernels.int4_gemm import gemm_config
 
     assert gemm_config(16, 4096) == gemm_config(128, 4096) == (128, 8)
-    assert gemm_config(2048, 13824) == (192, 5)  # 54 x 11 = 594 tiles: 9 rounds of 192, against 7 of 256 (432 tiles)
+    assert gemm_config(2048, 13824) == (192, 6)  # 54 x 11 = 594 tiles: 9 rounds of 192, against 7 of 256 (432 tiles)
     assert gemm_config(2048, 8192) == (256, 4)  # 4 rounds of 256 (256 tiles) or 5.33 of 192: a tie, 256 kept
     assert gemm_config(2048, 11008) == (256, 4)  # 344 tiles: 5 rounds and 14 tiles cut over K
     assert gemm_config(2048, 384) == (256, 4)  # N not in clusters of 256 channels
+
+
+def test_int4_gemm_rejects_bad_configs_with_one_clear_error():
+    from slimtorch.kernels.int4_gemm import int4_gemm
+    from slimtorch.kernels.int4_mma import prepare_int4_mma
+
+    wm = prepare_int4_mma(*R.quantize_int4_weight(torch.randn(256, 256), 128))
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="at least 3"):
+        int4_gemm(x, wm, 256, 2)  # a slot is refilled only once released two stages later: 2 would deadlock
+    with pytest.raises(ValueError, match="NT 96"):
+        int4_gemm(x, wm, 96, 4)
+    with pytest.raises(ValueError, match="bf16 x"):
+        int4_gemm(x.float(), wm)
 
 
 def test_int4_gemm_schedule_cuts_only_a_partial_last_round():
@@ -260,7 +274,7 @@ def test_int4_gemm_matches_reference(k, n):
     for group in (128, 256):
         packed, scale, zero = R.quantize_int4_weight(w, group)
         wm = prepare_int4_mma(packed, scale, zero)
-        for m, nt, stages in ((33, 64, 6), (77, 128, 4), (300, 256, 4), (513, 128, 6), (2048, 256, 3), (700, 192, 5)):
+        for m, nt, stages in ((33, 64, 6), (77, 128, 4), (300, 256, 4), (513, 128, 6), (2048, 256, 3), (700, 192, 6)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = R.int4_weight_only_linear_ref(x.float(), packed, scale, zero).float()
             split = schedule((n // 128) * -(-m // nt), k // 128, sms)[2] > 0

@@ -415,14 +415,14 @@ def gemm_config(m: int, n: int = 0, sms: int = 132) -> tuple[int, int]:
     most of the chip idle). Else 256 rows (int4_gemm_sweep.jsonl: 1.1-1.2x faster than 128 from M = 2048 on),
     or 192 where that takes fewer rounds of tiles (:func:`_rounds`, clusters of 2 blocks): at M = 2048 and
     N = 13824, 9 rounds of 192 rows instead of 7 of 256 rows (the last a little over half full). The output
-    tile's room in shared memory leaves 4 stages at 256 rows and 5 at 192."""
+    tile's room in shared memory leaves 4 stages at 256 rows and 6 at 192."""
     if m <= 128:
         return 128, 8
     if n % 256 == 0:
         clusters = max(1, sms // 2)
         cost = {nt: _rounds(-(-m // nt) * (n // 256), clusters) * nt for nt in (256, 192)}
         if cost[192] < cost[256]:
-            return 192, 5
+            return 192, 6
     return 256, 4
 
 
@@ -616,8 +616,9 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     dev = x.device
     if nt is None or stages is None:
         nt, stages = gemm_config(m, n, torch.cuda.get_device_properties(dev).multi_processor_count)
-    if nt not in (64, 128, 192, 256) or _smem_bytes(nt, stages) > 226 * 1024:
-        raise ValueError(f"int4_gemm: NT {nt} must be 64, 128, 192 or 256, and {stages} stages must fit 226 KB")
+    if nt not in (64, 128, 192, 256) or stages < 3 or _smem_bytes(nt, stages) > 226 * 1024:
+        raise ValueError(f"int4_gemm: NT {nt} must be 64, 128, 192 or 256, and the stages ({stages}) at least 3 "
+                         "(a slot is released two stages after its own) and fit 226 KB")
     stream = torch._C._cuda_getCurrentRawStream(dev.index)
     cl = cluster or (2 if n % 256 == 0 else 1)
     if cl not in (1, 2) or n % (128 * cl):
