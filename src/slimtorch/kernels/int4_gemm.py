@@ -135,9 +135,6 @@ __device__ __forceinline__ u32 cluster_rank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return r;
 }
-__device__ __forceinline__ void cluster_barrier() {  // every thread of every block of the cluster
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
 template <int CL>  // arrive on the mbarrier at `bar` of block `rank` of the cluster
 __device__ __forceinline__ void bar_arrive_in(u32 bar, u32 rank) {
   if (CL == 1) {
@@ -254,7 +251,7 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  if (CL > 1) cluster_barrier();  // the other blocks' barriers are ready for multicasts and arrivals
+  if (CL > 1) cluster_sync();  // the other blocks' barriers are ready for multicasts and arrivals
   if (tid < 128) {  // the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (tid == 0) {
@@ -383,7 +380,7 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
     }
     if ((ct & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   }
-  if (CL > 1) cluster_barrier();  // no block leaves while the others may still arrive on its barriers
+  if (CL > 1) cluster_sync();  // no block leaves while the others may still arrive on its barriers
 }
 """.replace("@WGMMA@", "".join(_wgmma_asm(nt) for nt in (64, 128, 192, 256)))
 
