@@ -614,18 +614,20 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     dev = x.device
-    if nt is None or stages is None:
-        nt, stages = gemm_config(m, n, torch.cuda.get_device_properties(dev).multi_processor_count)
-    if nt not in (64, 128, 192, 256) or stages < 3 or _smem_bytes(nt, stages) > 226 * 1024:
+    given = nt is not None and stages is not None  # else both come from gemm_config, once per plan
+    if given and (nt not in (64, 128, 192, 256) or stages < 3 or _smem_bytes(nt, stages) > 226 * 1024):
         raise ValueError(f"int4_gemm: NT {nt} must be 64, 128, 192 or 256, and the stages ({stages}) at least 3 "
                          "(a slot is released two stages after its own) and fit 226 KB")
     stream = torch._C._cuda_getCurrentRawStream(dev.index)
     cl = cluster or (2 if n % 256 == 0 else 1)
     if cl not in (1, 2) or n % (128 * cl):
         raise ValueError(f"int4_gemm: a cluster of {cl} blocks needs N a multiple of {128 * cl}; got {n}")
-    key = (dev.index, stream, m, k, n, nt, stages, cl, stream_k, band, threading.get_ident())
+    key = (dev.index, stream, m, k, n, nt if given else None, stages if given else None, cl, stream_k, band,
+           threading.get_ident())
     plan = _PLANS.get(key)
     if plan is None:
+        if not given:
+            nt, stages = gemm_config(m, n, torch.cuda.get_device_properties(dev).multi_processor_count)
         plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, cl, stream_k, band)
     plan.launch(x2, w, y)
     return y.reshape(*x.shape[:-1], n)
