@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import median_us  # noqa: E402
+from kernels import cuda_graph, median_us  # noqa: E402
 from records import run_header  # noqa: E402
 
 from slimtorch.quant.modules import QuantLinear, set_module  # noqa: E402
@@ -101,14 +101,7 @@ def time_steps(model: nn.Module, steps: int = 30, trials: int = 5) -> tuple[floa
         for _ in range(3):
             model(token, pos)
         torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            model(token, pos)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            model(token, pos)
+        g = cuda_graph(lambda i: model(token, pos), 1)
 
         def measure(step) -> float:
             def run():

@@ -25,25 +25,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import SHAPES, int4_weights  # noqa: E402
+from kernels import SHAPES, cuda_graph, int4_weights  # noqa: E402
 from records import run_header  # noqa: E402
 
 from slimtorch.kernels import reference as R  # noqa: E402
 from slimtorch.kernels.int4_mma import int4_linear  # noqa: E402
-
-
-def _graph(fn, calls: int) -> torch.cuda.CUDAGraph:
-    fn()
-    torch.cuda.synchronize()
-    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return g
 
 
 def _sustain(g: torch.cuda.CUDAGraph, calls: int, seconds: float) -> tuple[float, float, float]:
@@ -101,7 +87,9 @@ def main() -> None:
                 fns = {"bf16": lambda: F.linear(x, ws[0]), "ours_int4wo": lambda: int4_linear(x, packed[0])}
                 times = {}
                 for name in ("bf16", "ours_int4wo", "bf16"):
-                    us, t0, t1 = _sustain(_graph(fns[name], 20), 20, args.seconds)
+                    fns[name]()
+                    torch.cuda.synchronize()
+                    us, t0, t1 = _sustain(cuda_graph(lambda i, f=fns[name]: f(), 20), 20, args.seconds)
                     times.setdefault(name, []).append((us, t0, t1))
                     time.sleep(0.3)
                 runs.append((k, n, m, times))

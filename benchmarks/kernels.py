@@ -64,22 +64,26 @@ def median_us(run, calls: int, trials: int) -> float:
     return statistics.median(times)
 
 
+def cuda_graph(fn, calls: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn(0) .. fn(calls - 1)``, after one warm-up call on a side stream (as capture wants)."""
+    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(0)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    return g
+
+
 def _time(fn, sets: int, calls: int = 50, trials: int = 5, graph: bool = False) -> float:
     """Median microseconds per call; call i uses input set i % sets."""
     for i in range(3):
         fn(i % sets)
     torch.cuda.synchronize()
     if graph:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn(0)
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g):
-            for i in range(calls):
-                fn(i % sets)
-        run = g.replay
+        run = cuda_graph(lambda i: fn(i % sets), calls).replay
     else:
         def run():
             for i in range(calls):
