@@ -189,14 +189,15 @@ def test_int4_gemm_gathers_the_wgmma_fragments_from_the_mma_layout():
     assert checked == n * k
 
 
-def test_int4_gemm_config_picks_the_tile_height_with_fewer_rounds():
-    from slimtorch.kernels.int4_gemm import gemm_config
+def test_int4_gemm_config_and_its_shared_memory():
+    from slimtorch.kernels.int4_gemm import _smem_bytes, gemm_config
 
-    assert gemm_config(16, 4096) == gemm_config(128, 4096) == (128, 8)
-    assert gemm_config(2048, 13824) == (192, 6)  # 54 x 11 = 594 tiles: 9 rounds of 192, against 7 of 256 (432 tiles)
-    assert gemm_config(2048, 8192) == (256, 4)  # 4 rounds of 256 (256 tiles) or 5.33 of 192: a tie, 256 kept
-    assert gemm_config(2048, 11008) == (256, 4)  # 344 tiles: 5 rounds and 14 tiles cut over K
-    assert gemm_config(2048, 384) == (256, 4)  # N not in clusters of 256 channels
+    assert gemm_config(1) == gemm_config(128) == (128, 8)
+    assert gemm_config(129) == gemm_config(8192) == (256, 4)
+    # per stage 32 KB of x (256 rows x 64 inputs), 4 KB of words and 1 KB of scales/zeros, 16 B of mbarriers;
+    # 64 KB of output tile and 1 KB of alignment: 4 stages fit the 226 KB that int4_gemm allows, 5 do not
+    assert _smem_bytes(256, 4) == 4 * (32768 + 4096 + 1024 + 16) + 65536 + 1024 == 218176 <= 226 * 1024
+    assert _smem_bytes(256, 5) > 226 * 1024
 
 
 def test_int4_gemm_rejects_bad_configs_with_one_clear_error():
@@ -206,7 +207,7 @@ def test_int4_gemm_rejects_bad_configs_with_one_clear_error():
     wm = prepare_int4_mma(*R.quantize_int4_weight(torch.randn(256, 256), 128))
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="at least 3"):
-        int4_gemm(x, wm, 256, 2)  # a slot is refilled only once released two stages later: 2 would deadlock
+        int4_gemm(x, wm, 256, 2)  # the consumers hold two slots: 2 would leave the producer none to fill ahead
     with pytest.raises(ValueError, match="NT 96"):
         int4_gemm(x, wm, 96, 4)
     with pytest.raises(ValueError, match="bf16 x"):

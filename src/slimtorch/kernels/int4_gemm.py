@@ -12,14 +12,15 @@ two words written for lane ``(g, j // 2)`` and picks four bytes of them with one
 of inputs ``16 j + 2 t`` and ``+ 1`` (channels g and g + 8) are bytes ``t % 2`` and ``2 + t % 2`` of word
 ``4 (j % 2) + t // 2``, those of ``+ 8`` and ``+ 9`` the same bytes of the word two further on.
 
-A tile is 128 output channels x NT activation rows (NT is the wgmma's N: 128, 192 or 256). A block has
+A tile is 128 output channels x NT activation rows (NT is the wgmma's N: 64-256, by default 256). A block has
 three warpgroups: a producer, whose one thread issues the tensor memory accelerator's copies, and two
 consumers of 64 channels each (``setmaxnreg`` moves the producer's registers to them). Blocks run in
 clusters of two along the channels, which share x: each loads half the rows and multicasts them to both.
 Each stage brings 64 inputs x NT rows of x (128-byte swizzle), half a unit's words of the block's
 channels (4 KB, contiguous per 16 channels) and, every other stage, their scales/zeros into a ring of
 shared-memory slots guarded by mbarriers; a slot is released to both blocks' producers once its wgmmas
-are done. Three sets of A registers keep two stages' wgmmas in flight while the next stage is decoded.
+are done. One stage's wgmmas run while the next stage is decoded into the next of three sets of A
+registers, so the consumers hold only two slots and the producer runs two stages ahead in a ring of 4.
 Weights are scaled in bf16 (``s (q - z)`` rounded once, as the dequantize path does), and the products
 are summed in float32. The blocks are persistent: each walks its pieces of work (:func:`schedule`,
 mirrored by :func:`pieces`), the producer running ahead into the next piece while the consumers store
@@ -226,9 +227,9 @@ __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int u
 // cluster each block loads NT / CL of the rows for all CL blocks), words[nb, u, i % 2] of the tile's 8 blocks of
 // 16 channels (512 bytes each), and on even stages their scales/zeros (odd stages read the even stage's slot,
 // which is released only after them). Consumer warpgroup c (1 + c) computes channels 64 c.. of the tile, warp w
-// of the 8 consumer warps 16. Three sets of A registers let three stages' wgmmas be in flight while the next
-// stage's weights are decoded; a slot is released (one arrival per consumer warp of every block of the cluster,
-// since every block's producer writes into it) as soon as its wgmmas are done. The producer runs ahead into the
+// of the 8 consumer warps 16. Stage i's weights are decoded into the next of three sets of A registers while
+// stage i - 1's wgmmas run; once those are done (wgmma_wait<1> after stage i is issued) its slot is released (one
+// arrival per consumer warp of every block of the cluster, since every block's producer writes into it). The producer runs ahead into the
 // next piece while the consumers store the last (stmatrix into the output tile, then a TMA store per warpgroup).
 // Registers: the producer gives its back (setmaxnreg) to the consumers.
 template <int NT, int STAGES, int CL>
@@ -307,9 +308,9 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
         for (int jj = 0; jj < 4; ++jj)
           wgmma<NT>(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], smem_desc(xs + slot * TILE + 32 * jj));
         wgmma_commit();
-        wgmma_wait<2>();  // stage i - 2 is done: its slot may be refilled, its A registers rewritten
+        wgmma_wait<1>();  // stage i - 1 is done: its slot may be refilled, its A registers rewritten
         fence_operands<NT / 2>(acc);
-        if (i >= 2 && lane < CL) bar_arrive_in<CL>(empty + 8 * ((it - 2) % STAGES), lane);
+        if (i >= 1 && lane < CL) bar_arrive_in<CL>(empty + 8 * ((it - 1) % STAGES), lane);
       };
       int i = 0;
       for (; i + 2 < ns; i += 3) {  // no conditional steps inside: ptxas then keeps the wgmmas asynchronous
@@ -321,8 +322,7 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
       if (i + 1 < ns) step(i + 1, a1);
       wgmma_wait<0>();
       fence_operands<NT / 2>(acc);
-      if (lane < CL)
-        for (int d = ns > 2 ? ns - 2 : 0; d < ns; ++d) bar_arrive_in<CL>(empty + 8 * ((it0 + d) % STAGES), lane);
+      if (lane < CL) bar_arrive_in<CL>(empty + 8 * ((it0 + ns - 1) % STAGES), lane);
       it0 += ns;
 
       bool store = true;
@@ -407,27 +407,12 @@ def gemm_supported(device: torch.device, w: Int4MMAWeight | None = None) -> bool
     return _COMPILES[device.index]
 
 
-def gemm_config(m: int, n: int = 0, sms: int = 132) -> tuple[int, int]:
-    """(NT, STAGES): rows of x per tile and ring depth. 128-row tiles up to M = 128 (where 256 rows would leave
-    most of the chip idle). Else 256 rows (int4_gemm_sweep.jsonl: 1.1-1.2x faster than 128 from M = 2048 on),
-    or 192 where that takes fewer rounds of tiles (:func:`_rounds`, clusters of 2 blocks): at M = 2048 and
-    N = 13824, 9 rounds of 192 rows instead of 7 of 256 rows (the last a little over half full). The output
-    tile's room in shared memory leaves 4 stages at 256 rows and 6 at 192."""
-    if m <= 128:
-        return 128, 8
-    if n % 256 == 0:
-        clusters = max(1, sms // 2)
-        cost = {nt: _rounds(-(-m // nt) * (n // 256), clusters) * nt for nt in (256, 192)}
-        if cost[192] < cost[256]:
-            return 192, 6
-    return 256, 4
-
-
-def _rounds(tiles: int, slots: int) -> float:
-    """How many rounds of whole tiles ``slots`` blocks take: a last round at most half full counts by its share
-    (:func:`schedule` splits it over K), a fuller one as a whole round."""
-    full, tail = divmod(tiles, slots)
-    return full + (tail / slots if 2 * tail <= slots else 1) if tail else full
+def gemm_config(m: int) -> tuple[int, int]:
+    """(NT, STAGES): rows of x per tile and ring depth. 128-row tiles and 8 stages up to M = 128 (where 256 rows
+    would leave most of the chip idle); else 256 rows and 4 stages, all the room that the output tile leaves.
+    192-row tiles made fewer rounds of tiles at some shapes but were slower at all four where they did (on an
+    H100, 0.87-0.97x bf16 against 1.01-1.07x with 256 rows: benchmarks/notes/int4_kernel.md, v13)."""
+    return (128, 8) if m <= 128 else (256, 4)
 
 
 def _smem_bytes(nt: int, stages: int) -> int:
@@ -617,7 +602,7 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     given = nt is not None and stages is not None  # else both come from gemm_config, once per plan
     if given and (nt not in (64, 128, 192, 256) or stages < 3 or _smem_bytes(nt, stages) > 226 * 1024):
         raise ValueError(f"int4_gemm: NT {nt} must be 64, 128, 192 or 256, and the stages ({stages}) at least 3 "
-                         "(a slot is released two stages after its own) and fit 226 KB")
+                         "(the consumers hold two slots, the stage in flight and the one being issued) and fit 226 KB")
     stream = torch._C._cuda_getCurrentRawStream(dev.index)
     cl = cluster or (2 if n % 256 == 0 else 1)
     if cl not in (1, 2) or n % (128 * cl):
@@ -627,7 +612,7 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     plan = _PLANS.get(key)
     if plan is None:
         if not given:
-            nt, stages = gemm_config(m, n, torch.cuda.get_device_properties(dev).multi_processor_count)
+            nt, stages = gemm_config(m)
         plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, cl, stream_k, band)
     plan.launch(x2, w, y)
     return y.reshape(*x.shape[:-1], n)
