@@ -28,11 +28,16 @@ SHAPES = "4096x11008,11008x4096,4096x4096,5120x13824,8192x8192,4096x12288,4096x2
 # are a 7B decoder's fused q/k/v and gate/up projections (benchmarks/decode.py)
 
 
-def space(m: int, n: int, hopper: bool, warps: tuple[int, ...]):
+def space(m: int, n: int, hopper: bool, warps: tuple[int, ...], near: dict | None = None):
+    """Configs to time; with ``near`` (a config), only its NB, WARPS and KS, with every PF and EARLY."""
     mt = 1 << max(0, (m - 1).bit_length() - 3)  # tiles of 8 rows, as mma_config picks them
-    for nb, w, pf, ks in itertools.product((1, 2), warps, (0, 1), (1, 2) if hopper and m > 1 else (1,)):
+    pdl = hopper and mt < 4
+    for nb, w, pf, ks, early in itertools.product((1, 2), warps, (0, 1, 2) if near else (0, 1),
+                                                  (1, 2) if hopper and m > 1 else (1,), (0, 1) if pdl else (0,)):
+        if near and (nb, w, ks) != (near["NB"], near["WARPS"], near["KS"]):
+            continue
         if (n // 16) % nb == 0 and w * nb * mt * 512 <= 48 * 1024:
-            yield {"NB": nb, "MT": mt, "WARPS": w, "PF": pf, "KS": ks, "PDL": hopper and mt < 4}
+            yield {"NB": nb, "MT": mt, "WARPS": w, "PF": pf, "KS": ks, "PDL": pdl, "EARLY": bool(early)}
 
 
 def main() -> None:
@@ -41,6 +46,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warps", default="2,4,8,16", help="warps per program to try")
+    ap.add_argument("--near-default", action="store_true",
+                    help="only the default config's NB, WARPS and KS, with every PF and EARLY")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     common = run_header(torch.cuda.get_device_name())
@@ -53,7 +60,9 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             ref = R.int4_weight_only_linear_ref(xs[0].float(), *qs[0]).float()
-            cfgs = {"nb{NB}w{WARPS}pf{PF}ks{KS}".format(**c): c for c in space(m, n, hopper, tuple(int(v) for v in args.warps.split(",")))}
+            near = I.mma_config(m, n, k, xs[0].device) if args.near_default else None
+            cfgs = {"nb{NB}w{WARPS}pf{PF}ks{KS}".format(**c) + ("e" if c["EARLY"] else ""): c
+                    for c in space(m, n, hopper, tuple(int(v) for v in args.warps.split(",")), near)}
             for key, cfg in cfgs.items():  # every config computes the product
                 y = I.int4_mma_linear(xs[0], packed[0], cfg).float()
                 assert ((y - ref).norm() / ref.norm()).item() < 3e-3, key

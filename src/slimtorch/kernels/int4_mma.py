@@ -231,7 +231,9 @@ __device__ __forceinline__ void store_sum(u16* __restrict__ y, int i, float s, i
 // along y covers all of K, their sums added through distributed shared memory); warp w takes units
 // begin + w, begin + w + WARPS, ... MT tiles of 8 rows of x (M <= 8 MT). PF 1: load the next unit's weights
 // before this unit's arithmetic; PF 2: load only the first unit's early, before waiting for the previous kernel.
-template <int NB, int MT, int WARPS, int PF, int KS>
+// EARLY: let the next kernel (a programmatic dependent launch) start before this one waits for the previous one,
+// so that its first weight loads overlap this kernel's; else only once this kernel's loop is done.
+template <int NB, int MT, int WARPS, int PF, int EARLY, int KS>
 __device__ __forceinline__ void int4_mma_body(
     const U4* __restrict__ wq, const U4* __restrict__ meta, const u16* __restrict__ x, u16* __restrict__ y,
     int M, int units, int groups, int unit_shift, int sx, int sy) {
@@ -260,6 +262,7 @@ __device__ __forceinline__ void int4_mma_body(
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) load_unit(wq, nb0 + nb, units, u_begin + warp, lane, wn[nb]);
   }
+  if (EARLY) launch_dependents();  // the next kernel still waits for this one's end before it reads its x
   grid_dependency_wait();  // x may be the previous kernel's output: read it only after that kernel is done
   for (int u = u_begin + warp; u < u_end; u += WARPS) {
     U4 wv[NB][2], mv[NB], xv[MT][4];
@@ -309,7 +312,7 @@ __device__ __forceinline__ void int4_mma_body(
       }
     }
   }
-  launch_dependents();
+  if (!EARLY) launch_dependents();
   __shared__ float red[WARPS * NB * MT * 128];
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb)
@@ -341,19 +344,19 @@ __device__ __forceinline__ void int4_mma_body(
   }
 }
 
-template <int NB, int MT, int WARPS, int PF>
+template <int NB, int MT, int WARPS, int PF, int EARLY>
 __global__ void __launch_bounds__(WARPS * 32) int4_mma(
     const U4* __restrict__ wq, const U4* __restrict__ meta, const u16* __restrict__ x, u16* __restrict__ y,
     int M, int units, int groups, int unit_shift, int sx, int sy) {
-  int4_mma_body<NB, MT, WARPS, PF, 1>(wq, meta, x, y, M, units, groups, unit_shift, sx, sy);
+  int4_mma_body<NB, MT, WARPS, PF, EARLY, 1>(wq, meta, x, y, M, units, groups, unit_shift, sx, sy);
 }
 
 #if __CUDA_ARCH__ >= 900  // clusters are Hopper's
-template <int NB, int MT, int WARPS, int PF, int KS>
+template <int NB, int MT, int WARPS, int PF, int EARLY, int KS>
 __global__ void __cluster_dims__(1, KS, 1) __launch_bounds__(WARPS * 32) int4_mma_split(
     const U4* __restrict__ wq, const U4* __restrict__ meta, const u16* __restrict__ x, u16* __restrict__ y,
     int M, int units, int groups, int unit_shift, int sx, int sy) {
-  int4_mma_body<NB, MT, WARPS, PF, KS>(wq, meta, x, y, M, units, groups, unit_shift, sx, sy);
+  int4_mma_body<NB, MT, WARPS, PF, EARLY, KS>(wq, meta, x, y, M, units, groups, unit_shift, sx, sy);
 }
 #endif
 
@@ -471,7 +474,7 @@ MAX_M = 32  # the most rows the tensor-core kernel takes (4 tiles of 8); more go
 # Measured best on an H100 where the rule in mma_config was more than 5% slower
 # (benchmarks/results/int4_mma_sweep.jsonl): (MT, N, K) -> config.
 _TUNED = {
-    (1, 11008, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1},
+    (1, 11008, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1, "EARLY": False},
     (1, 12288, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1},  # a fused q/k/v projection of a 7B model
     (1, 22016, 4096): {"NB": 1, "WARPS": 2, "PF": 1, "KS": 1},  # a fused gate/up projection
     (1, 13824, 5120): {"NB": 1, "WARPS": 5, "PF": 1, "KS": 1},
@@ -485,8 +488,9 @@ _CONFIGS: dict = {}
 
 def mma_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """Block shape of the tensor-core kernel: NB blocks of 16 channels per program, MT tiles of 8 rows, WARPS,
-    PF (1: prefetch the next unit; 2: only the first), KS (K split over a cluster of KS programs; sm_90 only) and PDL
-    (programmatic dependent launch; sm_90 only).
+    PF (1: prefetch the next unit; 2: only the first), KS (K split over a cluster of KS programs; sm_90 only), PDL
+    (programmatic dependent launch; sm_90 only) and EARLY (with PDL: the next kernel may start, and load its first
+    weights, before this one has read x; else once this one's loop is done).
 
     The rule (from the H100 sweep): as many warps as fit the chip in one wave (about 32, 20 and 10 per
     multiprocessor at 1, 2 and 4 tiles: registers limit it), so every weight load is issued at once."""
@@ -497,15 +501,18 @@ def mma_config(m: int, n: int, k: int, device: torch.device) -> dict:
         return cfg
     hopper = torch.cuda.get_device_capability(device)[0] >= 9
     pdl = hopper and mt < 4  # at 4 tiles PDL cost 25% at one shape (8192 x 8192: 34 vs 27 us)
+    # at one row, starting the next call early saved 4-14% at four of five shapes; at 16 rows it cost up to 20%
+    early = pdl and mt == 1
     tuned = _TUNED.get((mt, n, k))
     if tuned is not None and (hopper or tuned["KS"] == 1):
-        cfg = {"MT": mt, **tuned, "PDL": pdl}
+        cfg = {"MT": mt, "EARLY": early, **tuned, "PDL": pdl}
+        cfg["EARLY"] = cfg["EARLY"] and pdl
     else:
         nb = 1 if mt == 1 or (n // 16) % 2 else 2
         cap = {1: 32, 2: 20, 4: 10}[mt] * torch.cuda.get_device_properties(device).multi_processor_count
         blocks = n // (16 * nb)
         warps = next((w for w in (16, 8) if blocks * w <= cap and w * nb * mt * 512 <= 48 * 1024), 4)
-        cfg = {"NB": nb, "MT": mt, "WARPS": warps, "PF": 1, "KS": 1, "PDL": pdl}
+        cfg = {"NB": nb, "MT": mt, "WARPS": warps, "PF": 1, "KS": 1, "PDL": pdl, "EARLY": early}
     _CONFIGS[key] = cfg
     return cfg
 
@@ -526,7 +533,7 @@ def int4_mma_linear(x: torch.Tensor, w: Int4MMAWeight, config: dict | None = Non
     if (n // 16) % nb or cfg["WARPS"] * nb * mt * 512 > 48 * 1024:
         raise ValueError(f"config {cfg} does not fit N = {n} (N/16 a multiple of NB) or 48 KB of shared memory")
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    tpl = f"{nb}, {mt}, {cfg['WARPS']}, {cfg['PF']}"
+    tpl = f"{nb}, {mt}, {cfg['WARPS']}, {cfg['PF']}, {int(cfg.get('EARLY', 0))}"
     name = f"int4_mma<{tpl}>" if ks == 1 else f"int4_mma_split<{tpl}, {ks}>"
     args = (w.words, w.meta, x2, y, m, k // 128, w.meta.shape[1], w.unit_shift, x2.stride(0), n)
     _launch(name, (n // (16 * nb), ks, 1), 32 * cfg["WARPS"], args, x.device, cfg.get("PDL", False))
