@@ -32,10 +32,11 @@ def space(m: int, n: int, hopper: bool, warps: tuple[int, ...], near: dict | Non
     """Configs to time; with ``near`` (a config), only its NB, WARPS and KS, with every PF and EARLY."""
     mt = 1 << max(0, (m - 1).bit_length() - 3)  # tiles of 8 rows, as mma_config picks them
     pdl = hopper and mt < 4
-    for nb, w, pf, ks, early in itertools.product((1, 2), warps, (0, 1, 2) if near else (0, 1),
-                                                  (1, 2) if hopper and m > 1 else (1,), (0, 1) if pdl else (0,)):
-        if near and (nb, w, ks) != (near["NB"], near["WARPS"], near["KS"]):
-            continue
+    nbs, ks_ = (1, 2), (1, 2) if hopper and m > 1 else (1,)
+    if near:
+        nbs, warps, ks_ = (near["NB"],), (near["WARPS"],), (near["KS"],)
+    for nb, w, pf, ks, early in itertools.product(nbs, warps, (0, 1, 2) if near else (0, 1), ks_,
+                                                  (0, 1) if pdl else (0,)):
         if (n // 16) % nb == 0 and w * nb * mt * 512 <= 48 * 1024:
             yield {"NB": nb, "MT": mt, "WARPS": w, "PF": pf, "KS": ks, "PDL": pdl, "EARLY": bool(early)}
 
