@@ -475,8 +475,8 @@ MAX_M = 32  # the most rows the tensor-core kernel takes (4 tiles of 8); more go
 # (benchmarks/results/int4_mma_sweep.jsonl): (MT, N, K) -> config.
 _TUNED = {
     (1, 11008, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1, "EARLY": False},
-    (1, 12288, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1},  # a fused q/k/v projection of a 7B model
-    (1, 22016, 4096): {"NB": 1, "WARPS": 2, "PF": 1, "KS": 1},  # a fused gate/up projection
+    (1, 12288, 4096): {"NB": 2, "WARPS": 8, "PF": 0, "KS": 1, "EARLY": False},  # a 7B model's fused q/k/v
+    (1, 22016, 4096): {"NB": 1, "WARPS": 2, "PF": 1, "KS": 1, "EARLY": False},  # and gate/up projections
     (1, 13824, 5120): {"NB": 1, "WARPS": 5, "PF": 1, "KS": 1},
     (2, 4096, 11008): {"NB": 2, "WARPS": 8, "PF": 1, "KS": 2},
     (4, 4096, 11008): {"NB": 2, "WARPS": 4, "PF": 1, "KS": 2},
@@ -501,7 +501,8 @@ def mma_config(m: int, n: int, k: int, device: torch.device) -> dict:
         return cfg
     hopper = torch.cuda.get_device_capability(device)[0] >= 9
     pdl = hopper and mt < 4  # at 4 tiles PDL cost 25% at one shape (8192 x 8192: 34 vs 27 us)
-    # at one row, starting the next call early saved 4-14% at four of five shapes; at 16 rows it cost up to 20%
+    # at one row, starting the next call early saved 5-15% at 4 of 7 shapes and cost 1-15% at the 3 that _TUNED
+    # marks; at 16 rows it cost up to 20% (int4_mma_sweep.jsonl, --near-default)
     early = pdl and mt == 1
     tuned = _TUNED.get((mt, n, k))
     if tuned is not None and (hopper or tuned["KS"] == 1):
