@@ -580,7 +580,7 @@ def pieces(b: int, grid: int, tiles_n: int, units: int, whole: int, tail: int, s
 
 
 def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: int | None = None,
-              stream_k: bool = True, cluster: int | None = None, band: int = 4) -> torch.Tensor:
+              stream_k: bool = True, cluster: int | None = None, band: int = 8) -> torch.Tensor:
     """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows). ``nt``/``stages``: rows per
     tile and ring depth (default :func:`gemm_config`); ``stream_k``: split a last round at most half full over K
     (:func:`schedule`); ``cluster``: blocks per cluster sharing x, 1 or 2 (default 2 where N is a multiple of 256);
