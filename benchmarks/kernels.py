@@ -5,7 +5,8 @@ roofline's prediction for each case. Needs CUDA (run through the device tool).
 
 Each case is timed two ways: eager calls, and the same calls replayed from a CUDA graph (launch
 overhead removed), each the median of 5 trials of 50 calls after warm-up, with weights rotated
-among enough copies to exceed L2. Appends JSON lines to DIR/kernels.jsonl (default
+among enough copies to exceed L2. With ``--repeats R`` the methods are timed R times in turn and each
+record keeps the medians (and the R times). Appends JSON lines to DIR/kernels.jsonl (default
 benchmarks/results/), every record with its bf16 baseline from the same run.
 """
 
@@ -126,6 +127,9 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,8192x8192 (K x N)")
     ap.add_argument("--ms", default=None, help="e.g. 1,16")
     ap.add_argument("--methods", default=None, help="comma-separated subset, e.g. bf16,ours_int4wo")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every method this many times in turn and keep the medians (bf16 moves by up to "
+                         "15%% between runs on an H100)")
     args = ap.parse_args()
     from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
     from slimtorch.kernels.int4_mma import int4_linear
@@ -178,20 +182,32 @@ def main() -> None:
             if args.methods:
                 keep = set(args.methods.split(",")) | {"bf16"}
                 fns = {k2: f for k2, f in fns.items() if k2 in keep}
-            base = None
-            for name, fn in fns.items():
-                rec = {**common, "K": k, "N": n, "M": m, "method": name}
-                try:
-                    with torch.no_grad():
-                        y = fn(0)
-                        rec["rel_err_vs_bf16"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-                        rec["eager_us"] = _time(fn, sets)
-                        rec["graph_us"] = _time(fn, sets, graph=True)
-                except Exception as exc:  # noqa: BLE001
-                    rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                    traceback.print_exc(limit=2)
-                if name == "bf16":
-                    base = rec
+            recs = {name: {**common, "K": k, "N": n, "M": m, "method": name} for name in fns}
+            runs: dict[str, dict[str, list[float]]] = {name: {"eager_us": [], "graph_us": []} for name in fns}
+            for rep in range(args.repeats):  # the methods in turn, so that a drift of the clock hits them all
+                for name, fn in fns.items():
+                    rec = recs[name]
+                    if "error" in rec:
+                        continue
+                    try:
+                        with torch.no_grad():
+                            if rep == 0:
+                                y = fn(0)
+                                rec["rel_err_vs_bf16"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                            runs[name]["eager_us"].append(_time(fn, sets))
+                            runs[name]["graph_us"].append(_time(fn, sets, graph=True))
+                    except Exception as exc:  # noqa: BLE001
+                        rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                        traceback.print_exc(limit=2)
+            base = recs["bf16"] if "error" not in recs["bf16"] else None
+            for name, rec in recs.items():
+                for key, vals in runs[name].items():
+                    if vals and "error" not in rec:
+                        rec[key] = statistics.median(vals)
+                        if args.repeats > 1:
+                            rec[key + "_runs"] = vals
+                if args.repeats > 1:
+                    rec["repeats"] = args.repeats
                 preset = next((p for key, p in presets.items() if key in name), None)
                 cost = linear_cost("x", m, k, n, preset.weight if preset else None, preset.act if preset else None)
                 rec["predicted_us"] = cost.time(hw) * 1e6
