@@ -1,7 +1,10 @@
 """Print the kernel benchmark records as Markdown (the README's table): speed-up over bf16 from the
 same run, CUDA-graph replay (eager in brackets), and the roofline's predicted time.
 
-    python benchmarks/kernels_table.py [--shape 4096x11008]
+    python benchmarks/kernels_table.py [--shape 4096x11008] [--run DATE]
+
+By default each cell is the newest record of its case, with the methods that the newest run timed; with
+``--run`` only the run that started at DATE (a record's "date", or a prefix of it).
 """
 
 import argparse
@@ -14,8 +17,13 @@ RESULTS = Path(__file__).parent / "results" / "kernels.jsonl"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default=None, help="K x N, e.g. 4096x11008")
+    ap.add_argument("--run", default=None, help="only the run whose date starts with this")
     args = ap.parse_args()
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    if args.run:
+        rows = [r for r in rows if r["date"].startswith(args.run)]
+        if not rows:
+            raise SystemExit(f"no run in {RESULTS} started at {args.run}")
     device = rows[-1]["device"]  # the newest run's GPU: ratios only compare records of one device
     rows = [r for r in rows if r["device"] == device]
     print(f"{device}, torch {rows[-1]['torch']}, torchao {rows[-1].get('torchao')}\n")

@@ -2,12 +2,16 @@
 is predicted with the chip's datasheet profile and with its measured-ceiling profile, and the ratio
 measured / predicted is written to benchmarks/results/roofline.jsonl.
 
-    python benchmarks/roofline_check.py
+    python benchmarks/roofline_check.py [--run DATE]
+
+roofline.jsonl covers every record; the table and the counts printed are of one run: the newest, or the
+one whose date starts with DATE.
 
 The measured time is the CUDA-graph replay (launch overhead removed). A ratio of 1 means the kernel
 runs at the roofline; above 1, slower than it. "within 25%" counts ratios in [0.8, 1.25].
 """
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +24,13 @@ PRESETS = {"int4wo": "W4A16-g128", "int8": "W8A8-dynamic", "fp8": "FP8"}
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default=None, help="the run (its records' date, or a prefix) to print; default the newest")
+    args = ap.parse_args()
     rows = [json.loads(line) for line in (RESULTS / "kernels.jsonl").read_text().splitlines()]
+    run = args.run or rows[-1]["date"]
+    if not any(r["date"].startswith(run) for r in rows):
+        raise SystemExit(f"no run in kernels.jsonl started at {run}")
     out = []
     for r in rows:
         if "graph_us" not in r or r["method"].endswith("_fused"):
@@ -39,6 +49,8 @@ def main() -> None:
             entry[f"ratio[{profile}]"] = r["graph_us"] / (cost.time(hw) * 1e6)
         out.append(entry)
     (RESULTS / "roofline.jsonl").write_text("".join(json.dumps(e) + "\n" for e in out))
+    out = [e for e in out if e["kernels_record_date"].startswith(run)]
+    print(f"run {out[0]['kernels_record_date'] if out else run}")
     print("| method | K x N | M | bound | measured us | predicted (datasheet) | predicted (measured ceilings) | ratio |")
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for e in out:

@@ -27,9 +27,9 @@ mirrored by :func:`pieces`), the producer running ahead into the next piece whil
 the last through shared memory (``stmatrix``) and a TMA store. A last round of tiles at most half full is
 cut over K ("stream-K"): float32 partial sums, added up by the last part to finish.
 
-Measured on an H100 (benchmarks/results/kernels.jsonl at 2af246b, CUDA graphs): 0.73-1.47x bf16 at
-M = 128, 0.95-1.03x at M = 2048 and 0.90-1.04x at M = 8192 (the dequantize + cuBLAS path was 0.96-1.03x
-there). Held at the power limit (int4_gemm_sustained.jsonl), 0.94-0.98x at M = 2048.
+Measured on an H100 (benchmarks/results/kernels.jsonl, CUDA graphs; medians of 5 timings in turn with bf16
+at ef2e22f): 0.98-1.05x bf16 at M = 2048 and 1.00-1.06x at M = 8192; 0.73-1.50x at M = 128 (f35c6a1).
+Held at the power limit (int4_gemm_sustained.jsonl), 1.01-1.06x.
 
 Needs sm_90 (wgmma, TMA, clusters), the layout's conditions and N a multiple of 128 (clusters of two where
 N is a multiple of 256), bf16 x whose row stride is a multiple of 8 elements.
