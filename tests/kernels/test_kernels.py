@@ -287,6 +287,29 @@ def test_int4_gemm_matches_reference(k, n):
         assert rel(int4_linear(x, wm), R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)) < 4e-3
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m", [1024, 4096])  # tiles cut over K (stream-K) at 1024 rows, whole rounds at 4096
+def test_int4_gemm_chained_launches_read_their_input_after_it_is_written(m):
+    """Each launch (a programmatic dependent launch by default) may start while the one before it on the stream
+    ends: in a chain y_i+1 = y_i @ w^T, every link must match the reference on the input it was given."""
+    from slimtorch.kernels.int4_gemm import int4_gemm
+    from slimtorch.kernels.int4_mma import prepare_int4_mma
+
+    torch.manual_seed(m)
+    k = 2048
+    packed, scale, zero = R.quantize_int4_weight(torch.randn(k, k, device="cuda") / k**0.5, 128)
+    wm = prepare_int4_mma(packed, scale, zero)
+    for pdl in (True, False):
+        ys = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16)]
+        for _ in range(6):  # queued back to back, nothing waits on the host in between
+            ys.append(int4_gemm(ys[-1], wm, pdl=pdl))
+        for y_in, y_out in zip(ys, ys[1:]):
+            ref = R.int4_weight_only_linear_ref(y_in.float(), packed, scale, zero).float()
+            assert rel(y_out, ref) < 4e-3, pdl
+
+
 def test_int4_mma_layout_needs_integer_zeros_and_its_shapes():
     from slimtorch.kernels.int4_mma import layout_supported, prepare_int4_mma
 

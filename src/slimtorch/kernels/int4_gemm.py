@@ -253,9 +253,13 @@ __global__ void __launch_bounds__(384, 1) int4_wgmma(
   }
   __syncthreads();
   if (CL > 1) cluster_sync();  // the other blocks' barriers are ready for multicasts and arrivals
+  launch_dependents();  // launched as a programmatic dependent launch, the next kernel may be set up now
   if (tid < 128) {  // the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (tid == 0) {
+      // x may be the previous kernel's output, and y its input: every load (and so every store, which follows
+      // from the loads through the mbarriers) waits for that kernel's end
+      grid_dependency_wait();
       int it = 0;
       for (int k = 0;; ++k) {
         const Work wk = piece(k, b, grid, tiles_n, units, whole, tail, sk, NT, CL, rank, (M + NT - 1) / NT, band);
@@ -480,12 +484,14 @@ class _Plan:
     counters and the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
 
     def __init__(self, dev: torch.device, stream: int, m: int, k: int, n: int, nt: int, stages: int, cl: int,
-                 stream_k: bool, band: int) -> None:
+                 stream_k: bool, band: int, pdl: bool) -> None:
         self.smem = _smem_bytes(nt, stages)
         self.kern = _kernel(f"int4_wgmma<{nt}, {stages}, {cl}>", dev, self.smem)
-        self.attr = _LaunchAttr(4, b"", (ctypes.c_int * 16)(cl, 1, 1))  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, and PROGRAMMATIC_STREAM_SERIALIZATION with ``pdl``
+        self.attrs = (_LaunchAttr * 2)(_LaunchAttr(4, b"", (ctypes.c_int * 16)(cl, 1, 1)),
+                                       _LaunchAttr(6, b"", (ctypes.c_int * 16)(1)))
         self.cfg = _LaunchConfig((ctypes.c_uint * 3)(cl, 1, 1), (ctypes.c_uint * 3)(384, 1, 1), self.smem,
-                                 ctypes.c_void_p(stream), ctypes.pointer(self.attr), 1)
+                                 ctypes.c_void_p(stream), self.attrs, 2 if pdl else 1)
         clusters = _max_clusters(self.kern.func, self.cfg, dev, cl)
         tiles_n, units = n // (128 * cl), k // 128  # in tiles of cl x 128 channels
         tiles = tiles_n * -(-m // nt)
@@ -580,11 +586,12 @@ def pieces(b: int, grid: int, tiles_n: int, units: int, whole: int, tail: int, s
 
 
 def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: int | None = None,
-              stream_k: bool = True, cluster: int | None = None, band: int = 8) -> torch.Tensor:
+              stream_k: bool = True, cluster: int | None = None, band: int = 8, pdl: bool = True) -> torch.Tensor:
     """x (..., K) bf16 -> (..., N) bf16 with the wgmma kernel (any number of rows). ``nt``/``stages``: rows per
     tile and ring depth (default :func:`gemm_config`); ``stream_k``: split a last round at most half full over K
     (:func:`schedule`); ``cluster``: blocks per cluster sharing x, 1 or 2 (default 2 where N is a multiple of 256);
-    ``band``: row tiles per band of the tile order (rows fastest within a band). The defaults are what the
+    ``band``: row tiles per band of the tile order (rows fastest within a band); ``pdl``: launch as a programmatic
+    dependent launch (the kernel is set up while the previous one on the stream ends). The defaults are what the
     H100 measurements chose (benchmarks/notes/int4_kernel.md)."""
     k, n = w.k, w.n
     if x.dtype != torch.bfloat16 or x.shape[-1] != k:
@@ -607,12 +614,12 @@ def int4_gemm(x: torch.Tensor, w: Int4MMAWeight, nt: int | None = None, stages: 
     cl = cluster or (2 if n % 256 == 0 else 1)
     if cl not in (1, 2) or n % (128 * cl):
         raise ValueError(f"int4_gemm: a cluster of {cl} blocks needs N a multiple of {128 * cl}; got {n}")
-    key = (dev.index, stream, m, k, n, nt if given else None, stages if given else None, cl, stream_k, band,
+    key = (dev.index, stream, m, k, n, nt if given else None, stages if given else None, cl, stream_k, band, pdl,
            threading.get_ident())
     plan = _PLANS.get(key)
     if plan is None:
         if not given:
             nt, stages = gemm_config(m)
-        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, cl, stream_k, band)
+        plan = _PLANS[key] = _Plan(dev, stream, m, k, n, nt, stages, cl, stream_k, band, pdl)
     plan.launch(x2, w, y)
     return y.reshape(*x.shape[:-1], n)

@@ -172,6 +172,19 @@ __device__ __forceinline__ u16 to_bf16(float f) {
 __device__ __forceinline__ void cluster_sync() {  // every thread of every block of the cluster (sm_90)
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
+// Programmatic dependent launch (sm_90): launched with that attribute, a kernel may start while the previous
+// one on its stream finishes; it may load what no kernel writes (weights) first, then waits for the previous
+// kernel before reading x or writing anything. Without the attribute both are no-ops.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   u32 a;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -196,19 +209,6 @@ __device__ __forceinline__ void load_unit(const U4* __restrict__ wq, long long n
   out[1] = ld_stream(p + 16);
 }
 
-// Programmatic dependent launch (sm_90): launched with that attribute, a kernel may start while the previous
-// one on its stream finishes; it loads its first weights (which no kernel writes), then waits for the previous
-// kernel before reading x. Without the attribute both are no-ops.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 __device__ __forceinline__ float ld_peer(u32 local, u32 rank) {  // a float in cluster block `rank`'s shared memory
   u32 remote;
   float v;
