@@ -25,10 +25,12 @@ Weights are scaled in bf16 (``s (q - z)`` rounded once, as the dequantize path d
 are summed in float32. The blocks are persistent: each walks its pieces of work (:func:`schedule`,
 mirrored by :func:`pieces`), the producer running ahead into the next piece while the consumers store
 the last through shared memory (``stmatrix``) and a TMA store. A last round of tiles at most half full is
-cut over K ("stream-K"): float32 partial sums, added up by the last part to finish.
+cut over K ("stream-K"): float32 partial sums, added up by the last part to finish. It is launched as a
+programmatic dependent launch: set up while the previous kernel on the stream ends, it waits for that
+kernel before its first load.
 
 Measured on an H100 (benchmarks/results/kernels.jsonl, CUDA graphs; medians of 5 timings in turn with bf16
-at ef2e22f): 0.98-1.05x bf16 at M = 2048 and 1.00-1.06x at M = 8192; 0.73-1.50x at M = 128 (f35c6a1).
+at 23c0ae0): 1.00-1.07x bf16 at M = 2048 and 1.02-1.06x at M = 8192; 0.73-1.50x at M = 128 (f35c6a1).
 Held at the power limit (int4_gemm_sustained.jsonl), 1.01-1.06x.
 
 Needs sm_90 (wgmma, TMA, clusters), the layout's conditions and N a multiple of 128 (clusters of two where
