@@ -230,8 +230,9 @@ def test_int4_gemm_schedule_cuts_only_a_partial_last_round():
                                              (70, 7, 64)])
 def test_int4_gemm_pieces_cover_every_unit_once(tiles, units, sms):
     """The blocks' pieces (as the kernel walks them) cover each (tile, unit) exactly once, and when every block
-    takes a share of the tail their work is equal within a unit; a part's `parts` is its tile's number of pieces, its slot is its own, and the slot the last
-    part computes for each other block of the tile (first share piece: 2 b, else 2 b + 1) is that block's."""
+    takes a share of the tail their work is equal within a unit; a part's `parts` is its tile's number of
+    pieces, its slot is its own, and the slot the last part computes for each other block of the tile (first
+    share piece: 2 b, else 2 b + 1) is that block's."""
     from slimtorch.kernels.int4_gemm import pieces, schedule
 
     whole, tail, sk = schedule(tiles, units, sms)

@@ -44,7 +44,7 @@ import threading
 
 import torch
 
-from slimtorch.kernels.int4_mma import _PRELUDE, Int4MMAWeight, _driver, _LaunchAttr, _LaunchConfig
+from slimtorch.kernels.int4_mma import _PDL, _PRELUDE, Int4MMAWeight, _driver, _LaunchAttr, _LaunchConfig
 
 
 def _wgmma_asm(nt: int) -> str:
@@ -200,7 +200,7 @@ __device__ __forceinline__ Work piece(int k, int b, int grid, int tiles_n, int u
     tile = b + k * grid;
   } else if (b < sk) {
     const long long W = (long long)tail * units, e0 = W * b / sk, e1 = W * (b + 1) / sk;
-    const int t0 = (int)(e0 / units), tt = t0 + (k - ndp);
+    const int t0 = sk_first_tile(b, sk, W, units), tt = t0 + (k - ndp);
     const long long base = (long long)tt * units;
     const long long x0 = e0 > base ? e0 : base, x1 = e1 < base + units ? e1 : base + units;
     r.valid = x0 < x1;
@@ -490,8 +490,7 @@ class _Plan:
         self.smem = _smem_bytes(nt, stages)
         self.kern = _kernel(f"int4_wgmma<{nt}, {stages}, {cl}>", dev, self.smem)
         # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, and PROGRAMMATIC_STREAM_SERIALIZATION with ``pdl``
-        self.attrs = (_LaunchAttr * 2)(_LaunchAttr(4, b"", (ctypes.c_int * 16)(cl, 1, 1)),
-                                       _LaunchAttr(6, b"", (ctypes.c_int * 16)(1)))
+        self.attrs = (_LaunchAttr * 2)(_LaunchAttr(4, b"", (ctypes.c_int * 16)(cl, 1, 1)), _PDL)
         self.cfg = _LaunchConfig((ctypes.c_uint * 3)(cl, 1, 1), (ctypes.c_uint * 3)(384, 1, 1), self.smem,
                                  ctypes.c_void_p(stream), self.attrs, 2 if pdl else 1)
         clusters = _max_clusters(self.kern.func, self.cfg, dev, cl)

@@ -506,8 +506,7 @@ def mma_config(m: int, n: int, k: int, device: torch.device) -> dict:
     early = pdl and mt == 1
     tuned = _TUNED.get((mt, n, k))
     if tuned is not None and (hopper or tuned["KS"] == 1):
-        cfg = {"MT": mt, "EARLY": early, **tuned, "PDL": pdl}
-        cfg["EARLY"] = cfg["EARLY"] and pdl
+        cfg = {"MT": mt, "EARLY": early, **tuned, "PDL": pdl}  # _TUNED only turns EARLY off
     else:
         nb = 1 if mt == 1 or (n // 16) % 2 else 2
         cap = {1: 32, 2: 20, 4: 10}[mt] * torch.cuda.get_device_properties(device).multi_processor_count
