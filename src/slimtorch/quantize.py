@@ -22,6 +22,7 @@ from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smoothquant_choice
 from slimtorch.calib.runner import per_layer, sequential_calibrate
 from slimtorch.errors import SlimError
+from slimtorch.io.checkpoint import nonfinite_tensor
 from slimtorch.progress import Progress, no_progress
 from slimtorch.quant.modules import ActQuant, _QuantWeight, quant_type_for, set_module
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
@@ -176,9 +177,15 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
     if method not in METHODS:
         raise SlimError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     rec = resolve_recipe(recipe)
+    bad = nonfinite_tensor(model.state_dict())
+    if bad is not None:
+        raise SlimError(f"the model's own tensor {bad} holds NaN or Inf; it cannot be quantized (is it damaged?)")
     calib = list(calib or [])
     check_calibration(calib)
     plan, skipped = build_plan(model, rec)
+    if not plan and rec.weight is None:
+        raise SlimError(f"recipe {rec.name} quantizes only attention inputs, and this model has no MatmulInput "
+                        f"points (attention Q/K/V and softmax inputs): nothing to quantize")
     if not plan:
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
     method_notes = quantize_plan_(model, plan, calib, method, progress)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slimtorch.errors import SlimError
+from slimtorch.errors import SlimError, shown
+
+MAX_GROUP = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class PerGroup:
     size: int = 128
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise SlimError(f"group size must be a positive integer, got {self.size}")
+        if type(self.size) is not int or not 1 <= self.size <= MAX_GROUP:
+            raise SlimError(f"group size must be an integer from 1 to {MAX_GROUP}, got {shown(self.size)}")
 
 
 Granularity = PerTensor | PerChannel | PerToken | PerGroup
@@ -68,12 +70,16 @@ class QuantSpec:
     dynamic: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in INT_RANGES and self.dtype not in FP8_MAX:
-            raise SlimError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join([*INT_RANGES, *FP8_MAX])}")
-        if self.observer not in OBSERVERS:
-            raise SlimError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        if not isinstance(self.dtype, str) or (self.dtype not in INT_RANGES and self.dtype not in FP8_MAX):
+            raise SlimError(f"unknown dtype {shown(self.dtype)}; choose one of: {', '.join([*INT_RANGES, *FP8_MAX])}")
+        if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
+            raise SlimError(f"unknown observer {shown(self.observer)}; choose one of: {', '.join(OBSERVERS)}")
+        for flag in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SlimError(f"{flag} must be true or false, got {shown(getattr(self, flag))}")
         if not isinstance(self.granularity, PerTensor | PerChannel | PerToken | PerGroup):
-            raise SlimError(f"granularity must be PerTensor, PerChannel, PerToken or PerGroup, got {self.granularity!r}")
+            raise SlimError(f"granularity must be PerTensor, PerChannel, PerToken or PerGroup, got "
+                            f"{shown(self.granularity)}")
         if self.is_float and not self.symmetric:
             raise SlimError(f"{self.dtype} is symmetric only; set symmetric: true")
         if self.dtype.startswith("uint") and self.symmetric:
@@ -107,6 +113,32 @@ class LayerPlan:
 Plan = dict[str, LayerPlan]  # module name -> LayerPlan
 
 
+def check_role(spec: QuantSpec | None, role: str) -> QuantSpec | None:
+    """``spec`` if it can quantize a tensor of ``role`` (``weight``: a layer's weight; ``act``: a layer's
+    input or an attention matmul input), else SlimError saying what would work.
+
+    Weights are 2-D ``(out, in)``: one scale for the tensor, per output channel (axis 0) or per group of
+    inputs; their range is fixed once, so ``dynamic`` does not apply. Static activations keep one range
+    for every call: per tensor (their shape changes from call to call); dynamic ones may also take one
+    scale per token."""
+    if spec is None:
+        return None
+    g = spec.granularity
+    if role == "weight":
+        if spec.dynamic:
+            raise SlimError("dynamic: true applies to activations; a weight's range is fixed when it is quantized")
+        if isinstance(g, PerToken) or (isinstance(g, PerChannel) and g.axis != 0):
+            raise SlimError(f"weight granularity {granularity_to_str(g)} is not supported; use tensor, channel "
+                            f"(one scale per output channel) or group:N")
+    elif spec.dynamic:
+        if not isinstance(g, PerTensor | PerToken):
+            raise SlimError(f"dynamic activations take granularity tensor or token, not {granularity_to_str(g)}")
+    elif not isinstance(g, PerTensor):
+        raise SlimError(f"static activations take granularity tensor (one range for every call), not "
+                        f"{granularity_to_str(g)}; for per-token scales set dynamic: true")
+    return spec
+
+
 def granularity_to_str(g: Granularity) -> str:
     if isinstance(g, PerTensor):
         return "tensor"
@@ -118,7 +150,10 @@ def granularity_to_str(g: Granularity) -> str:
 
 
 def granularity_from_str(text: str) -> Granularity:
-    t = str(text).strip().lower()
+    if not isinstance(text, str):
+        raise SlimError(f"granularity must be a string (tensor, channel, channel:AXIS, token or group:N), got "
+                        f"{shown(text)}")
+    t = text.strip().lower()
     if t == "tensor":
         return PerTensor()
     if t == "token":
@@ -126,9 +161,9 @@ def granularity_from_str(text: str) -> Granularity:
     if t == "channel":
         return PerChannel(0)
     kind, _, num = t.partition(":")
-    if kind in ("group", "channel") and num.lstrip("-").isdigit():
+    if kind in ("group", "channel") and num.lstrip("-").isdigit() and len(num) <= 8:
         return PerGroup(int(num)) if kind == "group" else PerChannel(int(num))
-    raise SlimError(f"unknown granularity {text!r}; use tensor, channel, channel:AXIS, token or group:N")
+    raise SlimError(f"unknown granularity {shown(text)}; use tensor, channel, channel:AXIS, token or group:N")
 
 
 def spec_to_dict(spec: QuantSpec | None) -> dict | None:
@@ -138,7 +173,21 @@ def spec_to_dict(spec: QuantSpec | None) -> dict | None:
             "symmetric": spec.symmetric, "observer": spec.observer, "dynamic": spec.dynamic}
 
 
-def spec_from_dict(raw: dict | None) -> QuantSpec | None:
+SPEC_FIELDS = ("dtype", "granularity", "symmetric", "observer", "dynamic")
+
+
+def spec_from_dict(raw: dict | None, role: str | None = None) -> QuantSpec | None:
+    """The spec written by :func:`spec_to_dict` (or a recipe's mapping), checked for ``role`` when given."""
     if raw is None:
         return None
-    return QuantSpec(**{**raw, "granularity": granularity_from_str(raw.get("granularity", "channel"))})
+    if not isinstance(raw, dict):
+        raise SlimError(f"a quantization spec must be a mapping or null, got {shown(raw)}")
+    unknown = [k for k in raw if k not in SPEC_FIELDS]
+    if unknown:
+        raise SlimError(f"a quantization spec has unknown keys {shown(unknown)} ({', '.join(map(shown, unknown[:3]))})"
+                        f"; allowed: {', '.join(SPEC_FIELDS)}")
+    kw = dict(raw)
+    if "granularity" in kw:
+        kw["granularity"] = granularity_from_str(kw["granularity"])
+    spec = QuantSpec(**kw)
+    return check_role(spec, role) if role else spec

@@ -9,16 +9,26 @@ from pathlib import Path
 
 import torch
 
-from slimtorch.errors import SlimError
+from slimtorch.errors import SlimError, shown
+from slimtorch.io.files import regular_file
 from slimtorch.zoo import data, get_entry
 
 DEFAULT_SAMPLES = {"fmnist-classification": 512, "causal-lm": 128, "sentence-embedding": 256,
                    "imagenet-classification": 64}
 Batch = tuple[torch.Tensor, ...]
+MAX_CROPS = 4096
+MAX_TEXT_BYTES = 256 * 2**20
+
+
+def _available(n: int, have: int, what: str) -> int:
+    if n > have:
+        raise SlimError(f"asked for {n:,} calibration samples, but there are only {have:,} {what}; ask for fewer")
+    return n
 
 
 def _fmnist(n: int, gen: torch.Generator) -> list[Batch]:
     train = data.fashion_mnist("train")
+    _available(n, len(train.labels), "Fashion-MNIST training images")
     idx = torch.randperm(len(train.labels), generator=gen)[:n]
     x = train.normalized()[idx]
     return [(x[i:i + 128],) for i in range(0, n, 128)]
@@ -31,6 +41,7 @@ def lm_windows(tokens: torch.Tensor, n: int, seq_len: int, gen: torch.Generator)
 
 
 def _causal_lm(n: int, gen: torch.Generator, tokens: torch.Tensor, seq_len: int) -> list[Batch]:
+    _available(n, len(tokens) - seq_len, f"windows of {seq_len} tokens in the calibration text")
     wins = lm_windows(tokens, n, seq_len, gen)
     return [(wins[i:i + 8],) for i in range(0, n, 8)]
 
@@ -43,10 +54,11 @@ def _lm_tokens(entry, text_file: Path | None, seq_len: int) -> torch.Tensor:
     if text_file is None:
         tokens = entry.tokens("train")
         return tokens[-(len(tokens) // 30):]
+    regular_file("calibration text", text_file, MAX_TEXT_BYTES)
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SlimError(f"cannot read calibration text {text_file}: {exc}") from None
+        raise SlimError(f"cannot read calibration text {text_file}: {shown(exc)}") from None
     tokens = entry.encode([text])
     if len(tokens) <= seq_len:
         raise SlimError(f"calibration text {text_file} has {len(tokens)} tokens; it needs more than {seq_len} "
@@ -57,6 +69,7 @@ def _lm_tokens(entry, text_file: Path | None, seq_len: int) -> torch.Tensor:
 def _embedding(n: int, gen: torch.Generator, tokenizer) -> list[Batch]:
     # The evaluation uses noun glosses; calibration uses verb and adjective glosses.
     glosses = data.wordnet_glosses("verb") + data.wordnet_glosses("adj")
+    _available(n, len(glosses), "WordNet verb and adjective glosses")
     idx = torch.randperm(len(glosses), generator=gen)[:n].tolist()
     texts = [glosses[i].definition for i in idx]
     out = []
@@ -73,6 +86,7 @@ def _imagenet(n: int, gen: torch.Generator) -> list[Batch]:
 
     from slimtorch.zoo.efficientnet import INPUT_MEAN, INPUT_STD
 
+    _available(n, MAX_CROPS, "crops drawn from the calibration photos (a cap)")
     photos = [data.photo(name).permute(2, 0, 1).float() for name in data.UNLABELLED_PHOTOS]
     crops = []
     for _ in range(n):
@@ -96,8 +110,8 @@ def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
     entry = get_entry(name)
     task = entry.task
     n = DEFAULT_SAMPLES[task] if n is None else n
-    if n <= 0:
-        raise SlimError(f"the calibration set needs at least one sample, got {n}")
+    if not isinstance(n, int) or n <= 0:
+        raise SlimError(f"the calibration set needs at least one sample, got {shown(n)}")
     if text_file is not None and task != "causal-lm":
         raise SlimError(f"--calib FILE (text) applies to language models; {name} is {task}")
     gen = torch.Generator().manual_seed(seed)

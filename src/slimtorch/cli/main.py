@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import typer
@@ -14,33 +14,28 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from slimtorch.errors import SlimError
+from slimtorch.cli import args
+from slimtorch.errors import SlimError, shown
+from slimtorch.io.json_text import json_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress trained PyTorch models and measure what you got.")
 out = Console()
+MAX_CALIB_SAMPLES = 1_000_000
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr (no wrapping, no traceback) and exit."""
-    print(f"slimtorch: error: {' '.join(str(message).split())}", file=sys.stderr)
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def fail(message: str, code: int = 2, as_json: bool = False) -> None:
+    """Print one line to stderr (and, with ``--json``, a JSON object on stdout) and exit with ``code``."""
+    line = _one_line(message)
+    if as_json:
+        print(json.dumps({"error": line, "exit_code": code}))
+    print(f"slimtorch: error: {line}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn SlimError (a user mistake) into one line and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SlimError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-
-    return wrapper
 
 
 def progress_bar(it: Iterable, description: str) -> Iterable:
@@ -67,7 +62,6 @@ def _mib(n: int) -> str:
 
 
 @app.command("models")
-@user_errors
 def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the model zoo with each model's FP metrics as recorded in the manifest."""
     from slimtorch.zoo import ZOO, manifest
@@ -92,7 +86,6 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON in
 
 
 @app.command("eval")
-@user_errors
 def eval_cmd(
     model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a save_pretrained folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -102,10 +95,11 @@ def eval_cmd(
     from slimtorch.eval import evaluate
     from slimtorch.zoo import get_entry, manifest
 
+    args.count("--limit", limit)
     get_entry(model)  # unknown names fail before any loading
     res = evaluate(model, limit=limit, progress=progress_bar)
     if as_json:
-        print(json.dumps(res.to_dict(), indent=2))
+        print(json_text(res.to_dict()))
         return
     recorded = manifest().get(model, {}).get("fp_metrics", {})
     table = Table(title=f"{model}: {res.dataset}")
@@ -128,7 +122,6 @@ def eval_cmd(
 
 
 @app.command("quantize")
-@user_errors
 def quantize_cmd(
     model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a transformers "
                                 "save_pretrained folder (a causal LM with its tokenizer)."),
@@ -141,20 +134,37 @@ def quantize_cmd(
                                     "(default: our corpus's train split)."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration draw."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists and is not empty."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Calibrate and quantize a model, evaluate FP and quantized side by side, save both files."""
-    from slimtorch.cli.quantize_job import check_out_dir, run_quantize
+    from slimtorch.cli.quantize_job import run_quantize
+    from slimtorch.io.outdir import StagedOutput
+    from slimtorch.quantize import METHODS, resolve_recipe
+    from slimtorch.zoo import get_entry
 
     if (preset is None) == (recipe is None):
         raise SlimError("give exactly one of --preset NAME or --recipe FILE")
-    check_out_dir(out_dir)
-    res = run_quantize(model, recipe if recipe is not None else preset, method, out_dir, calib_samples, limit,
-                       seed, progress=progress_bar, calib_text=calib_text)
+    args.choice("--method", method, list(METHODS))
+    args.count("--calib-samples", calib_samples, MAX_CALIB_SAMPLES)
+    args.count("--limit", limit)
+    args.seed(seed)
+    args.text_file("--calib", calib_text)
+    if recipe is not None:
+        args.text_file("--recipe", recipe)
+    rec = resolve_recipe(recipe if recipe is not None else preset)
+    entry = get_entry(model)
+    if calib_text is not None and entry.task != "causal-lm":
+        raise SlimError(f"--calib FILE (text) applies to language models; {model} is {entry.task}")
+    stage = StagedOutput(out_dir, overwrite)
+    stage.check()
+    with stage as folder:
+        res = run_quantize(model, rec, method, folder, calib_samples, limit, seed, progress=progress_bar,
+                           calib_text=calib_text)
     if as_json:
-        print(json.dumps(res, indent=2))
+        print(json_text(res))
         return
-    _print_report(model, res, out_dir)
+    _print_report(model, res, stage.out)
 
 
 def _print_report(model: str, res: dict, out_dir: Path) -> None:
@@ -181,6 +191,23 @@ def _print_report(model: str, res: dict, out_dir: Path) -> None:
     out.print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'report.json'}")
 
 
+def _resume_checkpoint(folder: Path, out: Path) -> None:
+    """Put the checkpoint to resume from into the staging ``folder``: an interrupted run left it there; a
+    finished one in ``out``/checkpoints."""
+    import shutil
+
+    from slimtorch.qat.train import CHECKPOINT
+
+    if (folder / "checkpoints" / CHECKPOINT).is_file():
+        return
+    done = out / "checkpoints" / CHECKPOINT
+    if not done.is_file():
+        raise SlimError(f"--resume: no checkpoint in {folder / 'checkpoints'} or {out / 'checkpoints'}; run "
+                        f"without --resume")
+    (folder / "checkpoints").mkdir(exist_ok=True)
+    shutil.copy2(done, folder / "checkpoints" / CHECKPOINT)
+
+
 def _epoch_line(row: dict, epochs: int) -> str:
     metric = row.get("metric", float("nan"))
     shown = (", ".join(f"{b} bits {v:.2f}%" for b, v in metric.items()) if isinstance(metric, dict)
@@ -190,7 +217,6 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 @app.command("train-qat")
-@user_errors
 def train_qat_cmd(
     model: str = typer.Argument(..., help="fmnist-cnn or fmnist-vit."),
     method: str = typer.Option("lsq", "--method", help="lsq | pact | sat | adabits | fracbits | f8net | adabin | pim."),
@@ -208,7 +234,9 @@ def train_qat_cmd(
     limit_train: int = typer.Option(None, "--limit-train", help="Train on the first N images only."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N test images only."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from DIR/checkpoints/last.safetensors."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run "
+                                "(kept in .DIR.partial/ beside DIR) or of DIR/checkpoints/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists and is not empty."),
     seed: int = typer.Option(0, "--seed"),
     adc_bits: int = typer.Option(6, "--adc-bits", help="pim: ADC resolution of the simulated array."),
     rows: int = typer.Option(64, "--rows", help="pim: products summed per analog partial sum."),
@@ -218,20 +246,32 @@ def train_qat_cmd(
 ) -> None:
     """Quantization-aware training with distillation from the FP model; saves the quantize format (the
     fixed-point, binary and PIM methods save their state dict)."""
-    from slimtorch.cli.qat_job import run_train_qat
-    from slimtorch.cli.quantize_job import check_out_dir
+    from slimtorch.cli.qat_job import check_train_qat, run_train_qat
+    from slimtorch.io.outdir import StagedOutput
     from slimtorch.qat import TrainConfig
 
-    check_out_dir(out_dir)
+    check_train_qat(model, method, bits, width_lr)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, kd_weight=kd, seed=seed,
                       lr=lr if lr is not None else 1e-3 if optimizer == "adam" else 0.01,
                       weight_decay=0.0 if optimizer == "adam" else 5e-5, width_lr=width_lr or 0.0)
-    res = run_train_qat(model, method, bits, out_dir, cfg, limit_train, limit, device, resume,
-                        first_last_bits or None, progress=progress_bar,
-                        log=lambda line: err.print(_epoch_line(json.loads(line), epochs)), adc_bits=adc_bits,
-                        rows=rows)
+    args.count("--limit-train", limit_train, 60_000)
+    args.count("--limit", limit)
+    args.count("--rows", rows, 65_536)
+    args.count("--adc-bits", adc_bits, 16)
+    args.choice("--first-last-bits", str(first_last_bits), ("0", "2", "3", "4", "5", "6", "7", "8"))
+    dev = args.device(device)
+    stage = StagedOutput(out_dir, overwrite, resumable=True)
+    stage.check()
+    with stage as folder:
+        if resume:
+            _resume_checkpoint(folder, stage.out)
+        res = run_train_qat(model, method, bits, folder, cfg, limit_train, limit, dev, resume,
+                            first_last_bits or None, progress=progress_bar,
+                            log=lambda line: err.print(_epoch_line(json.loads(line), epochs)), adc_bits=adc_bits,
+                            rows=rows)
+    out_dir = stage.out
     if as_json:
-        print(json.dumps(res, indent=2))
+        print(json_text(res))
         return
     if "widths" in res:  # AdaBits: one report per width
         for folder in (w["folder"] for w in res["widths"].values()):
@@ -241,7 +281,6 @@ def train_qat_cmd(
 
 
 @app.command("cost")
-@user_errors
 def cost_cmd(
     model: str = typer.Argument(..., help="Zoo model name or a save_pretrained folder."),
     preset: str = typer.Option(None, "--preset", help="Quantization preset (default: bf16, nothing quantized)."),
@@ -265,10 +304,10 @@ def cost_cmd(
     if preset is not None and recipe is not None:
         raise SlimError("give at most one of --preset NAME or --recipe FILE")
     for opt, v in (("--batch", batch), ("--tokens", tokens), ("--context", context)):
-        if v <= 0:
-            raise SlimError(f"{opt} must be a positive number, got {v}")
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise SlimError(f"--plot {plot} must end in .png")
+        args.count(opt, v, 1 << 24)
+    args.png_path("--plot", plot)
+    if recipe is not None:
+        args.text_file("--recipe", recipe)
     hw = get_hardware(hardware)
     name = get_entry(model).name
     m = load_model(name)
@@ -286,7 +325,7 @@ def cost_cmd(
                                       "intensity": c.intensity, "compute": c.compute, "bound": c.bound(hw),
                                       "time_s": c.time(hw)} for c in p.layers]} for p in phases]}
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result))
         return
     for p, raw in zip(phases, result["phases"]):
         table = Table(title=f"{model} {label} on {hw.name}: {p.phase} (batch {batch})")
@@ -307,10 +346,62 @@ def cost_cmd(
         out.print(f"wrote {plot}")
 
 
-def main() -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that cleanup (the staging folder) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line: every failure is one line on stderr. A user mistake (SlimError, a usage error)
+    exits 2; Ctrl-C 130 and SIGTERM 143, after the job removed what it had staged; a bug in slimtorch
+    exits 1 with one line (``SLIMTORCH_DEBUG=1`` shows its traceback)."""
+    import typer.main
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
     # transformers' own weight-loading bars would interleave with ours and break one-line errors
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    app()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        typer.main.get_command(app).main(argv, prog_name="slimtorch", standalone_mode=False)
+    except SlimError as exc:
+        fail(str(exc), 2, as_json)
+    except _CLICK_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise SystemExit(0) from None
+        cmd = next((a for a in argv if not a.startswith("-")), None)
+        hint = f" (see `slimtorch {cmd + ' ' if cmd in app_commands() else ''}--help`)"
+        fail(exc.format_message() + hint, 2, as_json)
+    except Terminated:
+        fail("terminated", 143, as_json)
+    except KeyboardInterrupt:
+        fail("interrupted", 130, as_json)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        if os.environ.get("SLIMTORCH_DEBUG"):
+            raise
+        fail(f"internal error (a bug in slimtorch; SLIMTORCH_DEBUG=1 shows the traceback): "
+             f"{type(exc).__name__}: {shown(exc, 300)}", 1, as_json)
+
+
+def app_commands() -> list[str]:
+    return [c.name or c.callback.__name__ for c in app.registered_commands]
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Usage-error types of the click typer runs on (typer >= 0.26 vendors its own copy)."""
+    kinds = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            kinds.append(__import__(mod, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(kinds)
+
+
+_CLICK_ERRORS = _click_errors()
 
 
 if __name__ == "__main__":

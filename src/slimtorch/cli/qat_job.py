@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from slimtorch.cli.quantize_job import check_out_dir, compare_and_save
-from slimtorch.errors import SlimError
+from slimtorch.cli.quantize_job import compare_and_save
+from slimtorch.errors import SlimError, shown
 from slimtorch.eval.metrics import classifier_top1
 from slimtorch.io.checkpoint import atomic_write_bytes, save_tensors
+from slimtorch.io.json_text import json_text
 from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, train_qat
 from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import evaluate_widths, export_width, prepare_adabits, widths_variants
@@ -37,13 +38,14 @@ from slimtorch.zoo.augment import shift_flip
 def parse_bits(text: str) -> tuple[int, int | None]:
     """``4`` -> (4, 4); ``W4A8`` -> (4, 8); ``W4`` / ``W4A16`` -> (4, None): weight-only."""
     t = text.strip().upper()
-    if t.isdigit():
-        return int(t), int(t)
-    m = re.fullmatch(r"W(\d)(?:A(\d+))?", t)
+    m = re.fullmatch(r"(\d{1,2})|W(\d{1,2})(?:A(\d{1,2}))?", t)
     if not m:
-        raise SlimError(f"--bits {text!r}: write N (weights and inputs), WnAm, or Wn (weights only)")
-    a = None if m.group(2) in (None, "16", "32") else int(m.group(2))
-    return int(m.group(1)), a
+        raise SlimError(f"--bits {shown(text)}: write N (weights and inputs), WnAm, or Wn (weights only)")
+    w = int(m.group(1) or m.group(2))
+    a = w if m.group(1) else None if m.group(3) in (None, "16", "32") else int(m.group(3))
+    if not all(2 <= b <= 8 for b in (w, a) if b is not None):
+        raise SlimError(f"--bits {shown(text)}: widths are from 2 to 8 bits (inputs may also be 16 or 32: float)")
+    return w, a
 
 
 RESEARCH = ("adabits", "fracbits", "f8net", "adabin", "pim")
@@ -73,38 +75,51 @@ def _method_notes(method: str, widths: tuple[int, ...], extra: dict) -> list[str
     }.get(method, [])
 
 
-def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfig, limit_train: int | None = None,
-                  limit: int | None = None, device: str | None = None, resume: bool = False,
-                  first_last_bits: int | None = 8, progress=None, log=None, adc_bits: int = 6,
-                  rows: int = 64) -> dict:
-    out = check_out_dir(out)
+def check_train_qat(model: str, method: str, bits: str, width_lr: float | None) -> None:
+    """The checks of :func:`run_train_qat` that need no model or data: run them before any work."""
     if method not in ALL_METHODS:
         raise SlimError(f"unknown QAT method {method!r}; choose one of: {', '.join(ALL_METHODS)}")
     entry = get_entry(model)
     if entry.task != "fmnist-classification":
         raise SlimError(f"train-qat trains the Fashion-MNIST classifiers (fmnist-cnn, fmnist-vit); {model} is a "
                         f"{entry.task} model")
-    if cfg.width_lr and method != "fracbits":
+    if width_lr and method != "fracbits":
         raise SlimError("--width-lr is the learning rate of FracBits' widths: use it with --method fracbits")
     if method in CNN_ONLY and model != "fmnist-cnn":
         raise SlimError(f"--method {method} is built for the batch-normalised residual CNN (fmnist-cnn)")
-    widths: tuple[int, ...] = ()
+    _bits(method, bits)
+
+
+def _bits(method: str, bits: str) -> tuple[tuple[int, ...], int, int | None]:
+    """(AdaBits widths or (), weight bits, input bits or None) of ``--bits`` for ``method``."""
     if method == "adabits":
         try:
             widths = tuple(int(b) for b in bits.split("/"))
         except ValueError:
             raise SlimError(f"--bits {bits!r}: adabits takes widths such as 8/6/4/2") from None
-        w_bits = a_bits = min(widths)
-    elif method == "f8net":
+        if not widths or not all(2 <= b <= 8 for b in widths):
+            raise SlimError(f"--bits {bits!r}: adabits widths are from 2 to 8 bits")
+        return widths, min(widths), min(widths)
+    if method == "f8net":
         if bits not in ("8", "W8A8"):
             raise SlimError("--method f8net is 8-bit fixed point: use --bits 8")
-        w_bits = a_bits = 8
-    elif method == "adabin":
+        return (), 8, 8
+    if method == "adabin":
         if bits not in ("1", "W1A1"):
             raise SlimError("--method adabin binarizes weights and inputs: use --bits 1")
-        w_bits = a_bits = 1
-    else:
-        w_bits, a_bits = parse_bits(bits)
+        return (), 1, 1
+    w_bits, a_bits = parse_bits(bits)
+    if method == "pim" and a_bits is None:
+        raise SlimError("--method pim needs quantized inputs: --bits WnAm")
+    return (), w_bits, a_bits
+
+
+def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfig, limit_train: int | None = None,
+                  limit: int | None = None, device: str | None = None, resume: bool = False,
+                  first_last_bits: int | None = 8, progress=None, log=None, adc_bits: int = 6,
+                  rows: int = 64) -> dict:
+    check_train_qat(model, method, bits, cfg.width_lr)
+    widths, w_bits, a_bits = _bits(method, bits)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SlimError("--device cuda: no CUDA device here")
@@ -133,8 +148,6 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
         student = binarize_cnn(copy.deepcopy(fp), "adabin")
         train_kw["on_epoch"] = set_ede
     else:  # pim
-        if a_bits is None:
-            raise SlimError("--method pim needs quantized inputs: --bits WnAm")
         edges = (next(iter(plan)), list(plan)[-1])
         student = to_pim(prepare_qat(copy.deepcopy(fp), plan, "lsq"), PIMConfig(rows=rows, adc_bits=adc_bits),
                          rescale=True, skip=edges)
@@ -216,4 +229,4 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
 
 
 def _write_report(folder: Path, report: dict) -> None:
-    atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / "report.json", (json_text(report) + "\n").encode())

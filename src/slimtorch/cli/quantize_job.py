@@ -1,14 +1,13 @@
 """The ``slimtorch quantize`` job: calibrate, quantize, evaluate FP vs quantized, write DIR/model.safetensors
 and DIR/report.json. Returns the report as a dict; rendering is the CLI's job.
 
-Nothing is written until everything else succeeded, and each file is written atomically, so a failed
-run leaves no half-written model.
+Nothing is written until everything else succeeded, and each file is written atomically; the CLI runs the
+job in a staging folder (io.outdir), so the output folder appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import time
 from dataclasses import asdict
@@ -18,20 +17,13 @@ import torch
 from torch import nn
 
 from slimtorch.calib.data import calibration_set
-from slimtorch.errors import SlimError
 from slimtorch.eval import evaluate
 from slimtorch.eval.metrics import model_size_bytes
 from slimtorch.io.checkpoint import atomic_write_bytes
+from slimtorch.io.json_text import json_text
 from slimtorch.io.quantized import save_quantized
 from slimtorch.quantize import quantize_, resolve_recipe
 from slimtorch.zoo import get_entry, load_model
-
-
-def check_out_dir(out: Path) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SlimError(f"--out {out} is a file; give a folder (it is created if missing)")
-    return out
 
 
 def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe: str, method: str,
@@ -66,8 +58,8 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
 
 def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_samples: int | None = None,
                  limit: int | None = None, seed: int = 0, progress=None, calib_text: Path | None = None) -> dict:
-    """``model``: a zoo name or a local transformers folder; ``calib_text``: text to calibrate a language model on."""
-    out = check_out_dir(out)
+    """``model``: a zoo name or a local transformers folder; ``calib_text``: text to calibrate a language model on.
+    Writes into ``out`` directly: the CLI passes a staging folder (io.outdir)."""
     model = get_entry(model).name  # a folder becomes its absolute path: the saved model's base
     rec = resolve_recipe(recipe)
     kw = {} if progress is None else {"progress": progress}
@@ -84,5 +76,5 @@ def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_s
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "report": {k: v for k, v in asdict(report).items() if k not in ("quantized", "skipped")},
     })
-    atomic_write_bytes(out / "report.json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "report.json", (json_text(result) + "\n").encode())
     return result

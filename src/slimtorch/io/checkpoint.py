@@ -1,4 +1,10 @@
-"""Tensors on disk: safetensors with JSON metadata, atomic writes, sha256 checks, no pickle."""
+"""Tensors on disk: safetensors with JSON metadata, atomic writes, sha256 checks, no pickle.
+
+Every file :func:`save_tensors` writes carries, beside its JSON metadata, the sha256 of that metadata and of
+every tensor's name, dtype, shape and bytes (``DIGEST_KEY``); :func:`load_tensors` recomputes it, so a
+flipped byte or an edited field is an error, not a wrong model. The structure is checked first
+(``safetensors_header.read_header``), so a damaged file never reaches the safetensors library.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,31 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slimtorch.errors import SlimError
+from slimtorch.errors import SlimError, shown
+from slimtorch.io.outdir import umask_mode
+from slimtorch.io.safetensors_header import read_header
 
 META_KEY = "slimtorch"
+DIGEST_KEY = "slimtorch_sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """Hex sha256 of ``meta_json`` and of each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first float tensor (fp8 aside: codes, not values) holding NaN or Inf, or None."""
+    for name, t in tensors.items():
+        if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -42,6 +70,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask_mode(tmp, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,27 +88,37 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        umask_mode(tmp, 0o666)
         flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(flat, tmp, metadata={META_KEY: json.dumps(metadata or {}, sort_keys=True)})
+        meta_json = json.dumps(metadata or {}, sort_keys=True, allow_nan=False)
+        save_file(flat, tmp, metadata={META_KEY: meta_json, DIGEST_KEY: tensors_digest(flat, meta_json)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load_tensors(path: Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load tensors and metadata saved by :func:`save_tensors`, checking ``sha256`` first if given."""
+def load_tensors(path: Path, sha256: str | None = None,
+                 require_digest: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load tensors and metadata saved by :func:`save_tensors`, checking ``sha256`` (of the whole file) first
+    if given, then the file's structure, then its stored digest (required when ``require_digest``)."""
     path = Path(path)
     if sha256 is not None:
         verify_sha256(path, sha256)
     elif not path.is_file():
         raise SlimError(f"weights file {path} does not exist")
+    _, raw_meta = read_header(path)
+    meta_json = raw_meta.get(META_KEY, "{}")
     try:
+        meta = json.loads(meta_json)
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
-        raise SlimError(f"cannot read {path} as a slimtorch safetensors file: {exc}") from None
+    except (SafetensorError, json.JSONDecodeError, RecursionError, OSError, RuntimeError) as exc:
+        raise SlimError(f"cannot read {path} as a slimtorch safetensors file: {shown(exc)}") from None
+    if not isinstance(meta, dict):
+        raise SlimError(f"{path}: its slimtorch metadata is not a JSON object")
+    digest = raw_meta.get(DIGEST_KEY)
+    if digest is None and require_digest:
+        raise SlimError(f"{path} has no checksum (written by an older slimtorch, or edited); write it again")
+    if digest is not None and digest != tensors_digest(tensors, meta_json):
+        raise SlimError(f"{path} fails its checksum: its tensors or metadata were changed after it was written")
     return tensors, meta

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtorch.errors import SlimError
-from slimtorch.io.checkpoint import load_tensors, save_tensors
+from slimtorch.errors import SlimError, shown
+from slimtorch.io.checkpoint import load_tensors, nonfinite_tensor, save_tensors
 from slimtorch.quant import formats
 from slimtorch.quant.modules import ActQuant, QuantConv2d, QuantLinear, _QuantWeight, set_module
 from slimtorch.quant.primitives import FP8_DTYPES
@@ -84,25 +84,50 @@ def save_quantized(model: nn.Module, path: Path, base: str, extra: dict | None =
 
 
 def load_quantized(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by :func:`save_quantized`. Returns (model, metadata)."""
-    tensors, meta = load_tensors(Path(path))
+    """Rebuild a model saved by :func:`save_quantized`. Returns (model, metadata).
+
+    The file's checksum (tensors and metadata) is verified first; then every layer's specs are checked for
+    their role, its scales for being finite and positive, and the rest must match the base model exactly.
+    Anything else wrong in the file is one SlimError naming the file."""
+    path = Path(path)
+    tensors, meta = load_tensors(path, require_digest=True)
     if meta.get("format") != "slimtorch-quantized":
         raise SlimError(f"{path} is not a slimtorch quantized model (no slimtorch-quantized metadata)")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise SlimError(f"{path} was written by a newer slimtorch (format {meta['version']}); upgrade slimtorch")
-    if base_model is None:
-        from slimtorch.zoo import load_model
+    version = meta.get("version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise SlimError(f"{path} has format version {shown(version)}; this slimtorch reads 1 to {FORMAT_VERSION}")
+    try:
+        if base_model is None:
+            from slimtorch.zoo import load_model
 
-        base_model = load_model(meta["base"])
-    model = base_model.eval()
+            if not isinstance(meta.get("base"), str):
+                raise SlimError(f"{path} names no base model")
+            base_model = load_model(meta["base"])
+        return _rebuild(base_model.eval(), tensors, meta, path), meta
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise SlimError(f"{path} is damaged: its layers do not match its metadata ({type(exc).__name__}: "
+                        f"{shown(exc)})") from None
+
+
+def _checked_scale(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        raise SlimError(f"{what} must hold finite positive floats (a damaged or edited file)")
+    return t
+
+
+def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn.Module:
     for key, target in meta.get("aliases", {}).items():
         tensors[key] = tensors[target]
     for name, info in meta["layers"].items():
-        wspec, aspec = spec_from_dict(info["weight"]), spec_from_dict(info["act"])
-        shape = tuple(info["weight_shape"])
+        wspec, aspec = spec_from_dict(info["weight"], "weight"), spec_from_dict(info["act"], "act")
+        if wspec is None or info["kind"] not in ("linear", "conv2d"):
+            raise SlimError(f"{path}: layer {shown(name)} has no weight spec or an unknown kind")
+        shape = tuple(int(d) for d in info["weight_shape"])
         rows, width = shape[0], int(torch.Size(shape[1:]).numel())
-        codes = _unpack_codes(tensors.pop(f"{name}.qweight"), wspec, width).reshape(rows, width)
-        scale, zero = tensors[f"{name}.w_scale"], tensors[f"{name}.w_zero"]
+        packed = tensors.pop(f"{name}.qweight")
+        codes = _unpack_codes(packed, wspec, width).reshape(rows, width)
+        scale = _checked_scale(tensors[f"{name}.w_scale"], f"{name}.w_scale")
+        zero = tensors[f"{name}.w_zero"]
         bias = tensors.get(f"{name}.bias")
         if info["kind"] == "linear":
             new = QuantLinear(wspec, codes, scale, zero, bias, aspec, shape)
@@ -113,18 +138,23 @@ def load_quantized(path: Path, base_model: nn.Module | None = None) -> tuple[nn.
                               padding=pad, dilation=tuple(c["dilation"]), groups=c["groups"],
                               same_padding=c.get("same_padding", False))
         if f"{name}.inv_smooth" in tensors:
-            new.inv_smooth = tensors[f"{name}.inv_smooth"]
+            new.inv_smooth = _checked_scale(tensors[f"{name}.inv_smooth"], f"{name}.inv_smooth")
         if aspec is not None and not aspec.dynamic:
-            new.act.scale, new.act.zero = tensors[f"{name}.act.scale"], tensors[f"{name}.act.zero"]
+            new.act.scale = _checked_scale(tensors[f"{name}.act.scale"], f"{name}.act.scale")
+            new.act.zero = tensors[f"{name}.act.zero"]
         set_module(model, name, new)
     for name, raw in meta.get("points", {}).items():
-        point = ActQuant(spec_from_dict(raw))
+        point = ActQuant(spec_from_dict(raw, "act"))
         if not point.spec.dynamic:
-            point.scale, point.zero = tensors[f"{name}.scale"], tensors[f"{name}.zero"]
+            point.scale = _checked_scale(tensors[f"{name}.scale"], f"{name}.scale")
+            point.zero = tensors[f"{name}.zero"]
         set_module(model, name, point)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith(".qweight")]
     if missing or unexpected:
-        raise SlimError(f"{path} does not match its base model {meta['base']!r}: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    return model, meta
+        raise SlimError(f"{path} does not match its base model {shown(meta['base'])}: missing {shown(missing)} "
+                        f"{shown(missing[:2])}, unexpected {shown(unexpected[:2])}")
+    bad = nonfinite_tensor(model.state_dict())
+    if bad is not None:
+        raise SlimError(f"{path}: tensor {shown(bad)} holds NaN or Inf")
+    return model

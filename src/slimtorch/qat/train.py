@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.distill import FeatureTaps, feature_loss, kd_loss
-from slimtorch.errors import SlimError
+from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import load_tensors, save_tensors
 from slimtorch.progress import Progress, no_progress
 
@@ -43,16 +43,22 @@ class TrainConfig:
     width_lr: float = 0.0  # plain SGD (cosine) for learned bit-widths (parameters named "lam"); 0: the main optimizer
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise SlimError(f"epochs, batch size and learning rate must be positive (got {self.epochs}, "
-                            f"{self.batch_size}, {self.lr})")
+        if not (1 <= self.epochs <= 10_000 and 1 <= self.batch_size <= 65_536 and 0 < self.lr <= MAX_LR):
+            raise SlimError(f"epochs (1 to 10,000), batch size (1 to 65,536) and learning rate (0 to {MAX_LR:g}) "
+                            f"must be positive and in range (got {shown(self.epochs)}, {shown(self.batch_size)}, "
+                            f"{shown(self.lr)})")
         if self.optimizer not in ("adam", "sgd"):
-            raise SlimError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
+            raise SlimError(f"unknown optimizer {shown(self.optimizer)}; choose adam or sgd")
         if not 0 <= self.kd_weight <= 1:
-            raise SlimError(f"kd_weight must lie in [0, 1], got {self.kd_weight}")
-        if self.width_lr < 0:
-            raise SlimError(f"width_lr (--width-lr) must be positive, got {self.width_lr} (0: the widths train "
-                            "with the main optimizer)")
+            raise SlimError(f"kd_weight (--kd) must lie in [0, 1], got {shown(self.kd_weight)}")
+        if not 0 <= self.width_lr <= MAX_LR:
+            raise SlimError(f"width_lr (--width-lr) must be positive, at most {MAX_LR:g}, got {shown(self.width_lr)} "
+                            "(0: the widths train with the main optimizer)")
+        if not 0 <= self.seed < 2**63:
+            raise SlimError(f"seed must be a whole number from 0 to 2^63-1, got {shown(self.seed)}")
+
+
+MAX_LR = 10.0  # beyond it any of our models diverges; NaN and infinities fail every comparison above
 
 
 @dataclass

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from slimtorch.errors import SlimError
+from slimtorch.errors import SlimError, shown
 from slimtorch.quant.modules import MatmulInput, quant_type_for
-from slimtorch.spec import LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec, granularity_from_str
+from slimtorch.spec import LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec, spec_from_dict
 
 
 @dataclass(frozen=True)
@@ -62,74 +62,74 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
-_SPEC_FIELDS = {"dtype", "granularity", "symmetric", "observer", "dynamic"}
+MAX_PATTERNS, MAX_PATTERN_CHARS = 1000, 500
 
 
-def _spec(raw, where: str) -> QuantSpec | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise SlimError(f"recipe field {where!r} must be a mapping or null, got {raw!r}")
-    unknown = set(raw) - _SPEC_FIELDS
-    if unknown:
-        raise SlimError(f"recipe field {where!r} has unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}")
-    kw = dict(raw)
-    if "granularity" in kw:
-        kw["granularity"] = granularity_from_str(kw["granularity"])
-    return QuantSpec(**kw)
+def _spec(raw, where: str, role: str) -> QuantSpec | None:
+    try:
+        return spec_from_dict(raw, role)
+    except SlimError as exc:
+        raise SlimError(f"recipe field {where!r}: {exc}") from None
 
 
 def _patterns(raw, where: str) -> tuple[str, ...]:
     if raw is None:
         return ()
-    if isinstance(raw, str) or not all(isinstance(p, str) for p in raw):
-        raise SlimError(f"recipe field {where!r} must be a list of strings")
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise SlimError(f"recipe field {where!r} must be a list of strings (class names or 're:' regexes), got "
+                        f"{shown(raw)}")
+    if len(raw) > MAX_PATTERNS or any(len(p) > MAX_PATTERN_CHARS for p in raw):
+        raise SlimError(f"recipe field {where!r} holds at most {MAX_PATTERNS} patterns of at most "
+                        f"{MAX_PATTERN_CHARS} characters")
     for p in raw:
         if not p.isidentifier():
             try:
                 re.compile(p.removeprefix("re:"))
-            except re.error as exc:
-                raise SlimError(f"recipe {where} pattern {p!r} is not a valid regex: {exc}") from None
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise SlimError(f"recipe {where} pattern {shown(p)} is not a valid regex: {shown(exc)}") from None
     return tuple(raw)
 
 
+RECIPE_FIELDS = ("preset", "targets", "ignore", "weight", "act", "attention")
+
+
+def recipe_from_dict(raw, name: str) -> Recipe:
+    """A Recipe from a recipe file's mapping; every problem is a SlimError naming the field."""
+    if not isinstance(raw, dict):
+        raise SlimError(f"recipe {name} must be a YAML mapping of fields ({', '.join(RECIPE_FIELDS)})")
+    unknown = [k for k in raw if k not in RECIPE_FIELDS]
+    if unknown:
+        raise SlimError(f"recipe {name} has unknown fields {', '.join(shown(k, 40) for k in unknown[:3])}; "
+                        f"allowed: {', '.join(RECIPE_FIELDS)}")
+    if "preset" in raw and not isinstance(raw["preset"], str):
+        raise SlimError(f"recipe field 'preset' must be a preset name, got {shown(raw['preset'])}")
+    rec = replace(get_preset(raw["preset"]) if "preset" in raw else Recipe(name, None), name=name)
+    for field, role in (("weight", "weight"), ("act", "act"), ("attention", "act")):
+        if field in raw:
+            rec = replace(rec, **{field: _spec(raw[field], field, role)})
+    for field in ("targets", "ignore"):
+        if field in raw:
+            rec = replace(rec, **{field: _patterns(raw[field], field)})
+    if rec.weight is None and rec.act is None and rec.attention is None:
+        raise SlimError(f"recipe {name} quantizes nothing: give it a preset, a weight or an act spec")
+    if rec.weight is None and rec.act is not None:
+        raise SlimError(f"recipe {name} quantizes layer inputs (act) but not their weights: a layer's input is "
+                        f"quantized together with its weight, so give a weight spec too (attention inputs alone "
+                        f"take attention:)")
+    return rec
+
+
 def load_recipe(path: Path) -> Recipe:
-    """Parse a YAML recipe; every problem is a SlimError naming the field."""
-    import yaml
+    """Parse a YAML recipe (bounded: see io.bounded_yaml); every problem is a SlimError naming the field."""
+    from slimtorch.io.bounded_yaml import load_yaml_file
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SlimError(f"cannot read recipe {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SlimError(f"recipe {path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(raw, dict):
-        raise SlimError(f"recipe {path} must be a YAML mapping")
-    allowed = {"preset", "targets", "ignore", "weight", "act", "attention"}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise SlimError(f"recipe {path} has unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}")
-    base = get_preset(raw["preset"]) if "preset" in raw else Recipe(path.stem, None)
-    rec = replace(base, name=f"{path.name}")
-    if "weight" in raw:
-        rec = replace(rec, weight=_spec(raw["weight"], "weight"))
-    if "act" in raw:
-        rec = replace(rec, act=_spec(raw["act"], "act"))
-    if "attention" in raw:
-        rec = replace(rec, attention=_spec(raw["attention"], "attention"))
-    if "targets" in raw:
-        rec = replace(rec, targets=_patterns(raw["targets"], "targets"))
-    if "ignore" in raw:
-        rec = replace(rec, ignore=_patterns(raw["ignore"], "ignore"))
-    if rec.weight is None and rec.act is None and rec.attention is None:
-        raise SlimError(f"recipe {path} quantizes nothing: give it a preset, a weight or an act spec")
-    return rec
+    return recipe_from_dict(load_yaml_file(path, "recipe"), path.name)
 
 
 def get_preset(name: str) -> Recipe:
     if name not in PRESETS:
-        raise SlimError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise SlimError(f"unknown preset {shown(name)}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -165,7 +165,8 @@ def build_plan(model: nn.Module, recipe: Recipe) -> tuple[Plan, dict[str, str]]:
             else:
                 plan[name] = LayerPlan(weight=None, act=recipe.attention)
             continue
-        if not isinstance(module, nn.Linear | nn.Conv2d) or not _matches(name, module, recipe.targets):
+        if recipe.weight is None or not isinstance(module, nn.Linear | nn.Conv2d) \
+                or not _matches(name, module, recipe.targets):
             continue
         if _matches(name, module, recipe.ignore):
             skipped[name] = "ignored by the recipe"

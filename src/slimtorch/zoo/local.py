@@ -1,57 +1,184 @@
 """A local transformers model folder (the output of ``save_pretrained``) as a model like the zoo's.
 
-Supported: causal language models (``config.json`` architectures ``*ForCausalLM``) with safetensors
-weights and a tokenizer in the folder. They are measured like ``tinyllama-fm``: perplexity on the
-held-out split of our corpus, tokenized with the folder's own tokenizer. Weights are read with
-``use_safetensors=True``: a folder with only pickle weights (``pytorch_model.bin``) is refused.
+Supported: causal language models (a ``config.json`` whose model type transformers'
+``AutoModelForCausalLM`` maps) with safetensors weights and a tokenizer in the folder. They are measured
+like ``tinyllama-fm``: perplexity on the held-out split of our corpus, tokenized with the folder's own
+tokenizer.
+
+A folder is data, never code, and is checked before any weight is read:
+
+* no remote code: a ``config.json`` or ``tokenizer_config.json`` with ``auto_map`` is refused, and
+  transformers is always called with ``trust_remote_code=False`` (so it never prompts either);
+* no pickle: weights are read by us, from the ``*.safetensors`` files (those a
+  ``model.safetensors.index.json`` names, which must all be safetensors files of the folder), each checked
+  by ``io.safetensors_header`` first; transformers only builds the architecture from the config;
+* strict match: the model the config describes is first built on the meta device (no memory), and the
+  files must hold exactly its tensors (tied ones once), with the same shapes, as floats. A missing layer,
+  an extra tensor, a changed size or an integer tensor is an error, never a randomly initialised weight.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from slimtorch.errors import SlimError
+from slimtorch.errors import SlimError, shown
+from slimtorch.io.checkpoint import nonfinite_tensor
+from slimtorch.io.files import regular_file
+from slimtorch.io.safetensors_header import FLOAT_DTYPES, TensorInfo, read_header
+
+MAX_JSON_BYTES = 16 * 2**20
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def is_local_model(name: str) -> bool:
-    return Path(name).is_dir()
+    return bool(name) and Path(name).is_dir()
+
+
+def _json_file(path: Path) -> dict:
+    """A small UTF-8 JSON object file, or SlimError."""
+    regular_file("JSON file", path, MAX_JSON_BYTES)
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise SlimError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SlimError(f"{path} is not UTF-8 JSON: {shown(exc)}") from None
+    if not isinstance(raw, dict):
+        raise SlimError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    return raw
 
 
 def _config(path: Path) -> dict:
     cfg = path / "config.json"
-    if not cfg.is_file():
+    if not cfg.exists():
         raise SlimError(f"{path} is a folder without config.json; give a zoo name or a save_pretrained folder")
+    raw = _json_file(cfg)
+    archs = raw.get("architectures", [])
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise SlimError(f"{cfg}: architectures must be a list of class names, got {shown(archs)}")
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        if f.exists() and "auto_map" in (raw if name == "config.json" else _json_file(f)):
+            raise SlimError(f"{f} asks for the folder's own Python code (auto_map); slimtorch never runs code "
+                            f"from a model folder: use a model whose architecture transformers ships")
+    return raw
+
+
+def _hf_config(path: Path):
+    """transformers' config object for the folder (never remote code)."""
+    from transformers import AutoConfig
+
+    _config(path)
     try:
-        return json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SlimError(f"cannot read {cfg}: {exc}") from None
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a user's config is the folder's problem
+        raise SlimError(f"{path}/config.json is not a valid transformers config: {shown(exc, 160)}") from None
 
 
 def local_task(path: Path) -> str:
-    archs = _config(path).get("architectures") or []
-    if any(a.endswith("ForCausalLM") for a in archs):
-        if not any(path.glob("*.safetensors")):
-            raise SlimError(f"{path} has no .safetensors weights (pickle checkpoints are not loaded)")
-        return "causal-lm"
-    raise SlimError(f"{path}: architecture {archs or 'unknown'} is not supported; local folders must hold a "
-                    f"*ForCausalLM model")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = _hf_config(path)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise SlimError(f"{path}: model type {shown(config.model_type)} has no causal language model in "
+                        f"transformers; local folders must hold a model AutoModelForCausalLM loads")
+    weight_files(path)
+    return "causal-lm"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors weight files: those its index names, or every ``*.safetensors``."""
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = _json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SlimError(f"{index} has no weight_map")
+        names = set(weight_map.values())
+        bad = [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors") or "/" in n
+               or "\\" in n or n.startswith(".")]
+        if bad:
+            raise SlimError(f"{index} maps weights to {shown(bad[0])}: only safetensors files in the folder are "
+                            f"read (pickle checkpoints never are)")
+        files = [path / n for n in sorted(names)]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SlimError(f"{path} has no .safetensors weights (pickle checkpoints are not loaded)")
+    for f in files:
+        if not f.is_file():
+            raise SlimError(f"{f} is missing (named by {INDEX_FILE}) or not a regular file")
+    return files
+
+
+def _file_tensors(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
+    out: dict[str, tuple[Path, TensorInfo]] = {}
+    for f in weight_files(path):
+        tensors, _ = read_header(f)
+        for name, info in tensors.items():
+            if name in out:
+                raise SlimError(f"tensor {shown(name)} is in both {out[name][0].name} and {f.name}")
+            if info.dtype not in FLOAT_DTYPES:
+                raise SlimError(f"{f}: tensor {shown(name)} is {info.dtype}; model weights must be floats "
+                                f"({', '.join(FLOAT_DTYPES)})")
+            out[name] = (f, info)
+    return out
+
+
+def _build(config, device: str | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device(device) if device else nullcontext():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build is the folder's problem
+        raise SlimError(f"cannot build the model of {config.name_or_path or 'the folder'} from its config.json: "
+                        f"{shown(exc, 160)}") from None
+
+
+def _check_match(path: Path, model: nn.Module, files: dict[str, tuple[Path, TensorInfo]]) -> None:
+    """The files hold exactly the model's state (tied tensors at least once), shape for shape."""
+    expected = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for key, t in expected.items():
+        groups.setdefault(id(t), []).append(key)
+    unexpected = [k for k in files if k not in expected]
+    missing = [keys[0] for keys in groups.values() if not any(k in files for k in keys)]
+    if missing or unexpected:
+        raise SlimError(f"{path}: the weights do not match config.json: {len(missing)} missing "
+                        f"({shown(missing[:2])}), {len(unexpected)} unexpected ({shown(unexpected[:2])}) tensors")
+    for key, (f, info) in files.items():
+        want = tuple(expected[key].shape)
+        if info.shape != want:
+            raise SlimError(f"{f.name}: tensor {shown(key)} has shape {list(info.shape)}, config.json says "
+                            f"{list(want)}")
 
 
 def load_local(path: Path) -> nn.Module:
     """The folder's model in float32, eval mode, without a KV cache."""
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
 
     local_task(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True,
-                                                     local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SlimError(f"cannot load {path} with transformers: {str(exc).splitlines()[0]}") from None
+    config = _hf_config(path)
+    files = _file_tensors(path)
+    _check_match(path, _build(config, "meta"), files)
+    model = _build(config, None)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted({f for f, _ in files.values()}):
+        try:
+            state.update({k: v.float() for k, v in load_file(str(f)).items()})
+        except Exception as exc:  # noqa: BLE001 - the header was checked; anything left is a damaged file
+            raise SlimError(f"cannot read {f}: {shown(exc)}") from None
+    bad = nonfinite_tensor(state)
+    if bad is not None:
+        raise SlimError(f"{path}: weight {shown(bad)} holds NaN or Inf")
+    model.load_state_dict(state, strict=False)  # tied copies are absent from the files by design
+    model.tie_weights()
     model.config.use_cache = False
     return model.eval()
 
@@ -60,11 +187,21 @@ def load_local(path: Path) -> nn.Module:
 def local_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    _config(path)  # refuses auto_map in either config before transformers reads them
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SlimError(f"{path} has no usable tokenizer ({str(exc).splitlines()[0]}); save one beside the "
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to read a user's tokenizer is the folder's problem
+        raise SlimError(f"{path} has no usable tokenizer ({shown(exc, 120)}); save one beside the "
                         f"model with tokenizer.save_pretrained") from None
     if tok.eos_token_id is None:
         raise SlimError(f"the tokenizer in {path} has no end-of-sequence token")
     return tok
+
+
+def check_token_ids(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` if they all index the model's embedding (``vocab_size`` of the config), else SlimError."""
+    vocab = _hf_config(path).vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise SlimError(f"the tokenizer in {path} produces token id {int(ids.max())}, beyond the model's "
+                        f"vocab_size {vocab}: the tokenizer does not belong to this model")
+    return ids

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtorch.errors import SlimError
+from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import load_tensors, verify_sha256
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -162,7 +162,9 @@ def get_entry(name: str) -> ZooEntry:
 
     if local.is_local_model(name):
         return _local_entry(Path(name).resolve())
-    raise SlimError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}, or a save_pretrained folder")
+    if not name:
+        raise SlimError("the model name is empty; give a zoo name (see `slimtorch models`) or a folder")
+    raise SlimError(f"unknown model {shown(name)}; choose one of: {', '.join(ZOO)}, or a save_pretrained folder")
 
 
 @cache
@@ -171,9 +173,12 @@ def _local_entry(path: Path) -> ZooEntry:
     from slimtorch.zoo.lm_data import corpus_tokens, encode_documents
 
     task = local.local_task(path)
+    def checked(ids: torch.Tensor) -> torch.Tensor:
+        return local.check_token_ids(path, ids)
+
     return ZooEntry(str(path), task, f"transformers model from {path}", "local folder", lambda: path, local.load_local,
-                    tokens=cache(lambda split: corpus_tokens(split, local.local_tokenizer(path))),
-                    encode=lambda docs: encode_documents(docs, local.local_tokenizer(path)))
+                    tokens=cache(lambda split: checked(corpus_tokens(split, local.local_tokenizer(path)))),
+                    encode=lambda docs: checked(encode_documents(docs, local.local_tokenizer(path))))
 
 
 def load_model(name: str, verify: bool = True) -> nn.Module:
