@@ -115,6 +115,23 @@ def _checked_scale(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
+def _check_against_base(old: nn.Module, name: str, info: dict, shape: tuple[int, ...], path: Path) -> None:
+    """The layer a file describes is the base model's layer: same kind, weight shape and conv arguments."""
+    kind = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
+    same = isinstance(old, nn.Linear | nn.Conv2d) and info["kind"] == kind[nn.Linear if isinstance(old, nn.Linear)
+                                                                          else nn.Conv2d]
+    same = same and tuple(old.weight.shape) == shape
+    if same and isinstance(old, nn.Conv2d):
+        c = info["conv"]
+        pad = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
+        same = (tuple(c["stride"]), pad, tuple(c["dilation"]), c["groups"]) == (
+            tuple(old.stride), old.padding if isinstance(old.padding, str) else tuple(old.padding),
+            tuple(old.dilation), old.groups)
+    if not same:
+        raise SlimError(f"{path}: layer {shown(name)} is not the base model's layer of that name (kind, shape or "
+                        f"convolution arguments differ): the file is damaged or made for another model")
+
+
 def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn.Module:
     for key, target in meta.get("aliases", {}).items():
         tensors[key] = tensors[target]
@@ -123,6 +140,7 @@ def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, pat
         if wspec is None or info["kind"] not in ("linear", "conv2d"):
             raise SlimError(f"{path}: layer {shown(name)} has no weight spec or an unknown kind")
         shape = tuple(int(d) for d in info["weight_shape"])
+        _check_against_base(model.get_submodule(name), name, info, shape, path)
         rows, width = shape[0], int(torch.Size(shape[1:]).numel())
         packed = tensors.pop(f"{name}.qweight")
         codes = _unpack_codes(packed, wspec, width).reshape(rows, width)

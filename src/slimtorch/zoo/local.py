@@ -180,7 +180,15 @@ def load_local(path: Path) -> nn.Module:
     model.load_state_dict(state, strict=False)  # tied copies are absent from the files by design
     model.tie_weights()
     model.config.use_cache = False
-    return model.eval()
+    model.eval()
+    with torch.no_grad():  # a config that builds but computes nonsense (say rope_theta <= 0) fails here
+        try:
+            logits = model(torch.arange(8)[None] % config.vocab_size).logits
+        except Exception as exc:  # noqa: BLE001 - a model its own config cannot run is the folder's problem
+            raise SlimError(f"the model in {path} fails on 8 tokens: {shown(exc, 160)}") from None
+    if not bool(torch.isfinite(logits).all()):
+        raise SlimError(f"the model in {path} computes NaN or Inf on 8 tokens; check config.json")
+    return model
 
 
 @cache
