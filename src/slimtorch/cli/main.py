@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterable
@@ -128,7 +129,7 @@ def quantize_cmd(
     preset: str = typer.Option(None, "--preset", help="W8A8, W8A8-dynamic, W4A16-g128, W3A16-g128, W2A16-g64, W4A8, FP8."),
     recipe: Path = typer.Option(None, "--recipe", help="YAML recipe (targets/ignore regexes, weight/act specs)."),
     method: str = typer.Option("rtn", "--method", help="rtn | gptq | awq | smoothquant."),
-    out_dir: Path = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
+    out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
     calib_samples: int = typer.Option(None, "--calib-samples", help="Calibration samples (default per task)."),
     calib_text: Path = typer.Option(None, "--calib", help="Language models: a text file to calibrate on "
                                     "(default: our corpus's train split)."),
@@ -191,21 +192,15 @@ def _print_report(model: str, res: dict, out_dir: Path) -> None:
     out.print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'report.json'}")
 
 
-def _resume_checkpoint(folder: Path, out: Path) -> None:
-    """Put the checkpoint to resume from into the staging ``folder``: an interrupted run left it there; a
-    finished one in ``out``/checkpoints."""
-    import shutil
-
+def _resume_checkpoint(stage) -> Path:
+    """The checkpoint to resume from: an interrupted run's (kept in its staging folder) or a finished one's."""
     from slimtorch.qat.train import CHECKPOINT
 
-    if (folder / "checkpoints" / CHECKPOINT).is_file():
-        return
-    done = out / "checkpoints" / CHECKPOINT
-    if not done.is_file():
-        raise SlimError(f"--resume: no checkpoint in {folder / 'checkpoints'} or {out / 'checkpoints'}; run "
-                        f"without --resume")
-    (folder / "checkpoints").mkdir(exist_ok=True)
-    shutil.copy2(done, folder / "checkpoints" / CHECKPOINT)
+    for folder in (stage.resume_folder, stage.out):
+        if (folder / "checkpoints" / CHECKPOINT).is_file():
+            return folder / "checkpoints" / CHECKPOINT
+    raise SlimError(f"--resume: no checkpoint in {stage.resume_folder / 'checkpoints'} or "
+                    f"{stage.out / 'checkpoints'}; run without --resume")
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -224,7 +219,7 @@ def train_qat_cmd(
                              "widths like 8/6/4/2; fracbits: the average weight width, e.g. W3A8; f8net: 8; "
                              "adabin: 1."),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs over Fashion-MNIST train."),
-    out_dir: Path = typer.Option(..., "--out", help="Folder for model.safetensors, report.json, checkpoints/."),
+    out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors, report.json, checkpoints/."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 with adam, 0.01 with sgd)."),
     optimizer: str = typer.Option("adam", "--optimizer", help="adam | sgd."),
     batch_size: int = typer.Option(256, "--batch-size"),
@@ -262,9 +257,11 @@ def train_qat_cmd(
     dev = args.device(device)
     stage = StagedOutput(out_dir, overwrite, resumable=True)
     stage.check()
+    resume_from = _resume_checkpoint(stage) if resume else None
     with stage as folder:
-        if resume:
-            _resume_checkpoint(folder, stage.out)
+        if resume_from is not None and resume_from.parent.parent != folder:
+            (folder / "checkpoints").mkdir(exist_ok=True)
+            shutil.copy2(resume_from, folder / "checkpoints" / resume_from.name)
         res = run_train_qat(model, method, bits, folder, cfg, limit_train, limit, dev, resume,
                             first_last_bits or None, progress=progress_bar,
                             log=lambda line: err.print(_epoch_line(json.loads(line), epochs)), adc_bits=adc_bits,

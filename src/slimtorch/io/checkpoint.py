@@ -88,10 +88,10 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        umask_mode(tmp, 0o666)
         flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         meta_json = json.dumps(metadata or {}, sort_keys=True, allow_nan=False)
         save_file(flat, tmp, metadata={META_KEY: meta_json, DIGEST_KEY: tensors_digest(flat, meta_json)})
+        umask_mode(tmp, 0o666)  # after: save_file writes a file of its own in place of tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

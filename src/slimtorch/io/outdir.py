@@ -60,6 +60,11 @@ class StagedOutput:
         self.staging: Path | None = None
         self._made_parents: list[Path] = []
 
+    @property
+    def resume_folder(self) -> Path:
+        """The staging folder of a resumable job: kept when the job fails, so the next run can resume."""
+        return self.out.parent / f".{self.out.name}.partial"
+
     def check(self) -> None:
         """The checks of :meth:`prepare` that create nothing."""
         out = self.out
@@ -78,12 +83,17 @@ class StagedOutput:
         """Check the destination and create the staging folder (and any missing parents)."""
         self.check()
         missing = [p for p in self.out.parents if not p.exists()]
+        with signals_held():
+            self._make(missing)
+        return self
+
+    def _make(self, missing: list[Path]) -> None:
         try:
             for p in reversed(missing):
                 p.mkdir()
                 self._made_parents.insert(0, p)
             if self.resumable:
-                self.staging = self.out.parent / f".{self.out.name}.partial"
+                self.staging = self.resume_folder
                 self.staging.mkdir(exist_ok=True)
             else:
                 self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
@@ -91,7 +101,6 @@ class StagedOutput:
         except OSError as exc:
             self.abort()
             raise SlimError(f"cannot write {self.flag} {self.out}: {shown(exc.strerror or exc)}") from None
-        return self
 
     def commit(self) -> Path:
         """Move the staging folder into place (replacing an old output) and return the output path."""

@@ -1,0 +1,186 @@
+"""Hostile and careless command lines: every mistake is one line on stderr and exit 2, found before any
+work (no model loaded, no folder left behind); --json errors are a JSON object on stdout; interrupted runs
+leave the previous output or the complete new one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slimtorch.cli.main import main
+
+
+def cli(*argv: str, capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process (fast); restores the SIGTERM handler it installs."""
+    old = signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_line(code: int, err: str, text: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and text in lines[0] and "Traceback" not in err, (code, err)
+
+
+def run(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slimtorch", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+Q = ("quantize", "fmnist-cnn", "--preset", "W8A8")
+T = ("train-qat", "fmnist-cnn", "--epochs", "1")
+
+
+@pytest.mark.parametrize("argv, text", [
+    ((*Q, "--out", "{o}", "--calib-samples", "99999999999999999999"), "--calib-samples"),
+    ((*Q, "--out", "{o}", "--calib-samples", "0"), "--calib-samples"),
+    ((*Q, "--out", "{o}", "--calib", "/dev/zero"), "not a regular file"),
+    ((*Q, "--out", "{o}", "--calib", "{tmp}"), "not a regular file"),
+    ((*Q, "--out", "{o}", "--seed", "99999999999999999999"), "--seed"),
+    ((*Q, "--out", "{o}", "--seed", "-1"), "--seed"),
+    ((*Q, "--out", "{o}", "--limit", "0"), "--limit"),
+    ((*Q, "--out", "{o}", "--method", "magic"), "--method"),
+    ((*Q, "--out", "/proc/slimtorch-out"), "cannot write"),
+    ((*Q, "--out", "{file}/sub"), "which is a file"),
+    ((*Q, "--out", "{file}"), "is a file"),
+    ((*Q, "--out", ""), "--out is empty"),
+    ((*Q, "--out", "{full}"), "not empty"),
+    (("quantize", "", "--preset", "W8A8", "--out", "{o}"), "model name is empty"),
+    (("eval", ""), "model name is empty"),
+    (("eval", "fmnist-cnn", "--limit", "-3"), "--limit"),
+    ((*T, "--out", "{o}", "--lr", "nan"), "learning rate"),
+    ((*T, "--out", "{o}", "--lr", "inf"), "learning rate"),
+    ((*T, "--out", "{o}", "--lr", "1e300"), "learning rate"),
+    ((*T, "--out", "{o}", "--lr", "-1"), "learning rate"),
+    ((*T, "--out", "{o}", "--limit-train", "0"), "--limit-train"),
+    ((*T, "--out", "{o}", "--limit-train", "-5"), "--limit-train"),
+    ((*T, "--out", "{o}", "--limit", "0"), "--limit"),
+    ((*T, "--out", "{o}", "--seed", "99999999999999999999"), "seed"),
+    ((*T, "--out", "{o}", "--device", "tpu"), "--device"),
+    ((*T, "--out", "{o}", "--kd", "nan"), "kd"),
+    ((*T, "--out", "{o}", "--epochs", "0"), "epochs"),
+    ((*T, "--out", "{o}", "--batch-size", "0"), "batch size"),
+    ((*T, "--out", "{o}", "--bits", "W9A9"), "2 to 8"),
+    ((*T, "--out", "{o}", "--resume"), "no checkpoint"),
+    ((*T, "--out", "/proc/slimtorch-out"), "cannot write"),
+    (("cost", "fmnist-cnn", "--plot", "/proc/slimtorch.png"), "cannot write"),
+    (("cost", "fmnist-cnn", "--plot", "{file}/x.png"), "cannot write"),
+    (("cost", "fmnist-cnn", "--batch", "0"), "--batch"),
+    (("quantize", "fmnist-cnn"), "Missing option"),
+    (("quantize",), "Missing argument"),
+    (("eval", "fmnist-cnn", "--limit", "many"), "Invalid value"),
+    (("eval", "fmnist-cnn", "--frobnicate"), "No such option"),
+    (("frobnicate",), "No such command"),
+])
+def test_bad_arguments_are_one_line_before_any_work(argv, text, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    subs = {"{o}": str(tmp_path / "o"), "{file}": str(afile), "{tmp}": str(tmp_path), "{full}": str(full)}
+    argv = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in argv]
+    t0 = time.perf_counter()
+    code, out, err = cli(*argv, capsys=capsys)
+    one_line(code, err, text)
+    assert time.perf_counter() - t0 < 10  # found before any model was evaluated or trained
+    assert not (tmp_path / "o").exists() and (full / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]  # no staging folder left behind
+
+
+def test_a_fifo_as_calib_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = run("quantize", "tinyllama-fm", "--preset", "W8A8", "--calib", str(fifo), "--out", str(tmp_path / "o"),
+            timeout=30)
+    one_line(r.returncode, r.stderr, "not a regular file")
+
+
+def test_json_errors_are_a_json_object_on_stdout(tmp_path, capsys):
+    code, out, err = cli("eval", "resnet50", "--json", capsys=capsys)
+    one_line(code, err, "unknown model")
+    assert json.loads(out) == {"error": err.strip().removeprefix("slimtorch: error: "), "exit_code": 2}
+
+
+def test_json_reports_are_strict_json():
+    from slimtorch.io.json_text import json_text
+
+    text = json_text({"ppl": float("inf"), "x": [float("nan"), 1.5], "n": 3})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"ppl": None, "x": [None, 1.5], "n": 3}
+
+
+def test_overwrite_replaces_and_files_follow_the_umask(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    r = run(*Q, "--out", str(out), "--limit", "100", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (out, out / "model.safetensors", out / "report.json"):
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
+
+
+def _interrupt_once(tmp_path: Path, sig: int, delay: float, old_report: str) -> str:
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "slimtorch", *Q, "--out", str(out), "--limit", "3000",
+                             "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["o"], left  # no staging or old folder left behind
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["model.safetensors", "report.json"], names
+    report = (out / "report.json").read_text()
+    if report == old_report:
+        return "old"
+    from slimtorch.io.quantized import load_quantized
+
+    assert json.loads(report)["limit"] == 3000
+    load_quantized(out / "model.safetensors")  # whole: its checksum holds
+    return "new"
+
+
+def _previous_output(tmp_path: Path) -> str:
+    r = run(*Q, "--out", str(tmp_path / "o"), "--limit", "50")
+    assert r.returncode == 0, r.stderr
+    return (tmp_path / "o" / "report.json").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_leaves_the_previous_output_whole(tmp_path, sig):
+    old = _previous_output(tmp_path)
+    assert _interrupt_once(tmp_path, sig, 3.0, old) == "old"
+
+
+@pytest.mark.slow
+def test_interrupts_at_random_moments_leave_old_or_new_never_a_mix(tmp_path):
+    old = _previous_output(tmp_path)
+    rng = random.Random(0)
+    seen = []
+    for i in range(12):
+        seen.append(_interrupt_once(tmp_path, rng.choice([signal.SIGINT, signal.SIGTERM]), rng.uniform(0.05, 14), old))
+        if seen[-1] == "new":
+            old = (tmp_path / "o" / "report.json").read_text()
+    assert "old" in seen
