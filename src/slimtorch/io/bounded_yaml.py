@@ -67,12 +67,14 @@ def load_yaml_file(path: Path, what: str = "file") -> object:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SlimError(f"{where} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    loader = _BoundedLoader(text, where)
+    loader = None
     try:
+        loader = _BoundedLoader(text, where)  # its reader refuses control characters here already
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise SlimError(f"{where} is not valid YAML: {shown(exc, 200)}") from None
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an integer of over 4300 digits
         raise SlimError(f"{where} holds a value YAML cannot convert: {shown(exc, 120)}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

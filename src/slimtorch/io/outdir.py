@@ -120,9 +120,11 @@ class StagedOutput:
         return self.out
 
     def abort(self) -> None:
-        """Remove the staging folder (kept when resumable) and the parents prepare() created."""
+        """Remove the staging folder (kept when resumable and it holds a file, a checkpoint to resume from)
+        and the parents prepare() created."""
         with signals_held():
-            if self.staging is not None and not self.resumable:
+            keep = self.resumable and self.staging is not None and any(p.is_file() for p in self.staging.rglob("*"))
+            if self.staging is not None and not keep:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 self.staging = None
             if self.staging is None:

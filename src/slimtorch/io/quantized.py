@@ -24,8 +24,8 @@ from torch import nn
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import load_tensors, nonfinite_tensor, save_tensors
 from slimtorch.quant import formats
-from slimtorch.quant.modules import ActQuant, QuantConv2d, QuantLinear, _QuantWeight, set_module
-from slimtorch.quant.primitives import FP8_DTYPES
+from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, _QuantWeight, set_module
+from slimtorch.quant.primitives import FP8_DTYPES, scale_shape
 from slimtorch.spec import spec_from_dict, spec_to_dict
 
 FORMAT_VERSION = 1
@@ -115,6 +115,13 @@ def _checked_scale(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
+def _check_shapes(path: Path, layer: str, pairs: dict[str, tuple[torch.Tensor | None, tuple[int, ...]]]) -> None:
+    """Each present tensor has the shape its layer needs (absent ones are checked by their users)."""
+    for leaf, (t, want) in pairs.items():
+        if t is not None and tuple(t.shape) != tuple(want):
+            raise SlimError(f"{path}: {shown(layer)}.{leaf} has shape {list(t.shape)}, the layer needs {list(want)}")
+
+
 def _check_against_base(old: nn.Module, name: str, info: dict, shape: tuple[int, ...], path: Path) -> None:
     """The layer a file describes is the base model's layer: same kind, weight shape and conv arguments."""
     kind = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
@@ -147,6 +154,13 @@ def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, pat
         scale = _checked_scale(tensors[f"{name}.w_scale"], f"{name}.w_scale")
         zero = tensors[f"{name}.w_zero"]
         bias = tensors.get(f"{name}.bias")
+        in_shape = (width,) if info["kind"] == "linear" else (shape[1] * info["conv"]["groups"], 1, 1)
+        _check_shapes(path, name, {"w_scale": (scale, scale_shape((rows, width), wspec)),
+                                   "w_zero": (zero, scale_shape((rows, width), wspec)),
+                                   "bias": (bias, (rows,)), "inv_smooth": (tensors.get(f"{name}.inv_smooth"), in_shape),
+                                   **({"act.scale": (tensors[f"{name}.act.scale"], ()),
+                                       "act.zero": (tensors[f"{name}.act.zero"], ())}
+                                      if aspec is not None and not aspec.dynamic else {})})
         if info["kind"] == "linear":
             new = QuantLinear(wspec, codes, scale, zero, bias, aspec, shape)
         else:
@@ -163,7 +177,10 @@ def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, pat
         set_module(model, name, new)
     for name, raw in meta.get("points", {}).items():
         point = ActQuant(spec_from_dict(raw, "act"))
+        if not isinstance(model.get_submodule(name), MatmulInput):
+            raise SlimError(f"{path}: {shown(name)} is not a matmul input point of the base model")
         if not point.spec.dynamic:
+            _check_shapes(path, name, {"scale": (tensors[f"{name}.scale"], ()), "zero": (tensors[f"{name}.zero"], ())})
             point.scale = _checked_scale(tensors[f"{name}.scale"], f"{name}.scale")
             point.zero = tensors[f"{name}.zero"]
         set_module(model, name, point)

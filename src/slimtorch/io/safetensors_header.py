@@ -78,7 +78,7 @@ def _tensor(path: Path, name: str, info, buffer: int) -> tuple[TensorInfo, tuple
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise _bad(path, f"{where} needs exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise _bad(path, f"{where} has unsupported dtype {str(dtype)[:20]!r}")
     ints = (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
             and all(type(v) is int and v >= 0 for v in (*shape, *offsets)))

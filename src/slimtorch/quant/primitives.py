@@ -49,6 +49,12 @@ def reduce_dims(x: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
     raise SlimError(f"unsupported granularity {g!r}")
 
 
+def scale_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
+    """The scale (and zero-point) shape of a tensor of ``shape`` under ``spec`` (computed on the meta
+    device: no memory); SlimError where the granularity does not fit the shape."""
+    return tuple(min_max(torch.empty(shape, device="meta"), spec)[0].shape)
+
+
 def min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-granule min and max of ``x``, in the scale shape (see module docstring)."""
     xg = grouped(x.detach().float(), spec)
