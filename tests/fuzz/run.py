@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = {"recipes": 400, "folders": 40, "files": 100, "argv": 40}
-FULL = {"recipes": 3000, "folders": 200, "files": 300, "argv": 200}
+FULL = {"recipes": 3000, "folders": 500, "files": 1000, "argv": 200}
 LIMITS = {"peak_rss_mb": 2048, "slowest_case_s": 30}
 
 

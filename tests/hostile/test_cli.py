@@ -103,6 +103,12 @@ def test_bad_arguments_are_one_line_before_any_work(argv, text, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]  # no staging folder left behind
 
 
+def test_more_calibration_samples_than_exist_is_one_line(tmp_path, capsys):
+    code, _, err = cli(*Q, "--out", str(tmp_path / "o"), "--calib-samples", "70000", capsys=capsys)
+    one_line(code, err, "only 60,000 Fashion-MNIST training images")
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
 def test_a_fifo_as_calib_is_refused_at_once(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -143,3 +143,46 @@ def test_a_pickle_under_the_name_never_runs(copy_, tmp_path, monkeypatch):
     with pytest.raises(SlimError):
         load_model(copy.copy("fmnist-cnn"))  # sanity: the zoo loader is unaffected
         raise SlimError("ok")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
+    lambda f: f.write_bytes(b""),
+    lambda f: f.write_bytes(b"\x00" * 8),
+    lambda f: f.write_bytes((2**62).to_bytes(8, "little") + f.read_bytes()[8:]),
+    lambda f: f.write_bytes((6).to_bytes(8, "little") + b"notjso" + f.read_bytes()[14:]),
+    lambda f: f.write_bytes(f.read_bytes() + b"trailing"),
+], ids=["truncated", "empty", "zero-header", "header-2^62", "not-json", "trailing-bytes"])
+def test_corrupt_quantized_files_are_one_error(copy_, damage):
+    damage(copy_)
+    refused(copy_, "not a valid safetensors file")
+
+
+def test_a_resume_checkpoint_that_is_a_pickle_never_runs(tmp_path, monkeypatch):
+    from slimtorch.io.checkpoint import load_tensors
+    from tests.hostile import folders as F
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv(F.MARKER_ENV, str(marker))
+    ckpt = tmp_path / "last.safetensors"
+    F.write_pickle_payload(ckpt)
+    with pytest.raises(SlimError, match="not a valid safetensors"):
+        load_tensors(ckpt)
+    assert not marker.exists()
+
+
+def test_a_swapped_zoo_weights_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """EfficientNet's .pth is the one file read by torch.load (weights_only): only once its sha256 matched."""
+    from slimtorch.zoo import registry
+    from tests.hostile import folders as F
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv(F.MARKER_ENV, str(marker))
+    payload = tmp_path / "efficientnet.pth"
+    F.write_pickle_payload(payload)
+    entry = registry.ZOO["efficientnet-lite0"]
+    monkeypatch.setitem(registry.ZOO, "efficientnet-lite0", registry.ZooEntry(
+        entry.name, entry.task, entry.description, entry.source, lambda: payload, entry.build))
+    with pytest.raises(SlimError, match="sha256"):
+        load_model("efficientnet-lite0")
+    assert not marker.exists()

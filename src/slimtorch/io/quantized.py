@@ -123,17 +123,16 @@ def _check_shapes(path: Path, layer: str, pairs: dict[str, tuple[torch.Tensor | 
 
 
 def _check_against_base(old: nn.Module, name: str, info: dict, shape: tuple[int, ...], path: Path) -> None:
-    """The layer a file describes is the base model's layer: same kind, weight shape and conv arguments."""
-    kind = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
-    same = isinstance(old, nn.Linear | nn.Conv2d) and info["kind"] == kind[nn.Linear if isinstance(old, nn.Linear)
-                                                                          else nn.Conv2d]
-    same = same and tuple(old.weight.shape) == shape
-    if same and isinstance(old, nn.Conv2d):
+    """The layer a file describes is the base model's layer: same kind, weight shape and conv arguments
+    (compared by type and value: 1.0 is not a stride)."""
+    kind = "linear" if isinstance(old, nn.Linear) else "conv2d" if isinstance(old, nn.Conv2d) else None
+    same = info["kind"] == kind and tuple(old.weight.shape) == shape
+    if same and kind == "conv2d":
         c = info["conv"]
-        pad = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
-        same = (tuple(c["stride"]), pad, tuple(c["dilation"]), c["groups"]) == (
-            tuple(old.stride), old.padding if isinstance(old.padding, str) else tuple(old.padding),
-            tuple(old.dilation), old.groups)
+        as_json = [list(old.stride), old.padding if isinstance(old.padding, str) else list(old.padding),
+                   list(old.dilation), old.groups, bool(getattr(old, "tf_same_padding", False))]
+        same = repr([c["stride"], c["padding"], c["dilation"], c["groups"], c.get("same_padding", False)]) == \
+            repr(as_json)
     if not same:
         raise SlimError(f"{path}: layer {shown(name)} is not the base model's layer of that name (kind, shape or "
                         f"convolution arguments differ): the file is damaged or made for another model")

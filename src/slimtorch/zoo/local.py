@@ -99,6 +99,8 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = _json_file(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise SlimError(f"{index} has no weight_map")
+        if not all(isinstance(n, str) for n in weight_map.values()):
+            raise SlimError(f"{index}: weight_map must map tensor names to file names")
         names = set(weight_map.values())
         bad = [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors") or "/" in n
                or "\\" in n or n.startswith(".")]

@@ -62,6 +62,7 @@ def build(model_dir: Path) -> SentenceEncoder:
     """Load the encoder from a folder holding config.json, model.safetensors and the tokenizer."""
     from transformers import AutoTokenizer, BertModel
 
-    bert = BertModel.from_pretrained(str(model_dir), local_files_only=True)  # keys match exactly
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    bert = BertModel.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True,
+                                     trust_remote_code=False)  # keys match exactly
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     return SentenceEncoder(bert.eval(), tok)

@@ -3,8 +3,8 @@
 The manifest (``manifest.json`` beside this file) holds, per model, the sha256 of the weights
 file, the parameter count and the FP metrics as measured by ``slimtorch eval`` on the CPU.
 Loading always checks the sha256 before reading a byte of weights, and never unpickles:
-our weights are safetensors; the EfficientNet package's ``.pth`` is read with
-``torch.load(weights_only=True)`` only after its sha256 matched.
+our weights are safetensors; the EfficientNet package's legacy ``.pth`` is decoded opcode by opcode by
+``io.legacy_torch`` (no unpickler, no import, no call), and only after its sha256 matched.
 """
 
 from __future__ import annotations
@@ -70,10 +70,11 @@ def _build_minilm(path: Path) -> nn.Module:
 
 
 def _build_efficientnet(path: Path) -> nn.Module:
+    from slimtorch.io.legacy_torch import read_legacy_state_dict
     from slimtorch.zoo.efficientnet import EfficientNetLite0
 
     model = EfficientNetLite0()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(read_legacy_state_dict(path), strict=True)
     return model.eval()
 
 
