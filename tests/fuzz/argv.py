@@ -60,6 +60,11 @@ def argv_sets(seed: int, n: int, work: Path) -> list[list[str]]:
                 args += [opt, out_dir if opt == "--out" and r.random() < 0.5 else hostile_path(r, work)]
             else:
                 args += [opt, r.choice(values)]
+        # a sound job must stay a quick one: a full evaluation or a 10-epoch training is not a hostile case
+        for opt, value in {"eval": [("--limit", "16")], "quantize": [("--limit", "16")],
+                           "train-qat": [("--limit", "16"), ("--limit-train", "64"), ("--epochs", "1")]}.get(cmd, []):
+            if opt not in args:
+                args += [opt, value]
         if r.random() < 0.2:
             args.append(r.choice(["--json", "--overwrite", "--frobnicate", "extra-arg"]))
         out.append(args)

@@ -137,7 +137,8 @@ def _build(config, device: str | None) -> nn.Module:
 
     try:
         with torch.device(device) if device else nullcontext():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
+            # float32 after the build: from_config's dtype keyword is torch_dtype before transformers 4.56
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False).float()
     except Exception as exc:  # noqa: BLE001 - a config transformers cannot build is the folder's problem
         raise SlimError(f"cannot build the model of {config.name_or_path or 'the folder'} from its config.json: "
                         f"{shown(exc, 160)}") from None
