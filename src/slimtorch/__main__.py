@@ -1,3 +1,3 @@
-from slimtorch.cli.main import main
+from slimtorch.cli.entry import main
 
 main()

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from slimtorch.cli import args
+from slimtorch.cli.entry import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
 
@@ -230,7 +231,7 @@ def train_qat_cmd(
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N test images only."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run "
-                                "(kept in .DIR.partial/ beside DIR) or of DIR/checkpoints/."),
+                                "(kept in .DIR.partial/ beside DIR) or of DIR/checkpoints/; replaces DIR."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists and is not empty."),
     seed: int = typer.Option(0, "--seed"),
     adc_bits: int = typer.Option(6, "--adc-bits", help="pim: ADC resolution of the simulated array."),
@@ -255,7 +256,7 @@ def train_qat_cmd(
     args.count("--adc-bits", adc_bits, 16)
     args.choice("--first-last-bits", str(first_last_bits), ("0", "2", "3", "4", "5", "6", "7", "8"))
     dev = args.device(device)
-    stage = StagedOutput(out_dir, overwrite, resumable=True)
+    stage = StagedOutput(out_dir, overwrite or resume, resumable=True)  # resuming DIR's run replaces DIR
     stage.check()
     resume_from = _resume_checkpoint(stage) if resume else None
     with stage as folder:
@@ -343,14 +344,6 @@ def cost_cmd(
         out.print(f"wrote {plot}")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that cleanup (the staging folder) runs as for Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> None:
     """The command line: every failure is one line on stderr. A user mistake (SlimError, a usage error)
     exits 2; Ctrl-C 130 and SIGTERM 143, after the job removed what it had staged; a bug in slimtorch
@@ -361,9 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     as_json = "--json" in argv
     # transformers' own weight-loading bars would interleave with ours and break one-line errors
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        typer.main.get_command(app).main(argv, prog_name="slimtorch", standalone_mode=False)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    cmd = typer.main.get_command(app)
+    try:  # not cmd.main(): it turns Ctrl-C into a returned exit code, which would read as success
+        with cmd.make_context("slimtorch", argv) as ctx:
+            cmd.invoke(ctx)
+    except _EXITS as exc:  # --help and friends
+        raise SystemExit(exc.exit_code) from None
     except SlimError as exc:
         fail(str(exc), 2, as_json)
     except _CLICK_ERRORS as exc:
@@ -387,18 +384,19 @@ def app_commands() -> list[str]:
     return [c.name or c.callback.__name__ for c in app.registered_commands]
 
 
-def _click_errors() -> tuple[type[Exception], ...]:
-    """Usage-error types of the click typer runs on (typer >= 0.26 vendors its own copy)."""
+def _click_kinds(name: str, modules: tuple[str, ...]) -> tuple[type[Exception], ...]:
+    """The classes called ``name`` in the click that typer runs on (typer >= 0.26 vendors its own copy)."""
     kinds = []
-    for mod in ("typer._click.exceptions", "click.exceptions"):
+    for mod in modules:
         try:
-            kinds.append(__import__(mod, fromlist=["ClickException"]).ClickException)
-        except ImportError:
+            kinds.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
             pass
     return tuple(kinds)
 
 
-_CLICK_ERRORS = _click_errors()
+_CLICK_ERRORS = _click_kinds("ClickException", ("typer._click.exceptions", "click.exceptions"))
+_EXITS = _click_kinds("Exit", ("typer.exceptions", "click.exceptions"))
 
 
 if __name__ == "__main__":
