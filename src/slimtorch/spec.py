@@ -173,6 +173,17 @@ def spec_to_dict(spec: QuantSpec | None) -> dict | None:
             "symmetric": spec.symmetric, "observer": spec.observer, "dynamic": spec.dynamic}
 
 
+def mapping_of(raw, allowed: tuple[str, ...], what: str, noun: str = "fields") -> dict:
+    """``raw`` if it is a mapping whose keys are all in ``allowed``, else SlimError naming ``what``."""
+    if not isinstance(raw, dict):
+        raise SlimError(f"{what} must be a mapping of {', '.join(allowed)}; got {shown(raw)}")
+    unknown = [k for k in raw if k not in allowed]
+    if unknown:
+        raise SlimError(f"{what} has unknown {noun} {', '.join(shown(k, 40) for k in unknown[:3])}; allowed: "
+                        f"{', '.join(allowed)}")
+    return raw
+
+
 SPEC_FIELDS = ("dtype", "granularity", "symmetric", "observer", "dynamic")
 
 
@@ -180,13 +191,7 @@ def spec_from_dict(raw: dict | None, role: str | None = None) -> QuantSpec | Non
     """The spec written by :func:`spec_to_dict` (or a recipe's mapping), checked for ``role`` when given."""
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise SlimError(f"a quantization spec must be a mapping or null, got {shown(raw)}")
-    unknown = [k for k in raw if k not in SPEC_FIELDS]
-    if unknown:
-        raise SlimError(f"a quantization spec has unknown keys {shown(unknown)} ({', '.join(map(shown, unknown[:3]))})"
-                        f"; allowed: {', '.join(SPEC_FIELDS)}")
-    kw = dict(raw)
+    kw = dict(mapping_of(raw, SPEC_FIELDS, "a quantization spec", "keys"))
     if "granularity" in kw:
         kw["granularity"] = granularity_from_str(kw["granularity"])
     spec = QuantSpec(**kw)

@@ -92,12 +92,10 @@ def prepare_work(work: Path) -> None:
         os.mkfifo(work / "fifo")
 
 
-def run_argv(argv: list[str], work: Path) -> str:
-    """'ok' (exit 0) or 'refused' (exit 2 and one line); AssertionError otherwise, or when the output
-    folder is partial or a staging folder is left."""
+def run_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of the CLI run in this process; its SIGTERM handler is undone after."""
     from slimtorch.cli.main import main
 
-    before = set(os.listdir(work))
     old = signal.getsignal(signal.SIGTERM)
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
@@ -108,7 +106,14 @@ def run_argv(argv: list[str], work: Path) -> str:
         code = exc.code or 0
     finally:
         signal.signal(signal.SIGTERM, old)
-    err = stderr.getvalue()
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def run_argv(argv: list[str], work: Path) -> str:
+    """'ok' (exit 0) or 'refused' (exit 2 and one line); AssertionError otherwise, or when the output
+    folder is partial or a staging folder is left."""
+    before = set(os.listdir(work))
+    code, _, err = run_in_process(argv)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     if code == 2:
         assert len(lines) == 1 and lines[0].startswith("slimtorch: error: "), f"exit 2 but stderr {err[-500:]!r}"

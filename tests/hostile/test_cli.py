@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from slimtorch.cli.main import main
+from tests.fuzz.argv import run_in_process
 
 
-def cli(*argv: str, capsys) -> tuple[int, str, str]:
-    """Run the CLI in this process (fast); restores the SIGTERM handler it installs."""
-    old = signal.getsignal(signal.SIGTERM)
-    code = 0
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+def cli(*argv: str, capsys=None) -> tuple[int, str, str]:
+    """Run the CLI in this process (fast)."""
+    return run_in_process(list(argv))
 
 
 def one_line(code: int, err: str, text: str) -> None:

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from slimtorch.errors import SlimError, shown
 from slimtorch.quant.modules import MatmulInput, quant_type_for
-from slimtorch.spec import LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec, spec_from_dict
+from slimtorch.spec import (LayerPlan, PerChannel, PerGroup, PerTensor, PerToken, Plan, QuantSpec, mapping_of,
+                            spec_from_dict)
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,7 @@ RECIPE_FIELDS = ("preset", "targets", "ignore", "weight", "act", "attention")
 
 def recipe_from_dict(raw, name: str) -> Recipe:
     """A Recipe from a recipe file's mapping; every problem is a SlimError naming the field."""
-    if not isinstance(raw, dict):
-        raise SlimError(f"recipe {name} must be a YAML mapping of fields ({', '.join(RECIPE_FIELDS)})")
-    unknown = [k for k in raw if k not in RECIPE_FIELDS]
-    if unknown:
-        raise SlimError(f"recipe {name} has unknown fields {', '.join(shown(k, 40) for k in unknown[:3])}; "
-                        f"allowed: {', '.join(RECIPE_FIELDS)}")
+    mapping_of(raw, RECIPE_FIELDS, f"recipe {name}")
     if "preset" in raw and not isinstance(raw["preset"], str):
         raise SlimError(f"recipe field 'preset' must be a preset name, got {shown(raw['preset'])}")
     rec = replace(get_preset(raw["preset"]) if "preset" in raw else Recipe(name, None), name=name)
