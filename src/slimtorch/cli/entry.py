@@ -12,19 +12,11 @@ from __future__ import annotations
 import signal
 import sys
 
-_HELD = {signal.SIGINT, signal.SIGTERM}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that cleanup (the staging folder) runs as for Ctrl-C."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated()
+from slimtorch.cli.signals import HELD, Terminated, on_sigterm
 
 
 def main() -> None:
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         import torch  # noqa: F401 - imported here, with the signals held

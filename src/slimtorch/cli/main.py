@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from slimtorch.cli import args
-from slimtorch.cli.entry import Terminated, on_sigterm
+from slimtorch.cli.signals import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
 

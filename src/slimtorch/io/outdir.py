@@ -23,14 +23,14 @@ from pathlib import Path
 
 from slimtorch.errors import SlimError, shown
 
-_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @contextmanager
 def signals_held():
     """SIGINT and SIGTERM wait until the block is done (they are then delivered as usual)."""
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     except (AttributeError, ValueError, OSError):  # not the main thread, or no POSIX signals
         yield
         return
