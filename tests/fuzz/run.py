@@ -30,6 +30,18 @@ def run_category(category: str, n: int, seed: int, work: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _header() -> dict:
+    """records.run_header with this checkout's commit (and whether the tree had uncommitted changes)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from records import run_header
+
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "src", "tests"], capture_output=True,
+                                text=True).stdout.strip())
+    return {**run_header("cpu", commit + ("+uncommitted" if dirty else "")), "cpus": os.cpu_count()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the full counts instead of the quick subset")
@@ -37,6 +49,7 @@ def main() -> None:
     ap.add_argument("--record", action="store_true", help="append the summary to benchmarks/results/fuzz.jsonl")
     a = ap.parse_args()
     sizes = FULL if a.full else QUICK
+    head = _header() if a.record else {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for category, n in sizes.items():
@@ -49,10 +62,7 @@ def main() -> None:
                 if d:
                     print("   ", str(d)[:400])
     if a.record:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from records import run_header
-
-        rec = {**run_header("cpu"), "suite": "full" if a.full else "quick", "seed": a.seed, "limits": LIMITS,
+        rec = {**head, "suite": "full" if a.full else "quick", "seed": a.seed, "limits": LIMITS,
                "categories": rows}
         with open(ROOT / "benchmarks" / "results" / "fuzz.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
