@@ -7,7 +7,7 @@ PYTHON ?= python3
 .PHONY: demo test setup debs
 
 demo: setup
-	$(VENV)/bin/slimtorch quantize fmnist-cnn --preset W8A8 --out out/fmnist-cnn-W8A8
+	$(VENV)/bin/slimtorch quantize fmnist-cnn --preset W8A8 --out out/fmnist-cnn-W8A8 --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -223,3 +223,41 @@ def test_a_signal_during_start_up_is_one_line_not_a_broken_import():
         out, err = proc.communicate(timeout=60)
         want = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}[sig]
         assert (proc.returncode, err.strip()) == (want[0], f"slimtorch: error: {want[1]}"), (delay, err)
+
+
+def test_calibration_text_is_cut_at_line_ends_into_bounded_pieces():
+    from slimtorch.calib.data import text_pieces
+
+    text = "".join(f"line {i} " + "x" * (i % 50) + "\n" for i in range(5000))
+    pieces = text_pieces(text, size=1000)
+    assert "".join(pieces) == text and len(pieces) > 10
+    assert all(p.endswith("\n") for p in pieces) and max(map(len, pieces)) < 1000 + 60
+    assert text_pieces("short\ntext", size=1000) == ["short\ntext"]  # small files: one piece, as before
+
+
+def test_a_calibration_text_over_the_cap_is_refused_before_reading(tmp_path, capsys):
+    from slimtorch.calib.data import MAX_TEXT_BYTES
+
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(MAX_TEXT_BYTES + 1)  # sparse: nothing is written, nothing should be read
+    code, _, err = cli("quantize", "tinyllama-fm", "--preset", "W8A8", "--calib", str(big), "--out",
+                       str(tmp_path / "o"), capsys=capsys)
+    one_line(code, err, "at most 67,108,864 are read")
+
+
+@pytest.mark.slow
+def test_a_large_calibration_text_stays_within_memory(tmp_path):
+    """Before: a 32 MB text took 5.0 GB while the tokenizer encoded it in one call; in pieces 0.5 GB."""
+    text = tmp_path / "big.txt"
+    rng = random.Random(0)
+    words = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "print", "the", "None"]
+    with open(text, "w") as f:
+        for _ in range(400_000):  # about 24 MB
+            f.write(" ".join(rng.choice(words) for _ in range(12)) + "\n")
+    code = ("import resource; from slimtorch.calib.data import calibration_set; from slimtorch.zoo import load_model; "
+            f"calibration_set('tinyllama-fm', 128, model=load_model('tinyllama-fm'), text_file={str(text)!r}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) < 1_200_000  # KiB: torch and the model alone take about 0.4 GB

@@ -11,7 +11,6 @@ from slimtorch.errors import SlimError, shown
 from slimtorch.io.files import regular_file
 
 MAX_SEED = 2**63 - 1
-MAX_TEXT_BYTES = 256 * 2**20  # --calib text
 
 
 def count(flag: str, value: int | None, most: int = 10**9) -> int | None:
@@ -57,7 +56,7 @@ def device(value: str | None) -> str | None:
     return value
 
 
-def text_file(flag: str, path: Path | None, most: int = MAX_TEXT_BYTES) -> Path | None:
+def text_file(flag: str, path: Path | None, most: int) -> Path | None:
     """None, or a regular, readable file of at most ``most`` bytes (not a FIFO, device or folder)."""
     if path is not None:
         regular_file(flag, path, most)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from slimtorch.calib.data import MAX_TEXT_BYTES
 from slimtorch.cli import args
 from slimtorch.cli.signals import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
@@ -151,9 +152,7 @@ def quantize_cmd(
     args.count("--calib-samples", calib_samples, MAX_CALIB_SAMPLES)
     args.count("--limit", limit)
     args.seed(seed)
-    args.text_file("--calib", calib_text)
-    if recipe is not None:
-        args.text_file("--recipe", recipe)
+    args.text_file("--calib", calib_text, MAX_TEXT_BYTES)
     rec = resolve_recipe(recipe if recipe is not None else preset)
     entry = get_entry(model)
     if calib_text is not None and entry.task != "causal-lm":
@@ -304,8 +303,6 @@ def cost_cmd(
     for opt, v in (("--batch", batch), ("--tokens", tokens), ("--context", context)):
         args.count(opt, v, 1 << 24)
     args.png_path("--plot", plot)
-    if recipe is not None:
-        args.text_file("--recipe", recipe)
     hw = get_hardware(hardware)
     name = get_entry(model).name
     m = load_model(name)
