@@ -33,6 +33,14 @@ def run(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
                           timeout=timeout, **kw)
 
 
+def popen(*args: str) -> subprocess.Popen:
+    """The CLI as a child process with SIGINT at its default: a shell that starts jobs in the background
+    (CI's, say) hands them SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
+    return subprocess.Popen([sys.executable, "-m", "slimtorch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 Q = ("quantize", "fmnist-cnn", "--preset", "W8A8")
 T = ("train-qat", "fmnist-cnn", "--epochs", "1")
 
@@ -139,8 +147,7 @@ def test_overwrite_replaces_and_files_follow_the_umask(tmp_path):
 
 def _interrupt_once(tmp_path: Path, sig: int, delay: float, old_report: str) -> str:
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "slimtorch", *Q, "--out", str(out), "--limit", "3000",
-                             "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen(*Q, "--out", str(out), "--limit", "3000", "--overwrite")
     time.sleep(delay)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -192,8 +199,7 @@ def test_an_interrupted_training_leaves_no_output_and_resumes_from_its_staging_f
     out = tmp_path / "o"
     args = [*T[:2], "--epochs", "3", "--limit-train", "12000", "--batch-size", "128", "--limit", "200",
             "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "slimtorch", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = popen(*args)
     ckpt = tmp_path / ".o.partial" / "checkpoints" / "last.safetensors"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -216,8 +222,7 @@ def test_a_signal_during_start_up_is_one_line_not_a_broken_import():
     interrupted halfway), or a run that went on; the imports now run with the signals held."""
     for i, delay in enumerate((0.1, 0.2, 0.3, 0.4, 0.5, 0.7)):
         sig = (signal.SIGINT, signal.SIGTERM)[i % 2]
-        proc = subprocess.Popen([sys.executable, "-m", "slimtorch", "eval", "fmnist-cnn", "--limit", "100"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = popen("eval", "fmnist-cnn", "--limit", "100")
         time.sleep(delay)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
