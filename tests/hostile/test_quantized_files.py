@@ -171,18 +171,22 @@ def test_a_resume_checkpoint_that_is_a_pickle_never_runs(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
-def test_a_swapped_zoo_weights_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    """EfficientNet's .pth is the one file read by torch.load (weights_only): only once its sha256 matched."""
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "minilm", "fmnist-cnn", "tinyllama-fm"])
+def test_a_swapped_zoo_weights_file_is_refused_before_it_is_read(tmp_path, monkeypatch, name):
+    """Every zoo loader checks the file's sha256 before reading a byte (EfficientNet's legacy .pth is then
+    decoded without an unpickler; minilm's package folder is read with use_safetensors, no remote code)."""
     from slimtorch.zoo import registry
     from tests.hostile import folders as F
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv(F.MARKER_ENV, str(marker))
-    payload = tmp_path / "efficientnet.pth"
+    (tmp_path / "config.json").write_text('{"auto_map": {"AutoModel": "evil.M"}, "model_type": "bert"}')
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    payload = tmp_path / "model.safetensors"
     F.write_pickle_payload(payload)
-    entry = registry.ZOO["efficientnet-lite0"]
-    monkeypatch.setitem(registry.ZOO, "efficientnet-lite0", registry.ZooEntry(
+    entry = registry.ZOO[name]
+    monkeypatch.setitem(registry.ZOO, name, registry.ZooEntry(
         entry.name, entry.task, entry.description, entry.source, lambda: payload, entry.build))
     with pytest.raises(SlimError, match="sha256"):
-        load_model("efficientnet-lite0")
+        load_model(name)
     assert not marker.exists()
