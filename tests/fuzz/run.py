@@ -39,7 +39,9 @@ def _header() -> dict:
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "src", "tests"], capture_output=True,
                                 text=True).stdout.strip())
-    return {**run_header("cpu", commit + ("+uncommitted" if dirty else "")), "cpus": os.cpu_count()}
+    head = run_header("cpu", commit + ("+uncommitted" if dirty else ""))
+    head["command"] = "PYTHONPATH=src python -m tests.fuzz.run " + " ".join(sys.argv[1:])  # no local paths
+    return {**head, "cpus": os.cpu_count()}
 
 
 def main() -> None:
