@@ -160,3 +160,14 @@ def test_tokenizer_ids_beyond_the_vocabulary_are_an_error(bad):
     load_local(bad)  # the model itself is sound
     with pytest.raises(SlimError, match="beyond the model's vocab_size 1000"):
         get_entry(str(bad)).encode(["def f(x): return x\n"])
+
+
+@pytest.mark.parametrize("key", ["num_hidden_layers", "num_key_value_heads"])
+def test_a_huge_count_in_config_is_refused_before_building(bad, key):
+    """Found by the fuzz suite: num_hidden_layers = 2^63 built modules on the meta device for ever."""
+    import time
+
+    F.edit_config(bad, **{key: 2**63})
+    t0 = time.perf_counter()
+    refused(bad, "tensors are missing|config|shape|build")
+    assert time.perf_counter() - t0 < 10

@@ -115,11 +115,16 @@ def _checked_scale(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def _check_shapes(path: Path, layer: str, pairs: dict[str, tuple[torch.Tensor | None, tuple[int, ...]]]) -> None:
-    """Each present tensor has the shape its layer needs (absent ones are checked by their users)."""
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_layout(path: Path, layer: str, pairs: dict[str, tuple[torch.Tensor | None, tuple[int, ...]]]) -> None:
+    """Each present tensor is a float tensor of the shape its layer needs (absent ones are checked by
+    their users)."""
     for leaf, (t, want) in pairs.items():
-        if t is not None and tuple(t.shape) != tuple(want):
-            raise SlimError(f"{path}: {shown(layer)}.{leaf} has shape {list(t.shape)}, the layer needs {list(want)}")
+        if t is not None and (tuple(t.shape) != tuple(want) or t.dtype not in _FLOATS):
+            raise SlimError(f"{path}: {shown(layer)}.{leaf} is {t.dtype} of shape {list(t.shape)}; the layer needs "
+                            f"floats of shape {list(want)}")
 
 
 def _check_against_base(old: nn.Module, name: str, info: dict, shape: tuple[int, ...], path: Path) -> None:
@@ -149,12 +154,14 @@ def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, pat
         _check_against_base(model.get_submodule(name), name, info, shape, path)
         rows, width = shape[0], int(torch.Size(shape[1:]).numel())
         packed = tensors.pop(f"{name}.qweight")
+        if packed.dtype != torch.uint8:
+            raise SlimError(f"{path}: {shown(name)}.qweight is {packed.dtype}; packed codes are uint8")
         codes = _unpack_codes(packed, wspec, width).reshape(rows, width)
         scale = _checked_scale(tensors[f"{name}.w_scale"], f"{name}.w_scale")
         zero = tensors[f"{name}.w_zero"]
         bias = tensors.get(f"{name}.bias")
         in_shape = (width,) if info["kind"] == "linear" else (shape[1] * info["conv"]["groups"], 1, 1)
-        _check_shapes(path, name, {"w_scale": (scale, scale_shape((rows, width), wspec)),
+        _check_layout(path, name, {"w_scale": (scale, scale_shape((rows, width), wspec)),
                                    "w_zero": (zero, scale_shape((rows, width), wspec)),
                                    "bias": (bias, (rows,)), "inv_smooth": (tensors.get(f"{name}.inv_smooth"), in_shape),
                                    **({"act.scale": (tensors[f"{name}.act.scale"], ()),
@@ -179,7 +186,7 @@ def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, pat
         if not isinstance(model.get_submodule(name), MatmulInput):
             raise SlimError(f"{path}: {shown(name)} is not a matmul input point of the base model")
         if not point.spec.dynamic:
-            _check_shapes(path, name, {"scale": (tensors[f"{name}.scale"], ()), "zero": (tensors[f"{name}.zero"], ())})
+            _check_layout(path, name, {"scale": (tensors[f"{name}.scale"], ()), "zero": (tensors[f"{name}.zero"], ())})
             point.scale = _checked_scale(tensors[f"{name}.scale"], f"{name}.scale")
             point.zero = tensors[f"{name}.zero"]
         set_module(model, name, point)

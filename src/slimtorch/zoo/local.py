@@ -144,6 +144,15 @@ def _build(config, device: str | None) -> nn.Module:
                         f"{shown(exc, 160)}") from None
 
 
+def _check_counts(path: Path, config, tensors: int) -> None:
+    """Layer and expert counts no larger than the files' tensor count (each needs at least one): the meta
+    build makes one module per layer, so num_hidden_layers = 2^63 would never finish (a fuzz case)."""
+    for key, value in config.to_dict().items():
+        if ("layers" in key or "experts" in key or key == "n_layer") and type(value) is int and value > tensors:
+            raise SlimError(f"{path}: tensors are missing: config.json says {key} = {shown(value)}, but the weight "
+                            f"files hold only {tensors} tensors")
+
+
 def _check_match(path: Path, model: nn.Module, files: dict[str, tuple[Path, TensorInfo]]) -> None:
     """The files hold exactly the model's state (tied tensors at least once), shape for shape."""
     expected = model.state_dict(keep_vars=True)
@@ -169,6 +178,7 @@ def load_local(path: Path) -> nn.Module:
     local_task(path)
     config = _hf_config(path)
     files = _file_tensors(path)
+    _check_counts(path, config, len(files))
     _check_match(path, _build(config, "meta"), files)
     model = _build(config, None)
     state: dict[str, torch.Tensor] = {}
