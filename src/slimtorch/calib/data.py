@@ -117,6 +117,16 @@ def _imagenet(n: int, gen: torch.Generator) -> list[Batch]:
     return [(x[i:i + 16],) for i in range(0, n, 16)]
 
 
+def check_text_file(name: str, text_file: Path | None) -> None:
+    """SlimError unless ``text_file`` is None or a readable text file for a language model ``name``."""
+    if text_file is None:
+        return
+    regular_file("calibration text", text_file, MAX_TEXT_BYTES)
+    task = get_entry(name).task
+    if task != "causal-lm":
+        raise SlimError(f"--calib FILE (text) applies to language models; {name} is {task}")
+
+
 def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
                     text_file: Path | None = None) -> list[Batch]:
     """``n`` calibration samples for model ``name`` (a zoo name or a local folder), drawn with ``seed``.
@@ -128,8 +138,7 @@ def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
     n = DEFAULT_SAMPLES[task] if n is None else n
     if not isinstance(n, int) or n <= 0:
         raise SlimError(f"the calibration set needs at least one sample, got {shown(n)}")
-    if text_file is not None and task != "causal-lm":
-        raise SlimError(f"--calib FILE (text) applies to language models; {name} is {task}")
+    check_text_file(name, text_file)
     gen = torch.Generator().manual_seed(seed)
     if task == "fmnist-classification":
         return _fmnist(n, gen)

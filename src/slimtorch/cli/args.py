@@ -3,12 +3,10 @@ finished job. Each returns the value or raises SlimError naming the option."""
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
 from slimtorch.errors import SlimError, shown
-from slimtorch.io.files import regular_file
 
 MAX_SEED = 2**63 - 1
 
@@ -23,16 +21,6 @@ def count(flag: str, value: int | None, most: int = 10**9) -> int | None:
 def seed(value: int, flag: str = "--seed") -> int:
     if not 0 <= value <= MAX_SEED:
         raise SlimError(f"{flag} must be a whole number from 0 to 2^63-1, got {shown(value)}")
-    return value
-
-
-def real(flag: str, value: float | None, low: float, high: float, low_open: bool = False) -> float | None:
-    """None, or a finite number in [low, high] ((low, high] with ``low_open``)."""
-    if value is None:
-        return None
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        raise SlimError(f"{flag} must be a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
     return value
 
 
@@ -54,13 +42,6 @@ def device(value: str | None) -> str | None:
     if not torch.cuda.is_available() or (idx and int(idx) >= torch.cuda.device_count()):
         raise SlimError(f"--device {value}: no such CUDA device here")
     return value
-
-
-def text_file(flag: str, path: Path | None, most: int) -> Path | None:
-    """None, or a regular, readable file of at most ``most`` bytes (not a FIFO, device or folder)."""
-    if path is not None:
-        regular_file(flag, path, most)
-    return path
 
 
 def png_path(flag: str, path: Path | None) -> Path | None:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from slimtorch.calib.data import MAX_TEXT_BYTES
+from slimtorch.calib.data import check_text_file
 from slimtorch.cli import args
 from slimtorch.cli.signals import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
@@ -24,8 +24,8 @@ from slimtorch.io.json_text import json_text
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress trained PyTorch models and measure what you got.")
 out = Console()
-MAX_CALIB_SAMPLES = 1_000_000
 err = Console(stderr=True)
+MAX_CALIB_SAMPLES = 1_000_000
 
 
 def _one_line(message: str) -> str:
@@ -152,11 +152,9 @@ def quantize_cmd(
     args.count("--calib-samples", calib_samples, MAX_CALIB_SAMPLES)
     args.count("--limit", limit)
     args.seed(seed)
-    args.text_file("--calib", calib_text, MAX_TEXT_BYTES)
     rec = resolve_recipe(recipe if recipe is not None else preset)
-    entry = get_entry(model)
-    if calib_text is not None and entry.task != "causal-lm":
-        raise SlimError(f"--calib FILE (text) applies to language models; {model} is {entry.task}")
+    get_entry(model)  # unknown names fail before any work
+    check_text_file(model, calib_text)
     stage = StagedOutput(out_dir, overwrite)
     stage.check()
     with stage as folder:
