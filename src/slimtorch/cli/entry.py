@@ -4,28 +4,22 @@ The heavy imports (torch, numpy, typer, rich) run with SIGINT and SIGTERM held: 
 raised in the middle of an import is swallowed by some libraries and leaves half-initialised modules
 behind (measured: Ctrl-C 0.3 s after start gave "module 'numpy' has no attribute 'multiply'", or a run
 that went on as if nothing happened). A signal that came during the imports is delivered once they are
-done, as one line and exit 130 (SIGINT) or 143 (SIGTERM), like a signal at any later moment.
+done, inside the CLI's error handling: one line and exit 130 (SIGINT) or 143 (SIGTERM), like a signal at
+any later moment.
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 
-from slimtorch.cli.signals import HELD, Terminated, on_sigterm
+from slimtorch.cli.signals import HELD, on_sigterm
 
 
 def main() -> None:
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        import torch  # noqa: F401 - imported here, with the signals held
+    import torch  # noqa: F401 - imported here, with the signals held
 
-        from slimtorch.cli.main import main as run
+    from slimtorch.cli.main import main as run
 
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is raised here
-    except KeyboardInterrupt as exc:
-        code, word = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
-        print(f"slimtorch: error: {word}", file=sys.stderr)
-        raise SystemExit(code) from None
-    run()
+    run(release=previous)  # releases the signals inside its error handling

@@ -339,10 +339,11 @@ def cost_cmd(
         out.print(f"wrote {plot}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, release=None) -> None:
     """The command line: every failure is one line on stderr. A user mistake (SlimError, a usage error)
     exits 2; Ctrl-C 130 and SIGTERM 143, after the job removed what it had staged; a bug in slimtorch
-    exits 1 with one line (``SLIMTORCH_DEBUG=1`` shows its traceback)."""
+    exits 1 with one line (``SLIMTORCH_DEBUG=1`` shows its traceback). ``release``: the signal mask to
+    restore once inside the error handling (the executable holds SIGINT/SIGTERM until then)."""
     import typer.main
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -350,8 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     # transformers' own weight-loading bars would interleave with ours and break one-line errors
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, on_sigterm)
-    cmd = typer.main.get_command(app)
-    try:  # not cmd.main(): it turns Ctrl-C into a returned exit code, which would read as success
+    try:
+        if release is not None:  # the signal mask to restore: signals held since start-up arrive here
+            signal.pthread_sigmask(signal.SIG_SETMASK, release)
+        cmd = typer.main.get_command(app)
+        # not cmd.main(): it turns Ctrl-C into a returned exit code, which would read as success
         with cmd.make_context("slimtorch", argv) as ctx:
             cmd.invoke(ctx)
     except _EXITS as exc:  # --help and friends
@@ -361,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERRORS as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             raise SystemExit(0) from None
-        cmd = next((a for a in argv if not a.startswith("-")), None)
-        hint = f" (see `slimtorch {cmd + ' ' if cmd in app_commands() else ''}--help`)"
+        name = next((a for a in argv if not a.startswith("-")), None)
+        hint = f" (see `slimtorch {name + ' ' if name in app_commands() else ''}--help`)"
         fail(exc.format_message() + hint, 2, as_json)
     except Terminated:
         fail("terminated", 143, as_json)
