@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
 CASE_SECONDS = 30
 MEMORY_CAP = 8 * 2**30  # address space: a runaway allocation fails here instead of taking the machine
 
@@ -94,7 +95,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - every escape is a defect to report
             outcome = "defect"
             defects.append({"case": desc, "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                            "where": traceback.format_exc().splitlines()[-3:-1]})
+                            "where": [ln.replace(str(ROOT) + "/", "") for ln in traceback.format_exc().splitlines()[-3:-1]]})
         finally:
             signal.alarm(0)
         if Path(os.environ["SLIMTORCH_TEST_MARKER"]).exists():
