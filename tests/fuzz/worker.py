@@ -86,6 +86,7 @@ def main() -> None:
     defects, slowest = [], (0.0, "")
     t_all = time.perf_counter()
     for desc, run in cases(category, seed, n, work):
+        desc = desc.replace(str(work.parent), "WORK")  # records carry no local paths
         t0 = time.perf_counter()
         signal.alarm(CASE_SECONDS)
         try:
