@@ -37,10 +37,13 @@ def tensors_digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
     return h.hexdigest()
 
 
+FLOAT_VALUES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp8 tensors hold codes
+
+
 def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
     """The name of the first float tensor (fp8 aside: codes, not values) holding NaN or Inf, or None."""
     for name, t in tensors.items():
-        if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not bool(torch.isfinite(t).all()):
+        if t.dtype in FLOAT_VALUES and not bool(torch.isfinite(t).all()):
             return name
     return None
 

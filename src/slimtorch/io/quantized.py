@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError, shown
-from slimtorch.io.checkpoint import load_tensors, nonfinite_tensor, save_tensors
+from slimtorch.io.checkpoint import FLOAT_VALUES, load_tensors, nonfinite_tensor, save_tensors
 from slimtorch.quant import formats
 from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, _QuantWeight, set_module
 from slimtorch.quant.primitives import FP8_DTYPES, scale_shape
@@ -115,14 +115,11 @@ def _checked_scale(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_layout(path: Path, layer: str, pairs: dict[str, tuple[torch.Tensor | None, tuple[int, ...]]]) -> None:
     """Each present tensor is a float tensor of the shape its layer needs (absent ones are checked by
     their users)."""
     for leaf, (t, want) in pairs.items():
-        if t is not None and (tuple(t.shape) != tuple(want) or t.dtype not in _FLOATS):
+        if t is not None and (tuple(t.shape) != tuple(want) or t.dtype not in FLOAT_VALUES):
             raise SlimError(f"{path}: {shown(layer)}.{leaf} is {t.dtype} of shape {list(t.shape)}; the layer needs "
                             f"floats of shape {list(want)}")
 

@@ -81,13 +81,19 @@ def _hf_config(path: Path):
         raise SlimError(f"{path}/config.json is not a valid transformers config: {shown(exc, 160)}") from None
 
 
-def local_task(path: Path) -> str:
+def _causal_config(path: Path):
+    """The folder's config, if AutoModelForCausalLM maps its type; SlimError otherwise."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = _hf_config(path)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise SlimError(f"{path}: model type {shown(config.model_type)} has no causal language model in "
                         f"transformers; local folders must hold a model AutoModelForCausalLM loads")
+    return config
+
+
+def local_task(path: Path) -> str:
+    _causal_config(path)
     weight_files(path)
     return "causal-lm"
 
@@ -102,8 +108,7 @@ def weight_files(path: Path) -> list[Path]:
         if not all(isinstance(n, str) for n in weight_map.values()):
             raise SlimError(f"{index}: weight_map must map tensor names to file names")
         names = set(weight_map.values())
-        bad = [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors") or "/" in n
-               or "\\" in n or n.startswith(".")]
+        bad = [n for n in names if not n.endswith(".safetensors") or "/" in n or "\\" in n or n.startswith(".")]
         if bad:
             raise SlimError(f"{index} maps weights to {shown(bad[0])}: only safetensors files in the folder are "
                             f"read (pickle checkpoints never are)")
@@ -175,9 +180,8 @@ def load_local(path: Path) -> nn.Module:
     """The folder's model in float32, eval mode, without a KV cache."""
     from safetensors.torch import load_file
 
-    local_task(path)
-    config = _hf_config(path)
-    files = _file_tensors(path)
+    config = _causal_config(path)
+    files = _file_tensors(path)  # the weight files, each header checked
     _check_counts(path, config, len(files))
     _check_match(path, _build(config, "meta"), files)
     model = _build(config, None)
