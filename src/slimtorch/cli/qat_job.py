@@ -75,8 +75,10 @@ def _method_notes(method: str, widths: tuple[int, ...], extra: dict) -> list[str
     }.get(method, [])
 
 
-def check_train_qat(model: str, method: str, bits: str, width_lr: float | None) -> None:
-    """The checks of :func:`run_train_qat` that need no model or data: run them before any work."""
+def check_train_qat(model: str, method: str, bits: str, width_lr: float | None) -> tuple[tuple[int, ...], int,
+                                                                                        int | None]:
+    """The checks of :func:`run_train_qat` that need no model or data: run them before any work. Returns
+    ``--bits`` parsed for ``method`` (AdaBits widths or (), weight bits, input bits or None)."""
     if method not in ALL_METHODS:
         raise SlimError(f"unknown QAT method {method!r}; choose one of: {', '.join(ALL_METHODS)}")
     entry = get_entry(model)
@@ -87,7 +89,7 @@ def check_train_qat(model: str, method: str, bits: str, width_lr: float | None) 
         raise SlimError("--width-lr is the learning rate of FracBits' widths: use it with --method fracbits")
     if method in CNN_ONLY and model != "fmnist-cnn":
         raise SlimError(f"--method {method} is built for the batch-normalised residual CNN (fmnist-cnn)")
-    _bits(method, bits)
+    return _bits(method, bits)
 
 
 def _bits(method: str, bits: str) -> tuple[tuple[int, ...], int, int | None]:
@@ -118,8 +120,7 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
                   limit: int | None = None, device: str | None = None, resume: bool = False,
                   first_last_bits: int | None = 8, progress=None, log=None, adc_bits: int = 6,
                   rows: int = 64) -> dict:
-    check_train_qat(model, method, bits, cfg.width_lr)
-    widths, w_bits, a_bits = _bits(method, bits)
+    widths, w_bits, a_bits = check_train_qat(model, method, bits, cfg.width_lr)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SlimError("--device cuda: no CUDA device here")
