@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernels import cuda_graph, median_us  # noqa: E402
 from records import run_header  # noqa: E402
 
-from slimtorch.quant.modules import QuantLinear, set_module  # noqa: E402
+from slimtorch.quant.modules import QuantLinear  # noqa: E402
+from slimtorch.sequential import set_module
 from slimtorch.spec import PerGroup, QuantSpec  # noqa: E402
 
 LLAMA_7B = {"d": 4096, "ffn": 11008, "heads": 32, "vocab": 32000}

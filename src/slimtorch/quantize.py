@@ -20,11 +20,12 @@ from torch import nn
 from slimtorch.calib.data import Batch, check_calibration
 from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smoothquant_choice
-from slimtorch.calib.runner import per_layer, sequential_calibrate
+from slimtorch.sequential import per_layer, sequential
 from slimtorch.errors import SlimError
 from slimtorch.io.checkpoint import nonfinite_tensor
 from slimtorch.progress import Progress, no_progress
-from slimtorch.quant.modules import ActQuant, _QuantWeight, quant_type_for, set_module
+from slimtorch.quant.modules import ActQuant, _QuantWeight, quant_type_for
+from slimtorch.sequential import set_module
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
 from slimtorch.spec import Plan
 
@@ -66,7 +67,7 @@ def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, a
         qparams = gptq_quantize(w2, stats.H, spec, act_order=act_order)
         return quant_type_for(layer).from_float(layer, spec, None, qparams)
 
-    sequential_calibrate(model, _weight_layers(plan), calib, per_layer(Hessian, solve), progress)
+    sequential(model, _weight_layers(plan), calib, per_layer(Hessian, solve), progress)
     return notes
 
 
@@ -81,7 +82,7 @@ def _rescaling(name: str, choose: Callable[[Plan], ChooseScale], clip: bool):
         if not calib:
             raise SlimError(f"{name} needs calibration data")
         notes: list[str] = []
-        sequential_calibrate(model, _weight_layers(plan), calib, rescale_method(plan, choose(plan), clip, notes),
+        sequential(model, _weight_layers(plan), calib, rescale_method(plan, choose(plan), clip, notes),
                              progress)
         return notes
 

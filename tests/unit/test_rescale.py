@@ -9,6 +9,7 @@ from torch import nn
 
 from slimtorch.calib.groups import find_groups
 from slimtorch.calib.smoothing import clip_search
+from slimtorch.hooks import TemporaryHooks
 from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import quantize_weight
 from slimtorch.quant.recipe import get_preset
@@ -40,10 +41,9 @@ def _block_inputs(model, ids):
     def grab(mod, args, kwargs):
         seen.append((args, kwargs))
 
-    h = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
+    with TemporaryHooks() as hooks, torch.no_grad():
+        hooks.before(model.model.layers[0], grab, with_kwargs=True)
         model(*ids)
-    h.remove()
     return seen
 
 

@@ -11,11 +11,11 @@ import torch
 
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.files import regular_file
+from slimtorch.sequential import Batch
 from slimtorch.zoo import data, get_entry
 
 DEFAULT_SAMPLES = {"fmnist-classification": 512, "causal-lm": 128, "sentence-embedding": 256,
                    "imagenet-classification": 64}
-Batch = tuple[torch.Tensor, ...]
 MAX_CROPS = 4096
 MAX_TEXT_BYTES = 64 * 2**20  # --calib: far more than any calibration set draws (128 windows of 512 tokens)
 TEXT_PIECE_CHARS = 1 << 18

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimtorch.calib.runner import Inputs, first_tensor, run_scope
+from slimtorch.hooks import TemporaryHooks
+from slimtorch.sequential import Inputs, first_tensor, run_scope
 
 
 @dataclass
@@ -91,7 +92,7 @@ def find_groups(model: nn.Module, scope: nn.Module, names: list[str], sample: In
     by_tensor: dict[int, list[str]] = {}
     keep: list[torch.Tensor] = []  # keeps ids unique during the run
     inputs_of: dict[str, torch.Tensor] = {}
-    handles = []
+    hooks = TemporaryHooks()
     for n, m in scope.named_modules():
         full = pre + n if n else prefix
         if full in name_set:
@@ -103,14 +104,11 @@ def find_groups(model: nn.Module, scope: nn.Module, names: list[str], sample: In
                 if full not in by_tensor[id(x)]:
                     by_tensor[id(x)].append(full)
                 order.append(("in", full))
-            handles.append(m.register_forward_pre_hook(pre_hook))
+            hooks.before(m, pre_hook)
         if _width(m) is not None and full not in tied and m is not scope:
-            handles.append(m.register_forward_hook(lambda mod, a, o, full=full: order.append(("end", full))))
-    try:
+            hooks.after(m, lambda mod, a, o, full=full: order.append(("end", full)))
+    with hooks:
         ref = first_tensor(run_scope(scope, sample[:1])[0])
-    finally:
-        for h in handles:
-            h.remove()
     seen_twice = {n for n in names if sum(n in g for g in by_tensor.values()) > 1}
     groups = []
     gen = torch.Generator().manual_seed(seed)
@@ -136,15 +134,15 @@ def _foldable(model: nn.Module, scope: nn.Module, layers: list[str], producer: s
     backup = [t.detach().clone() for t in (*prod.parameters(recurse=False), *(m.weight for m in mods))]
     s = torch.empty(mods[0].in_features).uniform_(0.5, 2.0, generator=gen)
     seen = []
-    h = mods[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     try:
         fold_output_scale(prod, 1.0 / s)
         for m in mods:
             scale_input_columns(m, s)
-        out = first_tensor(run_scope(scope, sample[:1])[0])
+        with TemporaryHooks() as hooks:
+            hooks.before(mods[0], lambda mod, args: seen.append(args[0]))
+            out = first_tensor(run_scope(scope, sample[:1])[0])
         ok = bool(seen) and _rel(seen[0], x_ref / s.to(x_ref.dtype)) < tol and _rel(out, out_ref) < tol
     finally:
-        h.remove()
         with torch.no_grad():
             for t, b in zip((*prod.parameters(recurse=False), *(m.weight for m in mods)), backup):
                 t.copy_(b)

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from slimtorch.calib.groups import InputGroup, find_groups, fold_output_scale, scale_input_columns
-from slimtorch.calib.runner import Inputs, ProcessScope, collect, first_tensor, run_scope
+from slimtorch.hooks import TemporaryHooks
+from slimtorch.sequential import Inputs, ProcessScope, collect, first_tensor, run_scope, set_module
 from slimtorch.calib.smoothing import InputStats, awq_search, clip_search, fake_scaled_weight, smoothquant_scales
 from slimtorch.progress import Progress
-from slimtorch.quant.modules import QuantLinear, quant_type_for, quantize_weight, set_module
+from slimtorch.quant.modules import QuantLinear, quant_type_for, quantize_weight
 from slimtorch.spec import Plan
 
 # layers whose outputs form attention scores: AWQ's reference leaves their clipping alone
@@ -44,13 +45,10 @@ def _search_inputs(inputs: Inputs, rows: int) -> Inputs:
 def _capture_calls(module: nn.Module, scope: nn.Module, inputs: Inputs) -> tuple[Inputs, list[torch.Tensor]]:
     """The (args, kwargs) ``module`` receives, and its outputs, when ``scope`` runs on ``inputs``."""
     calls, outs = [], []
-    h1 = module.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
-    h2 = module.register_forward_hook(lambda m, a, o: outs.append(first_tensor(o)))
-    try:
+    with TemporaryHooks() as hooks:
+        hooks.before(module, lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+        hooks.after(module, lambda m, a, o: outs.append(first_tensor(o)))
         run_scope(scope, inputs)
-    finally:
-        h1.remove()
-        h2.remove()
     return calls, outs
 
 
@@ -102,8 +100,7 @@ def rescale_method(plan: Plan, choose: ChooseScale, clip: bool, notes: list[str]
         stats = collect(layers, InputStats, lambda: run_scope(scope, inputs, progress, "calibrating"))
         smooth: dict[str, torch.Tensor] = {}
         explicit: dict[str, torch.Tensor] = {}
-        hooks = []
-        try:
+        with TemporaryHooks() as hooks:  # explicit input multiplies, while later groups are searched
             for group in groups:
                 if stats[group.layers[0]].n == 0:
                     continue
@@ -120,11 +117,8 @@ def rescale_method(plan: Plan, choose: ChooseScale, clip: bool, notes: list[str]
                     smooth[n] = s
                     if group.producer is None:
                         explicit[n] = 1.0 / s
-                        hooks.append(layers[n].register_forward_pre_hook(
-                            lambda mod, args, inv=explicit[n]: (args[0] * inv.to(args[0].dtype), *args[1:])))
-        finally:
-            for h in hooks:
-                h.remove()
+                        hooks.before(layers[n], lambda mod, args, inv=explicit[n]:
+                                     (args[0] * inv.to(args[0].dtype), *args[1:]))
         for n, layer in layers.items():
             spec = plan[n].weight
             qparams = None

@@ -16,6 +16,7 @@ from torch import nn
 
 from slimtorch.cost.hardware import Hardware
 from slimtorch.cost.roofline import LayerCost, attention_cost, conv2d_cost, kv_cache_bytes, linear_cost
+from slimtorch.hooks import TemporaryHooks
 from slimtorch.quant.modules import MatmulInput
 from slimtorch.spec import Plan
 
@@ -54,20 +55,16 @@ def _probe(model: nn.Module, example: tuple) -> tuple[list[tuple[str, nn.Module,
     (Q shape, K shape) from its q_in/k_in points, from one forward pass."""
     from slimtorch.quant.modules import QuantConv2d, QuantLinear
 
-    seen, qk, handles = [], {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear | nn.Conv2d | QuantLinear | QuantConv2d):
-            handles.append(m.register_forward_hook(
-                lambda mod, a, o, name=name: seen.append((name, mod, tuple(a[0].shape), tuple(o.shape)))))
-        elif isinstance(m, MatmulInput) and name.endswith(("q_in", "k_in")):
-            parent = name.rsplit(".", 1)[0]
-            handles.append(m.register_forward_hook(
-                lambda mod, a, o, key=(parent, name[-4:]): qk.__setitem__(key, tuple(o.shape))))
-    try:
+    seen, qk = [], {}
+    with TemporaryHooks() as hooks:
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear | nn.Conv2d | QuantLinear | QuantConv2d):
+                hooks.after(m, lambda mod, a, o, name=name: seen.append((name, mod, tuple(a[0].shape),
+                                                                         tuple(o.shape))))
+            elif isinstance(m, MatmulInput) and name.endswith(("q_in", "k_in")):
+                parent = name.rsplit(".", 1)[0]
+                hooks.after(m, lambda mod, a, o, key=(parent, name[-4:]): qk.__setitem__(key, tuple(o.shape)))
         model.eval()(*example)
-    finally:
-        for h in handles:
-            h.remove()
     attn = [(p, qk[(p, "q_in")], qk[(p, "k_in")]) for p, kind in qk if kind == "q_in" and (p, "k_in") in qk]
     return seen, attn
 

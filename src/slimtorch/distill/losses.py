@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.errors import SlimError
+from slimtorch.hooks import TemporaryHooks
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -39,19 +40,17 @@ class FeatureTaps:
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
         self.features: dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._hooks = TemporaryHooks()
         for name in names:
             try:
                 module = model.get_submodule(name)
             except AttributeError:
                 raise SlimError(f"feature layer {name!r} is not a submodule of the model") from None
-            self._handles.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: self.features.__setitem__(name, out)))
+            self._hooks.after(module, lambda mod, args, out, name=name: self.features.__setitem__(name, out))
 
     def __enter__(self) -> FeatureTaps:
         self.features.clear()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
+        self._hooks.remove()

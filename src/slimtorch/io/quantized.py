@@ -24,7 +24,8 @@ from torch import nn
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import FLOAT_VALUES, load_tensors, nonfinite_tensor, save_tensors
 from slimtorch.quant import formats
-from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, _QuantWeight, set_module
+from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, _QuantWeight
+from slimtorch.sequential import set_module
 from slimtorch.quant.primitives import FP8_DTYPES, scale_shape
 from slimtorch.spec import spec_from_dict, spec_to_dict
 

@@ -32,7 +32,7 @@ from slimtorch.qat.dorefa import DoReFaWeight
 from slimtorch.qat.lazy import FirstBatchInit
 from slimtorch.qat.pact import initial_alpha, pact_fake_quant
 from slimtorch.qat.prepare import convert, prepare_qat
-from slimtorch.quant.modules import set_module
+from slimtorch.sequential import set_module
 from slimtorch.spec import INT_RANGES, LayerPlan, PerTensor, Plan, QuantSpec
 
 

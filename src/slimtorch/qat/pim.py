@@ -32,7 +32,7 @@ from slimtorch.errors import SlimError
 from slimtorch.qat.lsq import LSQ
 from slimtorch.qat.modules import QATConv2d, QATLinear
 from slimtorch.qat.ste import round_ste
-from slimtorch.quant.modules import set_module
+from slimtorch.sequential import set_module
 
 
 @dataclass(frozen=True)

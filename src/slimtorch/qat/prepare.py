@@ -23,11 +23,13 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError
+from slimtorch.hooks import TemporaryHooks
 from slimtorch.qat.dorefa import DoReFaWeight
 from slimtorch.qat.lsq import LSQ
 from slimtorch.qat.modules import QAT_TYPES, QATConv2d, QATLinear
 from slimtorch.qat.pact import PACT
-from slimtorch.quant.modules import QuantConv2d, QuantLinear, quant_type_for, set_module
+from slimtorch.quant.modules import QuantConv2d, QuantLinear, quant_type_for
+from slimtorch.sequential import set_module
 from slimtorch.spec import LayerPlan, PerChannel, PerTensor, Plan, QuantSpec
 
 Quantizers = Callable[[str, nn.Module, LayerPlan, bool], tuple[nn.Module, nn.Module | None]]
@@ -133,21 +135,20 @@ def qat_plan(model: nn.Module, w_bits: int, a_bits: int | None, sample: tuple, f
             raise SlimError(f"bit-widths go from 2 to 8, got {b}")
     order: list[str] = []
     signed: dict[str, bool] = {}
-    hooks = []
+    hooks = TemporaryHooks()
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear | nn.Conv2d) and quant_type_for(m) is not None and name not in ignore:
             def pre(mod, args, name=name):
                 if name not in signed:
                     order.append(name)
                 signed[name] = signed.get(name, False) or bool((args[0] < 0).any())
-            hooks.append(m.register_forward_pre_hook(pre))
+            hooks.before(m, pre)
     was_training = model.training
     model.eval()
     try:
-        model(*sample)
+        with hooks:
+            model(*sample)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     if not order:
         raise SlimError("the model has no Linear/Conv2d layer that ran on the sample")

@@ -203,9 +203,3 @@ def quant_type_for(module: nn.Module) -> type[_QuantWeight] | None:
             if type(module).forward is base.forward or getattr(type(module), "tf_same_padding", False):
                 return qtype
     return None
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) by ``new``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -1,12 +1,16 @@
-"""Layer-by-layer calibration with bounded memory.
+"""The layer-by-layer pipeline, with bounded memory, for any family that "gathers statistics of each
+layer's inputs, then solves per layer" (GPTQ, AWQ, SmoothQuant, SparseGPT, Wanda, ...).
 
-The model's repeated blocks (the largest ``nn.ModuleList`` holding planned layers: transformer
-layers, ViT blocks) are calibrated one at a time: the inputs of block 0 are captured once, each
-block is then handed to the method together with its stored inputs (a *scope*), the method
-swaps its layers for quantized ones, and the block runs again to produce the (now quantized)
-inputs of the next block. Only one block's inputs are held at a time. Planned layers outside the
-blocks (stems, heads, a model with no block list) form one scope first: the whole model, run on
-the calibration batches.
+The model's repeated blocks (the largest ``nn.ModuleList`` holding the named layers: transformer
+layers, ViT blocks) are processed one at a time: the inputs of block 0 are captured once, each
+block is then handed to the family's ``process`` together with its stored inputs (a *scope*),
+``process`` replaces or edits its layers (quantized, pruned, ...), and the block runs again to
+produce the (now compressed) inputs of the next block. Only one block's inputs are held at a time.
+Named layers outside the blocks (stems, heads, a model with no block list) form one scope first:
+the whole model, run on the calibration batches.
+
+Nothing here knows what the layers become: that is the ``solve`` of :func:`per_layer` or the
+family's own ``process``.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slimtorch.calib.data import Batch
+from slimtorch.hooks import TemporaryHooks
 from slimtorch.progress import Progress, no_progress
-from slimtorch.quant.modules import set_module
 
+Batch = tuple[torch.Tensor, ...]  # the forward arguments of one calibration batch
 # stored inputs of a scope: (args, kwargs) per call
 Inputs = list[tuple[tuple, dict]]
 # a method's work on one scope: (model, scope module, planned layer names in it, its inputs, progress)
@@ -59,14 +63,10 @@ def first_tensor(out) -> torch.Tensor:
 def collect(layers: dict[str, nn.Module], make_stats: StatsFactory, run: Callable[[], object]) -> dict[str, object]:
     """Statistics of each layer's input over ``run()``."""
     stats = {n: make_stats(m) for n, m in layers.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.add(args[0]))
-               for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    with TemporaryHooks() as hooks, torch.no_grad():
+        for n, m in layers.items():
+            hooks.before(m, lambda mod, args, s=stats[n]: s.add(args[0]))
+        run()
     return stats
 
 
@@ -82,9 +82,10 @@ def per_layer(make_stats: StatsFactory, solve: Solver) -> ProcessScope:
     return process
 
 
-def sequential_calibrate(model: nn.Module, names: list[str], calib: list[Batch], process: ProcessScope,
-                         progress: Progress) -> None:
-    """Hand each scope (layers outside the blocks with the whole model, then each block) to ``process``."""
+def sequential(model: nn.Module, names: list[str], calib: list[Batch], process: ProcessScope,
+               progress: Progress = no_progress) -> None:
+    """Hand each scope (layers ``names`` outside the blocks with the whole model, then each block, with
+    the inputs it receives from the already-processed blocks before it) to ``process``."""
     blocks = find_blocks(model, set(names))
     prefix = f"{blocks[0]}." if blocks else None
     outside = [n for n in names if prefix is None or not n.startswith(prefix)]
@@ -99,20 +100,23 @@ def sequential_calibrate(model: nn.Module, names: list[str], calib: list[Batch],
         inputs.append((args, kwargs))
         raise _Stop
 
-    handle = block_list[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in calib:
-                try:
-                    model(*batch)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    for i in progress(range(len(block_list)), "calibrating blocks"):
+    with TemporaryHooks() as hooks, torch.no_grad():
+        hooks.before(block_list[0], catch, with_kwargs=True)
+        for batch in calib:
+            try:
+                model(*batch)
+            except _Stop:
+                pass
+    for i in progress(range(len(block_list)), "block by block"):
         block, bname = block_list[i], f"{list_name}.{i}"
         layers = [n for n in names if n.startswith(f"{bname}.")]
         if layers:
             process(model, block, layers, inputs, no_progress)
         outs = run_scope(block, inputs)
         inputs = [((first_tensor(o), *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
