@@ -30,7 +30,8 @@ from records import run_header
 
 from slimtorch.cli.qat_job import parse_bits
 from slimtorch.eval.metrics import classifier_top1
-from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.distill import TrainConfig, train_student
+from slimtorch.qat import convert, prepare_qat, qat_plan
 from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import evaluate_widths, export_width, prepare_adabits, widths_variants
 from slimtorch.qat.f8net import F8CNN, integer_forward
@@ -76,11 +77,11 @@ def _write(args, rec: dict) -> None:
 
 
 def _train(model, fp, x, y, args, width_lr: float = 0.0, val=None, per_width: tuple[int, ...] = (), **kw):
-    """train_qat with the benchmark's settings; evaluates top-1 on ``val`` after each epoch (at each of
+    """train_student with the benchmark's settings; evaluates top-1 on ``val`` after each epoch (at each of
     ``per_width`` for AdaBits). Returns the record's config and history."""
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256, width_lr=width_lr)
     evaluate = partial(classifier_top1, x=val[0], y=val[1])
-    hist = train_qat(model, fp, x, y, cfg, augment=shift_flip,
+    hist = train_student(model, fp, x, y, cfg, augment=shift_flip,
                      evaluate=evaluate_widths(evaluate, per_width) if per_width else evaluate,
                      log=lambda line: print("  ", line, flush=True), **kw)
     return {"config": asdict(cfg), "history": hist.epochs}

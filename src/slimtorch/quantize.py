@@ -1,4 +1,4 @@
-"""``quantize_``: the one entry point of post-training quantization.
+"""Post-training quantization: the ``PTQConfig`` family of ``apply_``, its methods, and ``quantize_``.
 
 1. Turn the recipe (preset name, YAML file or Recipe) into a Plan for the model.
 2. Run the method, which swaps the planned layers for quantized modules (rtn, gptq, ...).
@@ -9,37 +9,31 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from slimtorch.calib.data import Batch, check_calibration
+from slimtorch.api import Report, apply_, handler
 from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smoothquant_choice
-from slimtorch.sequential import per_layer, sequential
-from slimtorch.errors import SlimError
-from slimtorch.io.checkpoint import nonfinite_tensor
+from slimtorch.errors import SlimError, shown
 from slimtorch.progress import Progress, no_progress
 from slimtorch.quant.modules import ActQuant, _QuantWeight, quant_type_for
-from slimtorch.sequential import set_module
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
+from slimtorch.sequential import Batch, per_layer, sequential, set_module
 from slimtorch.spec import Plan
 
 
-@dataclass
-class QuantReport:
+@dataclass(kw_only=True)
+class QuantReport(Report):
     recipe: str
     method: str
-    quantized: dict[str, str]
-    skipped: dict[str, str]
-    calib_samples: int
-    seconds: float
+    quantized: dict[str, str]  # layer -> "W:<dtype> A:<dtype>"
+    skipped: dict[str, str]  # layer -> why it stayed in float
     bits_per_weight: float  # over every Linear/Conv2d weight, scales and zero-points included
-    notes: list[str] = field(default_factory=list)
 
 
 def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> list[str]:
@@ -150,8 +144,7 @@ def quantize_plan_(model: nn.Module, plan: Plan, calib: list[Batch], method: str
                    progress: Progress = no_progress) -> list[str]:
     """Quantize ``model`` in place by an explicit Plan (layer name -> LayerPlan): the method quantizes the
     weights, then the input quantizers go in and are calibrated. Returns the method's notes."""
-    if method not in METHODS:
-        raise SlimError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    check_method(method)
     model.eval()
     notes = METHODS[method](model, plan, calib, progress)
     for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
@@ -163,33 +156,34 @@ def quantize_plan_(model: nn.Module, plan: Plan, calib: list[Batch], method: str
     return notes
 
 
-def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] | None = None,
-              method: str = "rtn", progress: Progress = no_progress) -> QuantReport:
-    """Quantize ``model`` in place.
-
-    Args:
-        model: a float model in eval mode.
-        recipe: a preset name (``W8A8``, ``W4A16-g128``, ...), a YAML recipe path, or a Recipe.
-        calib: calibration batches (tuples of forward arguments); needed by static activations
-            and by data-driven methods.
-        method: ``rtn``, ``gptq``, ``awq`` or ``smoothquant``.
-    """
-    t0 = time.perf_counter()
+def check_method(method: str) -> None:
     if method not in METHODS:
-        raise SlimError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    rec = resolve_recipe(recipe)
-    bad = nonfinite_tensor(model.state_dict())
-    if bad is not None:
-        raise SlimError(f"the model's own tensor {bad} holds NaN or Inf; it cannot be quantized (is it damaged?)")
-    calib = list(calib or [])
-    check_calibration(calib)
+        raise SlimError(f"unknown method {shown(method)}; choose one of: {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Post-training quantization: ``recipe`` (a preset name such as ``W8A8`` or ``W4A16-g128``, a YAML
+    recipe path, or a Recipe; resolved when the config is made) by ``method`` (a key of ``METHODS``)."""
+
+    recipe: Recipe | str | Path
+    method: str = "rtn"
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
+
+
+@handler(PTQConfig, "quantize")
+def _apply_ptq(model: nn.Module, config: PTQConfig, calib: list[Batch], progress: Progress) -> QuantReport:
+    rec = config.recipe
     plan, skipped = build_plan(model, rec)
     if not plan and rec.weight is None:
         raise SlimError(f"recipe {rec.name} quantizes only attention inputs, and this model has no MatmulInput "
                         f"points (attention Q/K/V and softmax inputs): nothing to quantize")
     if not plan:
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
-    method_notes = quantize_plan_(model, plan, calib, method, progress)
+    method_notes = quantize_plan_(model, plan, calib, config.method, progress)
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
     notes = [] if rec.attention is None or any(p.weight is None for p in plan.values()) else [
         "the recipe quantizes attention, but this model has no MatmulInput points (attention Q/K/V and "
@@ -198,6 +192,19 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
              for n, p in plan.items() if p.weight is not None and p.act is not None and rec.act is not None
              and p.act != rec.act]
     notes += list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", note) for note in method_notes))  # once per block kind
-    return QuantReport(recipe=rec.name, method=method, quantized=quantized, skipped=skipped,
-                       calib_samples=sum(len(b[0]) for b in calib), seconds=time.perf_counter() - t0,
+    return QuantReport(recipe=rec.name, method=config.method, quantized=quantized, skipped=skipped,
                        bits_per_weight=weight_bits(model), notes=notes)
+
+
+def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] | None = None,
+              method: str = "rtn", progress: Progress = no_progress) -> QuantReport:
+    """Quantize ``model`` in place: the shorthand of ``apply_(model, PTQConfig(recipe, method), calib)``.
+
+    Args:
+        model: a float model in eval mode.
+        recipe: a preset name (``W8A8``, ``W4A16-g128``, ...), a YAML recipe path, or a Recipe.
+        calib: calibration batches (tuples of forward arguments); needed by static activations
+            and by data-driven methods.
+        method: a key of ``METHODS`` (``rtn``, ``gptq``, ``awq``, ``smoothquant``).
+    """
+    return apply_(model, PTQConfig(recipe, method), calib, progress)

@@ -9,11 +9,12 @@ from torch import nn
 
 from slimtorch.distill import FeatureTaps, feature_loss, kd_loss
 from slimtorch.errors import SlimError
-from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.distill import TrainConfig, train_student
+from slimtorch.qat import convert, prepare_qat, qat_plan
 from slimtorch.qat.dorefa import DoReFaWeight, dorefa_weight
 from slimtorch.qat.lsq import LSQ, lsq_fake_quant, lsq_init_step
 from slimtorch.qat.pact import PACT, pact_fake_quant
-from slimtorch.qat.train import cosine_lr
+from slimtorch.distill.trainer import cosine_lr
 from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import QuantConv2d, QuantLinear
 from slimtorch.spec import PerChannel, PerTensor, QuantSpec
@@ -179,7 +180,7 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path):
     x, y, teacher = _mlp_task()
     cfg = TrainConfig(epochs=3, batch_size=32, lr=1e-2, kd_weight=0.5, temperature=2.0)
     straight = _prepared(teacher, x)
-    h = train_qat(straight, teacher, x, y, cfg, ckpt_dir=tmp_path / "a")
+    h = train_student(straight, teacher, x, y, cfg, ckpt_dir=tmp_path / "a")
     assert [r["epoch"] for r in h.epochs] == [1, 2, 3]
 
     class Stop(Exception):
@@ -191,26 +192,26 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path):
 
     interrupted = _prepared(teacher, x)
     with pytest.raises(Stop):
-        train_qat(interrupted, teacher, x, y, cfg, ckpt_dir=tmp_path / "b", log=stop_after_first)
+        train_student(interrupted, teacher, x, y, cfg, ckpt_dir=tmp_path / "b", log=stop_after_first)
     resumed = _prepared(teacher, x)
-    h2 = train_qat(resumed, teacher, x, y, cfg, ckpt_dir=tmp_path / "b", resume=True)
+    h2 = train_student(resumed, teacher, x, y, cfg, ckpt_dir=tmp_path / "b", resume=True)
     assert [r["epoch"] for r in h2.epochs] == [1, 2, 3]
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     with pytest.raises(SlimError, match="different config"):
-        train_qat(_prepared(teacher, x), teacher, x, y, TrainConfig(epochs=4, batch_size=32), ckpt_dir=tmp_path / "b",
+        train_student(_prepared(teacher, x), teacher, x, y, TrainConfig(epochs=4, batch_size=32), ckpt_dir=tmp_path / "b",
                   resume=True)
 
 
 def test_training_lowers_the_loss_and_checks_its_inputs():
     x, y, teacher = _mlp_task()
     model = _prepared(teacher, x)
-    h = train_qat(model, None, x, y, TrainConfig(epochs=6, batch_size=32, lr=1e-2, kd_weight=0.0))
+    h = train_student(model, None, x, y, TrainConfig(epochs=6, batch_size=32, lr=1e-2, kd_weight=0.0))
     assert h.epochs[-1]["loss"] < h.epochs[0]["loss"]
     with pytest.raises(SlimError, match="teacher"):
-        train_qat(model, None, x, y, TrainConfig(epochs=1, batch_size=32))
+        train_student(model, None, x, y, TrainConfig(epochs=1, batch_size=32))
     with pytest.raises(SlimError, match="fewer than one batch"):
-        train_qat(model, teacher, x[:8], y[:8], TrainConfig(epochs=1, batch_size=32))
+        train_student(model, teacher, x[:8], y[:8], TrainConfig(epochs=1, batch_size=32))
     with pytest.raises(SlimError, match="kd_weight"):
         TrainConfig(kd_weight=2.0)
 
@@ -238,7 +239,7 @@ def test_adabits_switches_widths_shares_weights_and_exports_each_width(scheme):
                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     model = prepare_adabits(copy.deepcopy(fp), qat_plan(fp, 4, 4, (x[:8],)), (8, 4, 2), scheme)
     assert isinstance(model[1], SwitchableBatchNorm2d) and len(model[1].bns) == 3
-    train_qat(model, fp, x, y, TrainConfig(epochs=1, batch_size=32, lr=1e-2), variants=widths_variants((8, 4, 2)))
+    train_student(model, fp, x, y, TrainConfig(epochs=1, batch_size=32, lr=1e-2), variants=widths_variants((8, 4, 2)))
     model.eval()
     outs = {}
     for b in (8, 4, 2):

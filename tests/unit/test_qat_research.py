@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.errors import SlimError
-from slimtorch.qat import TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.distill import TrainConfig, train_student
+from slimtorch.qat import convert, prepare_qat, qat_plan
 from slimtorch.qat.adabin import BinaryConv2d, Maxout, binarize_cnn, set_ede, xnor_weight
 from slimtorch.qat.dorefa import DoReFaWeight
 from slimtorch.qat.f8net import F8CNN, fix_quant, integer_forward, requant
@@ -78,12 +79,12 @@ def test_fracbits_trains_hardens_emits_a_reloadable_plan_and_converts(tmp_path):
     assert float(budget_penalty(q, 3.0).detach()) == pytest.approx(0.5)
     y = torch.randint(0, 4, (64,))
     lam0 = [float(m.wq.lam.detach()) for m in q.modules() if hasattr(m, "wq") and isinstance(m.wq, FracWeight)]
-    train_qat(q, fp, x, y, TrainConfig(epochs=3, batch_size=16, lr=1e-2), penalty=lambda m: budget_penalty(m, 3.0))
+    train_student(q, fp, x, y, TrainConfig(epochs=3, batch_size=16, lr=1e-2), penalty=lambda m: budget_penalty(m, 3.0))
     lam1 = [float(m.wq.lam.detach()) for m in q.modules() if hasattr(m, "wq") and isinstance(m.wq, FracWeight)]
     assert all(b < a for a, b in zip(lam0, lam1))  # the budget term pulls the widths toward 3
     # by plain SGD (width_lr) each width moves by its own gradient: the budget pulls the larger layer harder
     q2 = prepare_fracbits(copy.deepcopy(fp), plan, 3.5)
-    train_qat(q2, fp, x, y, TrainConfig(epochs=1, batch_size=16, lr=1e-3, width_lr=0.1, kd_weight=0.0),
+    train_student(q2, fp, x, y, TrainConfig(epochs=1, batch_size=16, lr=1e-3, width_lr=0.1, kd_weight=0.0),
               penalty=lambda m: budget_penalty(m, 3.0))
     big, small = [m for m in q2.modules() if hasattr(m, "wq") and isinstance(m.wq, FracWeight)]
     assert big.weight.numel() == 576 and small.weight.numel() == 128  # budget gradients 576/704 and 128/704
@@ -147,7 +148,7 @@ def test_f8net_integer_forward_equals_the_fake_quant_forward():
             m.running_var.uniform_(0.5, 2.0)
     model = F8CNN(fp)
     x = torch.randn(32, 1, 28, 28)
-    train_qat(model, None, x, torch.randint(0, 10, (32,)), TrainConfig(epochs=2, batch_size=16, kd_weight=0.0))
+    train_student(model, None, x, torch.randint(0, 10, (32,)), TrainConfig(epochs=2, batch_size=16, kd_weight=0.0))
     model.eval()
     with torch.no_grad():
         ref = model(x[:8]).double()

@@ -192,7 +192,7 @@ def _print_report(model: str, res: dict, out_dir: Path) -> None:
 
 def _resume_checkpoint(stage) -> Path:
     """The checkpoint to resume from: an interrupted run's (kept in its staging folder) or a finished one's."""
-    from slimtorch.qat.train import CHECKPOINT
+    from slimtorch.distill.trainer import CHECKPOINT
 
     for folder in (stage.resume_folder, stage.out):
         if (folder / "checkpoints" / CHECKPOINT).is_file():

@@ -22,7 +22,8 @@ from slimtorch.errors import SlimError, shown
 from slimtorch.eval.metrics import classifier_top1
 from slimtorch.io.checkpoint import atomic_write_bytes, save_tensors
 from slimtorch.io.json_text import json_text
-from slimtorch.qat import METHODS, TrainConfig, convert, prepare_qat, qat_plan, train_qat
+from slimtorch.distill import TrainConfig, train_student
+from slimtorch.qat import METHODS, convert, prepare_qat, qat_plan
 from slimtorch.qat.adabin import binarize_cnn, set_ede
 from slimtorch.qat.adabits import evaluate_widths, export_width, prepare_adabits, widths_variants
 from slimtorch.qat.dorefa import DoReFaWeight
@@ -162,7 +163,7 @@ def run_train_qat(model: str, method: str, bits: str, out: Path, cfg: TrainConfi
     evaluate = partial(classifier_top1, x=xt[:2000].to(dev), y=yt[:2000].to(dev))
     if method == "adabits":
         evaluate = evaluate_widths(evaluate, widths)
-    history = train_qat(student, teacher, x.to(dev), y.to(dev), cfg, ckpt_dir=out / "checkpoints", resume=resume,
+    history = train_student(student, teacher, x.to(dev), y.to(dev), cfg, ckpt_dir=out / "checkpoints", resume=resume,
                         augment=shift_flip, evaluate=evaluate, meta=meta, log=log, **train_kw, **kw)
     train_seconds = time.perf_counter() - t0
     student = student.cpu()

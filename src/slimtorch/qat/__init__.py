@@ -1,6 +1,6 @@
-"""Quantization-aware training: ``prepare_qat(model, plan, method)``, ``train_qat(...)``, ``convert(model)``."""
+"""Quantization-aware training: ``prepare_qat(model, plan, method)``, then train with
+``slimtorch.distill.train_student``, then ``convert(model)``; the methods as objects in ``qat.methods``."""
 
 from slimtorch.qat.prepare import METHODS, convert, prepare_qat, qat_plan
-from slimtorch.qat.train import TrainConfig, train_qat
 
-__all__ = ["METHODS", "TrainConfig", "convert", "prepare_qat", "qat_plan", "train_qat"]
+__all__ = ["METHODS", "convert", "prepare_qat", "qat_plan"]

@@ -12,7 +12,7 @@ Following the official code (deJQK/AdaBits):
 * inputs: PACT with SAT's calibrated gradient and a *switchable clipping level* (one alpha per width);
 * *switchable batch norm*: one BatchNorm2d per width;
 * joint training: each batch runs forward/backward once per width, gradients add up, then one
-  optimizer step (``train_qat(..., variants=widths_variants(model, widths))``);
+  optimizer step (``train_student(..., variants=widths_variants(model, widths))``);
 * the first and last layers keep 8 bits (the plan's edges), the rest switch with :func:`set_bits`.
 
 :func:`export_width` freezes the model at one width (plain BatchNorm2d, core quantized modules), ready
@@ -123,7 +123,7 @@ def set_bits(model: nn.Module, bits: int) -> None:
 
 
 def evaluate_widths(evaluate: Callable[[nn.Module], float], widths: tuple[int, ...]) -> Callable[[nn.Module], dict]:
-    """``train_qat``'s ``evaluate`` for an AdaBits model: ``evaluate`` at each width, ``{"8": ..., "6": ...}``."""
+    """``train_student``'s ``evaluate`` for an AdaBits model: ``evaluate`` at each width, ``{"8": ..., "6": ...}``."""
     def run(model: nn.Module) -> dict:
         out = {}
         for b in widths:
@@ -134,7 +134,7 @@ def evaluate_widths(evaluate: Callable[[nn.Module], float], widths: tuple[int, .
 
 
 def widths_variants(widths: tuple[int, ...]) -> list[Callable[[nn.Module], None]]:
-    """One ``model -> None`` switch per width, for ``train_qat``'s joint training."""
+    """One ``model -> None`` switch per width, for ``train_student``'s joint training."""
     return [lambda m, b=b: set_bits(m, b) for b in sorted(widths, reverse=True)]
 
 

@@ -187,7 +187,7 @@ def is_hard(model: nn.Module) -> bool:
 
 
 def training_hooks(target: float, epochs: int, hard_fraction: float = 0.8):
-    """``(on_epoch, penalty)`` for ``train_qat``: the budget term, and the hard assignment before epoch
+    """``(on_epoch, penalty)`` for ``train_student``: the budget term, and the hard assignment before epoch
     ``round(hard_fraction * epochs)`` (at least 1; the paper: 120 of 150)."""
     hard_epoch = max(1, round(hard_fraction * epochs))
 

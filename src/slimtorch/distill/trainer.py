@@ -1,4 +1,5 @@
-"""The QAT training loop for classifiers: distillation from the float model, cosine learning rate per
+"""The student/teacher training loop for classifiers (QAT today; pruning recovery and step distillation
+next): distillation from the float model, cosine learning rate per
 step, a checkpoint after every epoch (atomic, no pickle) and exact resume.
 
 Loss: ``(1 - kd) * CE(labels) + kd * T^2 KL(teacher || student) + feature_weight * feature_loss``.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.distill import FeatureTaps, feature_loss, kd_loss
+from slimtorch.distill.losses import FeatureTaps, feature_loss, kd_loss
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import load_tensors, save_tensors
 from slimtorch.progress import Progress, no_progress
@@ -134,7 +135,7 @@ def _batches(n: int, bs: int, gen: torch.Generator, device: torch.device) -> lis
     return [perm[i:i + bs] for i in range(0, n - bs + 1, bs)]  # full batches only
 
 
-def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+def train_student(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               ckpt_dir: Path | None = None, resume: bool = False,
               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
               evaluate: Callable[[nn.Module], float | dict] | None = None, meta: dict | None = None,
@@ -142,7 +143,7 @@ def train_qat(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: t
               variants: list[Callable[[nn.Module], None]] | None = None,
               on_epoch: Callable[[nn.Module, int, int], None] | None = None,
               penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> History:
-    """Train ``model`` (prepared by ``prepare_qat``) on inputs ``x`` (N, ...) and labels ``y`` (N,).
+    """Train the student ``model`` (a QAT model from ``prepare_qat``, or any trainable model) on inputs ``x`` (N, ...) and labels ``y`` (N,).
 
     Args:
         teacher: the float model to distill from (eval mode, frozen); None trains on labels only.
