@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from functools import partial
@@ -28,47 +29,26 @@ from pathlib import Path
 import torch
 from records import run_header
 
-from slimtorch.cli.qat_job import parse_bits
-from slimtorch.eval.metrics import classifier_top1
+from slimtorch.api import apply_
 from slimtorch.distill import TrainConfig, train_student
-from slimtorch.qat import convert, prepare_qat, qat_plan
-from slimtorch.qat.adabin import binarize_cnn, set_ede
-from slimtorch.qat.adabits import evaluate_widths, export_width, prepare_adabits, widths_variants
-from slimtorch.qat.f8net import F8CNN, integer_forward
+from slimtorch.eval.metrics import classifier_top1
+from slimtorch.qat import prepare_qat, qat_plan
+from slimtorch.qat.adabin import binarize_cnn
+from slimtorch.qat.f8net import integer_forward
 from slimtorch.qat.fracbits import (
     FRACBITS_WIDTH_LR,
     FracWeight,
-    final_plan,
     is_hard,
-    prepare_fracbits,
+    load_plan,
     save_plan,
     sensitivity_bits,
-    training_hooks,
     with_weight_bits,
 )
+from slimtorch.qat.methods import QAT_METHODS, Bits, ExportContext, QATConfig, parse_bits
 from slimtorch.qat.pim import PIMConfig, calibrate_bn, calibration_batches, to_pim
 from slimtorch.quantize import quantize_plan_
 from slimtorch.zoo import data, load_model
 from slimtorch.zoo.augment import shift_flip
-
-
-def adabits_run(name, fp, fp_acc, bits, x, y, xt, yt, args, common) -> None:
-    """One AdaBits model for all widths in ``bits`` (e.g. 8/6/4/2); one record per width."""
-    widths = tuple(int(b) for b in bits.split("/"))
-    t0 = time.perf_counter()
-    dev = next(fp.parameters()).device
-    plan = qat_plan(fp, min(widths), min(widths), (x[:256].to(dev),))
-    model = prepare_adabits(copy.deepcopy(fp), plan, widths)
-    row = _train(model, fp, x.to(dev), y.to(dev), args, val=(xt[:2000], yt[:2000]), per_width=widths,
-                 variants=widths_variants(widths))
-    seconds = time.perf_counter() - t0
-    for b in widths:
-        acc = classifier_top1(export_width(copy.deepcopy(model), b), xt, yt)
-        rec = {**common, "model": name, "method": "adabits", "bits": f"W{b}A{b}", "w_bits": b, "a_bits": b,
-               "widths": list(widths), "first_last_bits": 8, "fp_top1": fp_acc, "top1": acc, "delta": acc - fp_acc,
-               "seconds": seconds, "train_samples": len(x), **row}
-        print(f"  {name} adabits {widths} at {b} bits: top-1 {acc:.2f} ({acc - fp_acc:+.2f})", flush=True)
-        _write(args, rec)
 
 
 def _write(args, rec: dict) -> None:
@@ -76,50 +56,116 @@ def _write(args, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _train(model, fp, x, y, args, width_lr: float = 0.0, val=None, per_width: tuple[int, ...] = (), **kw):
-    """train_student with the benchmark's settings; evaluates top-1 on ``val`` after each epoch (at each of
-    ``per_width`` for AdaBits). Returns the record's config and history."""
+def _train(model, fp, x, y, args, width_lr: float = 0.0, val=None, evaluate=None, **kw):
+    """train_student with the benchmark's settings; evaluates top-1 on ``val`` after each epoch (through
+    ``evaluate(metric)`` when given: AdaBits' per-width wrapper). Returns the record's config and history."""
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, kd_weight=args.kd, batch_size=256, width_lr=width_lr)
-    evaluate = partial(classifier_top1, x=val[0], y=val[1])
-    hist = train_student(model, fp, x, y, cfg, augment=shift_flip,
-                     evaluate=evaluate_widths(evaluate, per_width) if per_width else evaluate,
-                     log=lambda line: print("  ", line, flush=True), **kw)
+    metric = partial(classifier_top1, x=val[0], y=val[1])
+    hist = train_student(model, fp, x, y, cfg, augment=shift_flip, evaluate=evaluate(metric) if evaluate else metric,
+                         log=lambda line: print("  ", line, flush=True), **kw)
     return {"config": asdict(cfg), "history": hist.epochs}
 
 
+def method_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None:
+    """A QAT method of ``QAT_METHODS``, prepared, trained and exported by its method object (as the
+    ``train-qat`` job does); one record per exported model, with the method's own measurements."""
+    qm = QAT_METHODS[method]
+    dev = next(fp.parameters()).device
+    x, y = x.to(dev), y.to(dev)
+    # fracbits:3 is an average of 3 weight bits with 8-bit inputs; f8net and adabin need no width
+    bits = Bits(round(float(arg)), 8) if method == "fracbits" else qm.bits(arg or {"f8net": "8", "adabin": "1"}[method])
+    t0 = time.perf_counter()
+    prep = apply_(copy.deepcopy(fp), QATConfig(method, bits, epochs=args.epochs), [(x[:256],)])
+    student, plan = prep.student, prep.plan
+    train_kw = dict(student.train)
+    extra: dict = {}
+    if method == "fracbits":  # keep the learned widths seen just before the hard assignment
+        hook, lams = train_kw["on_epoch"], {}
+
+        def on_epoch(m, epoch, epochs):
+            if not is_hard(m):
+                lams.update({n: round(float(mod.wq.lam.detach()), 3) for n, mod in m.named_modules()
+                             if isinstance(getattr(mod, "wq", None), FracWeight)})
+            hook(m, epoch, epochs)
+        train_kw["on_epoch"] = on_epoch
+        extra["lam_before_hard_assignment"] = lams
+    row = _train(student.model, fp, x, y, args, args.width_lr if method == "fracbits" else 0.0,
+                 val=(xt[:2000], yt[:2000]), evaluate=lambda metric: qm.evaluator(metric, bits), **train_kw)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = ExportContext(Path(tmp), name, x, dict(student.extra))
+        exports = qm.export(student.model, plan, bits, ctx)
+        if method == "fracbits":
+            (args.out / "plans").mkdir(exist_ok=True)
+            lr_tag = f"-wlr{args.width_lr:g}" if args.width_lr != FRACBITS_WIDTH_LR else ""
+            plan_file = args.out / "plans" / f"{name}-{method}-{arg}{lr_tag}.json"
+            final = load_plan(Path(tmp) / "plan.json")
+            save_plan(plan_file, final, {"model": name, "method": method, "target_weight_bits": float(arg)})
+    base = {**common, "model": name, "method": method, "fp_top1": fp_acc, "train_samples": len(x), **row, **extra}
+    for e in exports:
+        # F8Net is checked on the CPU: exact float32 arithmetic (no TF32 convolutions)
+        on = torch.device("cpu") if method == "f8net" else dev
+        q, xs, ys = e.model.eval().to(on), xt.to(on), yt.to(on)
+        rec = {**base, "bits": bits.label, "w_bits": bits.weight, "a_bits": bits.act, "first_last_bits": 8}
+        if method == "adabits":
+            rec.update(bits=f"W{e.fields['width']}A{e.fields['width']}", w_bits=e.fields["width"],
+                       a_bits=e.fields["width"], widths=list(bits.widths))
+        elif method == "fracbits":
+            sizes = {n: fp.get_submodule(n).weight.numel() for n in final}
+            inner = [n for n in final if plan[n].weight.bits != 8]
+            avg = sum(final[n].weight.bits * sizes[n] for n in inner) / sum(sizes[n] for n in inner)
+            rec.update(bits=f"W{arg}avgA8", w_bits=avg, a_bits=8, target_weight_bits=float(arg),
+                       layer_bits={n: final[n].weight.bits for n in final}, plan_file=plan_file.name)
+        elif method == "f8net":
+            rec.update(bits="W8A8-fixed", **_integer_check(q, xs, ys, args.integer_images))
+        elif method == "adabin":
+            rec.update(bits="W1A1", note=BINARY_NOTE)
+        rec.update(top1=classifier_top1(q, xs, ys), seconds=seconds)
+        rec["delta"] = rec["top1"] - fp_acc
+        print(f"  {name} {method} {rec['bits']}: top-1 {rec['top1']:.2f} ({rec['delta']:+.2f})", flush=True)
+        _write(args, rec)
+
+
+BINARY_NOTE = "binary 3x3 convs in the residual blocks; stem, 1x1 shortcuts and fc in float"
+
+
+def _integer_check(q, xt, yt, images: int) -> dict:
+    """F8Net: the integer-only forward against the fake-quantized one on the first ``images`` test images
+    (CPU tensors)."""
+    xc, yc = xt, yt
+    accs, equal, worst, n = [], 0, 0.0, 0
+    for i in range(0, images, 100):  # int64 matmuls on the CPU: a subset
+        with torch.no_grad():
+            ref = q(xc[i:i + 100]).double()
+        acc, fl = integer_forward(q, xc[i:i + 100])
+        lsb = (acc.double() / 2.0**fl - ref).abs() * 2.0**fl
+        equal += int((lsb == 0).all(-1).sum())
+        worst, n = max(worst, float(lsb.max())), n + len(ref)
+        accs.append(((acc.argmax(-1) == yc[i:i + 100]).double(), (ref.argmax(-1) == yc[i:i + 100]).double()))
+    return {"w_bits": 8, "a_bits": 8, "integer_top1_subset": float(torch.cat([a for a, _ in accs]).mean() * 100),
+            "fake_top1_subset": float(torch.cat([b for _, b in accs]).mean() * 100), "integer_equal_rows": equal,
+            "integer_rows": n, "integer_max_lsb_diff": worst}
+
+
 def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None:
-    """fracbits / sensitivity / f8net / adabin / sign / pim runs (see the module docstring)."""
+    """Experiments that compare several models rather than train one method: ``sensitivity`` (widths
+    from a sensitivity ranking, then LSQ), ``sign`` (W1A1 with plain sign, AdaBin's baseline) and ``pim``
+    (digital LSQ, that model on the simulated array, and PIM-QAT)."""
     dev = next(fp.parameters()).device
     x, y = x.to(dev), y.to(dev)
     val = (xt[:2000], yt[:2000])
     t0 = time.perf_counter()
     base = {**common, "model": name, "method": method, "fp_top1": fp_acc, "train_samples": len(x)}
     recs = []
-    if method in ("fracbits", "sensitivity"):
+    if method == "sensitivity":
         target = float(arg)
         plan = qat_plan(fp, round(target), 8, (x[:256],))
-        if method == "fracbits":
-            q = prepare_fracbits(copy.deepcopy(fp), plan, target + 0.5)
-            hook, penalty = training_hooks(target, args.epochs)
-            lams: dict = {}
-
-            def on_epoch(m, epoch, epochs):  # keep the learned widths seen just before the hard assignment
-                if not is_hard(m):
-                    lams.update({n: round(float(mod.wq.lam.detach()), 3) for n, mod in m.named_modules()
-                                 if isinstance(getattr(mod, "wq", None), FracWeight)})
-                hook(m, epoch, epochs)
-            row = _train(q, fp, x, y, args, args.width_lr, val=val, on_epoch=on_epoch, penalty=penalty)
-            row["lam_before_hard_assignment"] = lams
-            final = final_plan(q, plan, target)
-            convert(q)
-        else:
-            bits = sensitivity_bits(copy.deepcopy(fp), plan, x[:512], target)
-            final = with_weight_bits(plan, bits)
-            q = prepare_qat(copy.deepcopy(fp), final, "lsq")
-            row = _train(q, fp, x, y, args, val=val)
+        bits = sensitivity_bits(copy.deepcopy(fp), plan, x[:512], target)
+        final = with_weight_bits(plan, bits)
+        q = prepare_qat(copy.deepcopy(fp), final, "lsq")
+        row = _train(q, fp, x, y, args, val=val)
         (args.out / "plans").mkdir(exist_ok=True)
-        lr_tag = f"-wlr{args.width_lr:g}" if method == "fracbits" and args.width_lr != FRACBITS_WIDTH_LR else ""
-        plan_file = args.out / "plans" / f"{name}-{method}-{arg}{lr_tag}.json"
+        plan_file = args.out / "plans" / f"{name}-{method}-{arg}.json"
         save_plan(plan_file, final, {"model": name, "method": method, "target_weight_bits": target})
         sizes = {n: fp.get_submodule(n).weight.numel() for n in final}
         inner = [n for n in final if plan[n].weight.bits != 8]
@@ -127,30 +173,11 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
         recs.append({"bits": f"W{arg}avgA8", "w_bits": avg, "a_bits": 8, "target_weight_bits": target,
                      "layer_bits": {n: final[n].weight.bits for n in final}, "plan_file": plan_file.name,
                      "top1": classifier_top1(q, xt, yt), **row})
-    elif method == "f8net":
-        q = F8CNN(fp).to(dev)
-        row = _train(q, fp, x, y, args, val=val)
-        q = q.eval().cpu()  # checked on the CPU: exact float32 arithmetic (no TF32 convolutions)
-        xc, yc = xt.cpu(), yt.cpu()
-        fake = classifier_top1(q, xc, yc)
-        accs, equal, worst, n = [], 0, 0.0, 0
-        for i in range(0, args.integer_images, 100):  # int64 matmuls on the CPU: a subset
-            with torch.no_grad():
-                ref = q(xc[i:i + 100]).double()
-            acc, fl = integer_forward(q, xc[i:i + 100])
-            lsb = (acc.double() / 2.0**fl - ref).abs() * 2.0**fl
-            equal += int((lsb == 0).all(-1).sum())
-            worst, n = max(worst, float(lsb.max())), n + len(ref)
-            accs.append(((acc.argmax(-1) == yc[i:i + 100]).double(), (ref.argmax(-1) == yc[i:i + 100]).double()))
-        recs.append({"bits": "W8A8-fixed", "w_bits": 8, "a_bits": 8, "top1": fake,
-                     "integer_top1_subset": float(torch.cat([a for a, _ in accs]).mean() * 100),
-                     "fake_top1_subset": float(torch.cat([b for _, b in accs]).mean() * 100), "integer_equal_rows": equal,
-                     "integer_rows": n, "integer_max_lsb_diff": worst, **row})
-    elif method in ("adabin", "sign"):
+    elif method == "sign":
         q = binarize_cnn(copy.deepcopy(fp), method).to(dev)
-        row = _train(q, fp, x, y, args, val=val, on_epoch=set_ede if method == "adabin" else None)
+        row = _train(q, fp, x, y, args, val=val)
         recs.append({"bits": "W1A1", "w_bits": 1, "a_bits": 1, "top1": classifier_top1(q, xt, yt),
-                     "note": "binary 3x3 convs in the residual blocks; stem, 1x1 shortcuts and fc in float", **row})
+                     "note": BINARY_NOTE, **row})
     elif method == "pim":
         cfg = PIMConfig(rows=64, adc_bits=int(arg))
         plan = qat_plan(fp, 4, 4, (x[:256],))
@@ -181,7 +208,7 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
         _write(args, rec)
 
 
-EXTRA = ("fracbits", "sensitivity", "f8net", "adabin", "sign", "pim")
+EXTRA = ("sensitivity", "sign", "pim")
 
 
 def main() -> None:
@@ -211,25 +238,19 @@ def main() -> None:
             if method in EXTRA:
                 extra_run(name, fp, fp_acc, method, bits, x, y, xt, yt, args, common)
                 continue
-            if method == "adabits":
-                adabits_run(name, fp, fp_acc, bits, x, y, xt, yt, args, common)
+            if method != "rtn":
+                method_run(name, fp, fp_acc, method, bits, x, y, xt, yt, args, common)
                 continue
-            w, a = parse_bits(bits)
+            w, a = parse_bits(bits)  # post-training RTN at QAT's plan, on the CPU: it needs no GPU
             plan = qat_plan(fp, w, a, (x[:256].to(dev),))
-            t0, row = time.perf_counter(), {}
-            if method == "rtn":  # on the CPU: post-training needs no GPU
-                q = copy.deepcopy(fp).cpu()
-                calib = [(x[i:i + 128],) for i in range(0, min(1024, len(x)), 128)]
-                quantize_plan_(q, {n: p for n, p in plan.items()}, calib, "rtn")
-                q = q.to(dev)
-            else:
-                q = prepare_qat(copy.deepcopy(fp), plan, method)
-                row = _train(q, fp, x.to(dev), y.to(dev), args, val=(xt[:2000], yt[:2000]))
-                convert(q)
-            acc = classifier_top1(q, xt, yt)
+            t0 = time.perf_counter()
+            q = copy.deepcopy(fp).cpu()
+            calib = [(x[i:i + 128],) for i in range(0, min(1024, len(x)), 128)]
+            quantize_plan_(q, {n: p for n, p in plan.items()}, calib, "rtn")
+            acc = classifier_top1(q.to(dev), xt, yt)
             rec = {**common, "model": name, "method": method, "bits": bits, "w_bits": w, "a_bits": a,
                    "first_last_bits": 8, "fp_top1": fp_acc, "top1": acc, "delta": acc - fp_acc,
-                   "seconds": time.perf_counter() - t0, "train_samples": len(x), **row}
+                   "seconds": time.perf_counter() - t0, "train_samples": len(x)}
             print(f"  {name} {method} {bits}: top-1 {acc:.2f} ({acc - fp_acc:+.2f}) in {rec['seconds']:.0f} s",
                   flush=True)
             _write(args, rec)

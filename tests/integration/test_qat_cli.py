@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from slimtorch.cli.qat_job import parse_bits
+from slimtorch.qat.methods import parse_bits
 from slimtorch.errors import SlimError
 from slimtorch.eval import evaluate
 from slimtorch.io.quantized import load_quantized

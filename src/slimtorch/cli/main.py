@@ -20,6 +20,9 @@ from slimtorch.cli import args
 from slimtorch.cli.signals import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
+from slimtorch.qat.methods import QAT_METHODS
+from slimtorch.quant.recipe import PRESETS
+from slimtorch.quantize import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress trained PyTorch models and measure what you got.")
@@ -128,9 +131,9 @@ def eval_cmd(
 def quantize_cmd(
     model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a transformers "
                                 "save_pretrained folder (a causal LM with its tokenizer)."),
-    preset: str = typer.Option(None, "--preset", help="W8A8, W8A8-dynamic, W4A16-g128, W3A16-g128, W2A16-g64, W4A8, FP8."),
+    preset: str = typer.Option(None, "--preset", help=", ".join(PRESETS) + "."),
     recipe: Path = typer.Option(None, "--recipe", help="YAML recipe (targets/ignore regexes, weight/act specs)."),
-    method: str = typer.Option("rtn", "--method", help="rtn | gptq | awq | smoothquant."),
+    method: str = typer.Option("rtn", "--method", help=" | ".join(METHODS) + "."),
     out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
     calib_samples: int = typer.Option(None, "--calib-samples", help="Calibration samples (default per task)."),
     calib_text: Path = typer.Option(None, "--calib", help="Language models: a text file to calibrate on "
@@ -141,9 +144,9 @@ def quantize_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Calibrate and quantize a model, evaluate FP and quantized side by side, save both files."""
-    from slimtorch.cli.quantize_job import run_quantize
     from slimtorch.io.outdir import StagedOutput
-    from slimtorch.quantize import METHODS, resolve_recipe
+    from slimtorch.jobs.quantize import run_quantize
+    from slimtorch.quantize import resolve_recipe
     from slimtorch.zoo import get_entry
 
     if (preset is None) == (recipe is None):
@@ -212,10 +215,10 @@ def _epoch_line(row: dict, epochs: int) -> str:
 @app.command("train-qat")
 def train_qat_cmd(
     model: str = typer.Argument(..., help="fmnist-cnn or fmnist-vit."),
-    method: str = typer.Option("lsq", "--method", help="lsq | pact | sat | adabits | fracbits | f8net | adabin | pim."),
-    bits: str = typer.Option("4", "--bits", help="N (weights and inputs), WnAm, or Wn (weights only); adabits: "
-                             "widths like 8/6/4/2; fracbits: the average weight width, e.g. W3A8; f8net: 8; "
-                             "adabin: 1."),
+    method: str = typer.Option("lsq", "--method", help="; ".join(f"{n}: {m.summary}" for n, m in QAT_METHODS.items())
+                               + "."),
+    bits: str = typer.Option("4", "--bits", help=QAT_METHODS["lsq"].bits_help + "; " + "; ".join(
+        f"{n}: {m.bits_help}" for n, m in QAT_METHODS.items() if m.bits_help != QAT_METHODS["lsq"].bits_help) + "."),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs over Fashion-MNIST train."),
     out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors, report.json, checkpoints/."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 with adam, 0.01 with sgd)."),
@@ -239,9 +242,9 @@ def train_qat_cmd(
 ) -> None:
     """Quantization-aware training with distillation from the FP model; saves the quantize format (the
     fixed-point, binary and PIM methods save their state dict)."""
-    from slimtorch.cli.qat_job import check_train_qat, run_train_qat
+    from slimtorch.distill import TrainConfig
     from slimtorch.io.outdir import StagedOutput
-    from slimtorch.qat import TrainConfig
+    from slimtorch.jobs.qat import check_train_qat, run_train_qat
 
     check_train_qat(model, method, bits, width_lr)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, kd_weight=kd, seed=seed,
@@ -372,6 +375,9 @@ def main(argv: list[str] | None = None, release=None) -> None:
         fail("terminated", 143, as_json)
     except KeyboardInterrupt:
         fail("interrupted", 130, as_json)
+    except BrokenPipeError:  # the reader of stdout went away (`slimtorch --help | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        raise SystemExit(141) from None
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
         if os.environ.get("SLIMTORCH_DEBUG"):
             raise

@@ -1,0 +1,49 @@
+"""What every job ends with: the float and compressed models evaluated side by side, the compressed one saved
+as DIR/model.safetensors, and DIR/report.json written atomically."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from torch import nn
+
+from slimtorch.eval import evaluate
+from slimtorch.eval.metrics import model_size_bytes
+from slimtorch.io.checkpoint import atomic_write_bytes
+from slimtorch.io.json_text import json_text
+from slimtorch.io.quantized import save_quantized
+
+
+def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe: str, method: str,
+                     limit: int | None, bits_per_weight: float, progress=None, save=None) -> dict:
+    """Evaluate the FP and quantized models side by side, save ``q`` to DIR/model.safetensors (with
+    ``save(q, path)`` when given, else the quantize format), and return the report's shared fields (model,
+    recipe, method, metrics, dataset, size, latency, evaluation time)."""
+    kw = {} if progress is None else {"progress": progress}
+    t0 = time.perf_counter()
+    fp_res = evaluate(model, model=fp, limit=limit, **kw)
+    q_res = evaluate(model, model=q, reference=fp, limit=limit, **kw)
+    eval_seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.safetensors"
+    if save is None:
+        save_quantized(q, model_path, model, {"recipe": recipe, "method": method})
+    else:
+        save(q, model_path)
+    fp_metrics = {m.name: m.value for m in fp_res.metrics}
+    return {
+        "model": model, "recipe": recipe, "method": method,
+        "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "quantized": m.value, "unit": m.unit,
+                     "higher_is_better": m.higher_is_better} for m in q_res.metrics],
+        "dataset": q_res.dataset,
+        "size": {"fp_bytes": model_size_bytes(fp), "quantized_file_bytes": model_path.stat().st_size,
+                 "bits_per_weight": bits_per_weight},
+        "latency_ms": {"fp": fp_res.latency_ms, "quantized_reference_path": q_res.latency_ms,
+                       "input": fp_res.latency_input},
+        "time_s": {"evaluate": eval_seconds},
+    }
+
+
+def write_report(folder: Path, report: dict) -> None:
+    atomic_write_bytes(folder / "report.json", (json_text(report) + "\n").encode())

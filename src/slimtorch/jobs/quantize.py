@@ -1,0 +1,45 @@
+"""The quantize job (``slimtorch quantize``): calibrate, quantize, evaluate FP vs quantized, write
+DIR/model.safetensors and DIR/report.json. Returns the report as a dict; rendering is the CLI's job.
+
+Nothing is written until everything else succeeded, and each file is written atomically; the CLI runs the
+job in a staging folder (io.outdir), so the output folder appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from slimtorch.api import apply_
+from slimtorch.calib.data import calibration_set
+from slimtorch.jobs.compare import compare_and_save, write_report
+from slimtorch.quantize import PTQConfig
+from slimtorch.zoo import get_entry, load_model
+
+
+def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_samples: int | None = None,
+                 limit: int | None = None, seed: int = 0, progress=None, calib_text: Path | None = None) -> dict:
+    """``model``: a zoo name or a local transformers folder; ``calib_text``: text to calibrate a language model on.
+    Writes into ``out`` directly: the CLI passes a staging folder (io.outdir)."""
+    model = get_entry(model).name  # a folder becomes its absolute path: the saved model's base
+    config = PTQConfig(recipe, method)
+    kw = {} if progress is None else {"progress": progress}
+    fp = load_model(model)
+    calib = calibration_set(model, calib_samples, seed=seed, model=fp, text_file=calib_text)
+    q = copy.deepcopy(fp)
+    report = apply_(q, config, calib, **kw)
+    result = compare_and_save(model, fp, q, out, report.recipe, method, limit, report.bits_per_weight, **kw)
+    result["time_s"] = {"quantize": report.seconds, **result["time_s"]}
+    result.update({
+        "calib_samples": report.calib_samples, "calib_text": None if calib_text is None else str(calib_text),
+        "seed": seed, "limit": limit, "notes": report.notes,
+        "quantized_layers": report.quantized, "skipped_layers": report.skipped,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "report": {k: v for k, v in asdict(report).items() if k not in ("quantized", "skipped")},
+    })
+    write_report(out, result)
+    return result
