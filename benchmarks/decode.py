@@ -16,20 +16,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kernels import cuda_graph, median_us  # noqa: E402
-from records import run_header  # noqa: E402
+from kernels import cuda_graph, median_us
+from records import run_header
 
-from slimtorch.quant.modules import QuantLinear  # noqa: E402
+from slimtorch.quant.modules import QuantLinear
 from slimtorch.sequential import set_module
-from slimtorch.spec import PerGroup, QuantSpec  # noqa: E402
+from slimtorch.spec import PerGroup, QuantSpec
 
 LLAMA_7B = {"d": 4096, "ffn": 11008, "heads": 32, "vocab": 32000}
 

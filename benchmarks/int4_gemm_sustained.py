@@ -16,7 +16,6 @@ import datetime
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kernels import SHAPES, cuda_graph, int4_weights  # noqa: E402
-from records import run_header  # noqa: E402
+from kernels import SHAPES, int4_weights
+from timing import cuda_graph
+from records import run_header
 
-from slimtorch.kernels import reference as R  # noqa: E402
-from slimtorch.kernels.int4_mma import int4_linear  # noqa: E402
+from slimtorch.kernels import reference as R
+from slimtorch.kernels.dispatch import int4_linear
 
 
 def _sustain(g: torch.cuda.CUDAGraph, calls: int, seconds: float) -> tuple[float, float, float]:

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kernels import SHAPES, _time, int4_weights, rotation_sets  # noqa: E402
-from records import run_header  # noqa: E402
+from kernels import SHAPES, int4_weights
+from timing import rotation_sets, time_calls
+from records import run_header
 
-from slimtorch.kernels import int4_gemm as G  # noqa: E402
-from slimtorch.kernels import int4_mma as I  # noqa: E402
-from slimtorch.kernels import reference as R  # noqa: E402
+from slimtorch.kernels import int4_gemm as G
+from slimtorch.kernels import int4_mma as I
+from slimtorch.kernels import reference as R
 
 
 def main() -> None:
@@ -47,17 +46,17 @@ def main() -> None:
             ref = R.int4_weight_only_linear_ref(xs[0].float(), *qs[0]).float()
             errs = {}
             for nt, st in configs:
-                y = G.int4_gemm(xs[0], packed[0], nt, st).float()
+                y = G.int4_gemm(xs[0], packed[0], G.GemmConfig(nt, st)).float()
                 errs[f"{nt}:{st}"] = ((y - ref).norm() / ref.norm()).item()
                 assert errs[f"{nt}:{st}"] < 5e-3, (nt, st, errs)
             times: dict[str, list[float]] = {}
             for _ in range(args.reps):
-                times.setdefault("bf16", []).append(_time(lambda i: F.linear(xs[i], ws[i]), sets, 20, graph=True))
+                times.setdefault("bf16", []).append(time_calls(lambda i: F.linear(xs[i], ws[i]), sets, 20, graph=True))
                 times.setdefault("dequant", []).append(
-                    _time(lambda i: F.linear(xs[i], I.dequantize_int4_mma(packed[i])), sets, 20, graph=True))
+                    time_calls(lambda i: F.linear(xs[i], I.dequantize_int4_mma(packed[i])), sets, 20, graph=True))
                 for nt, st in configs:
                     times.setdefault(f"{nt}:{st}", []).append(
-                        _time(lambda i, c=(nt, st): G.int4_gemm(xs[i], packed[i], *c), sets, 20, graph=True))
+                        time_calls(lambda i, c=G.GemmConfig(nt, st): G.int4_gemm(xs[i], packed[i], c), sets, 20, graph=True))
             us = {key: sorted(v)[min(1, len(v) - 1)] for key, v in times.items()}
             best = min((v, key) for key, v in us.items() if key not in ("bf16", "dequant"))
             rec = {**common, "K": k, "N": n, "M": m, "bf16_us": us["bf16"], "dequant_us": us["dequant"],

@@ -10,18 +10,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kernels import _time, rotation_sets  # noqa: E402
-from records import run_header  # noqa: E402
+from timing import rotation_sets, time_calls
+from records import run_header
 
-from slimtorch.kernels import reference as R  # noqa: E402
-from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4  # noqa: E402
+from slimtorch.kernels import reference as R
+from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
 
 
 def gemv_space(k: int):
@@ -61,7 +59,7 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             ref = R.int4_weight_only_linear_ref(xs[0].float(), *q[0])
-            bf16 = _time(lambda i: F.linear(xs[i], wb[i % len(wb)]), sets, graph=True)
+            bf16 = time_calls(lambda i: F.linear(xs[i], wb[i % len(wb)]), sets, graph=True)
             print(f"K={k} N={n} M={m}: bf16 {bf16:.1f} us", flush=True)
             paths = [("gemv", list(gemv_space(k)))] if m == 1 else []
             paths.append(("mm", list(mm_space(m, k))))
@@ -74,7 +72,7 @@ def main() -> None:
                         with torch.no_grad():
                             y = int4_weight_only_linear(xs[0], kw[0], path=path, config=cfg)
                             err = ((y.float() - ref).norm() / ref.norm()).item()
-                            us = _time(lambda i, c=cfg: int4_weight_only_linear(xs[i], kw[i], path=path, config=c),
+                            us = time_calls(lambda i, c=cfg: int4_weight_only_linear(xs[i], kw[i], path=path, config=c),
                                        sets, calls=20, trials=3, graph=True)
                     except Exception as exc:  # noqa: BLE001
                         print(f"  {path} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
@@ -84,7 +82,7 @@ def main() -> None:
                         best = (us, cfg, err)
                 if best is None:
                     continue
-                us = _time(lambda i: int4_weight_only_linear(xs[i], kw[i], path=path, config=best[1]), sets,
+                us = time_calls(lambda i: int4_weight_only_linear(xs[i], kw[i], path=path, config=best[1]), sets,
                            graph=True)  # the winner re-timed with the full repeat count
                 gb = (k * n // 2 + 2 * 4 * n * k // 128 + 2 * m * (k + n)) / 1e9
                 rec = {**common, "K": k, "N": n, "M": m, "path": path, "config": best[1], "graph_us": us,

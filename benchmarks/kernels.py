@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from records import run_header
+from timing import rotation_sets, time_calls
 
 from slimtorch.cost.hardware import get_hardware
 from slimtorch.cost.roofline import linear_cost
@@ -31,14 +32,6 @@ from slimtorch.quant.recipe import get_preset
 
 SHAPES = [(4096, 11008), (8192, 8192), (4096, 4096), (11008, 4096), (5120, 13824)]  # (K, N)
 MS = [1, 16, 128, 2048, 8192]
-L2_BYTES = 50 * 2**20
-
-
-def rotation_sets(set_bytes: int, least: int = 3) -> int:
-    """How many copies of a weight to rotate among so that together they fill L2 three times over."""
-    return max(least, -(-3 * L2_BYTES // set_bytes))
-
-
 def int4_weights(k: int, n: int, sets: int, group: int = 128):
     """``sets`` random bf16 weights (N, K), their int4 quantization (packed, scale, zero) and those in the
     tensor-core layout (seeded, so every sweep times the same weights)."""
@@ -48,48 +41,6 @@ def int4_weights(k: int, n: int, sets: int, group: int = 128):
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
     qs = [R.quantize_int4_weight(w.float(), group) for w in ws]
     return ws, qs, [prepare_int4_mma(*q) for q in qs]
-
-
-def median_us(run, calls: int, trials: int) -> float:
-    """Median over ``trials`` of the CUDA-event time of ``run()`` (which makes ``calls`` calls), per call."""
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times)
-
-
-def cuda_graph(fn, calls: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``fn(0) .. fn(calls - 1)``, after one warm-up call on a side stream (as capture wants)."""
-    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(0)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    return g
-
-
-def _time(fn, sets: int, calls: int = 50, trials: int = 5, graph: bool = False) -> float:
-    """Median microseconds per call; call i uses input set i % sets."""
-    for i in range(3):
-        fn(i % sets)
-    torch.cuda.synchronize()
-    if graph:
-        run = cuda_graph(lambda i: fn(i % sets), calls).replay
-    else:
-        def run():
-            for i in range(calls):
-                fn(i % sets)
-    return median_us(run, calls, trials)
 
 
 def _torchao_fns(k: int, n: int, weights: list[torch.Tensor]):
@@ -132,7 +83,7 @@ def main() -> None:
                          "15%% between runs on an H100)")
     args = ap.parse_args()
     from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
-    from slimtorch.kernels.int4_mma import int4_linear
+    from slimtorch.kernels.dispatch import int4_linear
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     hw = get_hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
@@ -194,8 +145,8 @@ def main() -> None:
                             if rep == 0:
                                 y = fn(0)
                                 rec["rel_err_vs_bf16"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-                            runs[name]["eager_us"].append(_time(fn, sets))
-                            runs[name]["graph_us"].append(_time(fn, sets, graph=True))
+                            runs[name]["eager_us"].append(time_calls(fn, sets))
+                            runs[name]["graph_us"].append(time_calls(fn, sets, graph=True))
                     except Exception as exc:  # noqa: BLE001
                         rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                         traceback.print_exc(limit=2)

@@ -45,11 +45,9 @@ def test_w8a8_reference_matches_per_row_quantization_by_hand(dtype):
     assert rel(R.w8a8_linear_ref(x, wq, ws), x @ w.T) < 0.08
 
 
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("m", [1, 7, 16, 100, 1024])
 @pytest.mark.parametrize("k,n", [(256, 384), (4096, 11008), (11008, 4096)])
 def test_int4_kernel_matches_reference(m, k, n):
@@ -190,26 +188,26 @@ def test_int4_gemm_gathers_the_wgmma_fragments_from_the_mma_layout():
 
 
 def test_int4_gemm_config_and_its_shared_memory():
-    from slimtorch.kernels.int4_gemm import _smem_bytes, gemm_config
+    from slimtorch.kernels.int4_gemm import MAX_SMEM, GemmConfig, gemm_config
 
-    assert gemm_config(1) == gemm_config(128) == (128, 8)
-    assert gemm_config(129) == gemm_config(8192) == (256, 4)
+    assert gemm_config(1) == gemm_config(128) == GemmConfig(128, 8)
+    assert gemm_config(129) == gemm_config(8192) == GemmConfig(256, 4)
     # per stage 32 KB of x (256 rows x 64 inputs), 4 KB of words and 1 KB of scales/zeros, 16 B of mbarriers;
     # 64 KB of output tile and 1 KB of alignment: 4 stages fit the 226 KB that int4_gemm allows, 5 do not
-    assert _smem_bytes(256, 4) == 4 * (32768 + 4096 + 1024 + 16) + 65536 + 1024 == 218176 <= 226 * 1024
-    assert _smem_bytes(256, 5) > 226 * 1024
+    assert GemmConfig(256, 4).smem_bytes == 4 * (32768 + 4096 + 1024 + 16) + 65536 + 1024 == 218176 <= MAX_SMEM
+    assert GemmConfig(256, 5).smem_bytes > MAX_SMEM == 226 * 1024
 
 
 def test_int4_gemm_rejects_bad_configs_with_one_clear_error():
-    from slimtorch.kernels.int4_gemm import int4_gemm
+    from slimtorch.kernels.int4_gemm import GemmConfig, int4_gemm
     from slimtorch.kernels.int4_mma import prepare_int4_mma
 
     wm = prepare_int4_mma(*R.quantize_int4_weight(torch.randn(256, 256), 128))
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="at least 3"):
-        int4_gemm(x, wm, 256, 2)  # the consumers hold two slots: 2 would leave the producer none to fill ahead
+        int4_gemm(x, wm, GemmConfig(256, 2))  # the consumers hold two slots: 2 would leave the producer none
     with pytest.raises(ValueError, match="NT 96"):
-        int4_gemm(x, wm, 96, 4)
+        int4_gemm(x, wm, GemmConfig(96, 4))
     with pytest.raises(ValueError, match="bf16 x"):
         int4_gemm(x.float(), wm)
 
@@ -262,12 +260,12 @@ def test_int4_gemm_pieces_cover_every_unit_once(tiles, units, sms):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("k,n", [(1024, 384), (4096, 11008)])
 def test_int4_gemm_matches_reference(k, n):
-    from slimtorch.kernels.int4_gemm import gemm_supported, int4_gemm, schedule
-    from slimtorch.kernels.int4_mma import int4_linear, prepare_int4_mma
+    from slimtorch.kernels.dispatch import int4_linear
+    from slimtorch.kernels.int4_gemm import GemmConfig, gemm_supported, int4_gemm, schedule
+    from slimtorch.kernels.int4_mma import prepare_int4_mma
 
     assert gemm_supported(torch.device("cuda", torch.cuda.current_device()))
     torch.manual_seed(k)
@@ -282,14 +280,13 @@ def test_int4_gemm_matches_reference(k, n):
             split = schedule((n // 128) * -(-m // nt), k // 128, sms)[2] > 0
             for cluster in (None, 1) if n % 256 == 0 else (None,):  # clusters of 2 blocks where N allows
                 for _ in range(2):  # a split launch leaves its counters at zero for the next
-                    y = int4_gemm(x, wm, nt, stages, cluster=cluster)
+                    y = int4_gemm(x, wm, GemmConfig(nt, stages), cluster=cluster)
                     assert not y.isnan().any() and rel(y, ref) < 4e-3, (m, nt, stages, split, cluster)  # bf16 weights
         x = torch.randn(3, 100, k, device="cuda", dtype=torch.bfloat16)
         assert rel(int4_linear(x, wm), R.int4_weight_only_linear_ref(x.float(), packed, scale, zero)) < 4e-3
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("m", [1024, 4096])  # tiles cut over K (stream-K) at 1024 rows, whole rounds at 4096
 def test_int4_gemm_chained_launches_read_their_input_after_it_is_written(m):
@@ -324,13 +321,13 @@ def test_int4_mma_layout_needs_integer_zeros_and_its_shapes():
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("k,n", [(256, 384), (4096, 11008), (11008, 4096)])
 def test_int4_mma_kernel_matches_reference(k, n):
+    from slimtorch.kernels.dispatch import int4_linear
     from slimtorch.kernels.int4_mma import (
         MAX_M,
+        MMAConfig,
         dequantize_int4_mma,
-        int4_linear,
         int4_mma_linear,
         mma_supported,
         prepare_int4_mma,
@@ -353,15 +350,14 @@ def test_int4_mma_kernel_matches_reference(k, n):
             y = int4_linear(x, wm)
             assert not y.isnan().any() and rel(y, ref) < 3e-3  # float32 sums, one bf16 rounding of the output
             mt = -(-m // 8) if m <= 16 else 4
-            for cfg in ({"NB": 2, "WARPS": 4, "PF": 0, "KS": 1, "PDL": False},
-                        {"NB": 1, "WARPS": 16, "PF": 1, "KS": 3 if hopper else 1, "PDL": hopper}):
-                assert rel(int4_mma_linear(x, wm, {"MT": mt, **cfg}), ref) < 3e-3, cfg
+            for cfg in (MMAConfig(nb=2, mt=mt, warps=4, pf=0, ks=1, pdl=False),
+                        MMAConfig(nb=1, mt=mt, warps=16, pf=1, ks=3 if hopper else 1, pdl=hopper)):
+                assert rel(int4_mma_linear(x, wm, cfg), ref) < 3e-3, cfg
         x = torch.randn(2, 50, k, device="cuda", dtype=torch.bfloat16)  # 100 rows: the wgmma GEMM or dequantize
         assert rel(int4_linear(x, wm), x.float() @ wd.T) < 1e-2
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("group", [256, 512])
 def test_int4_kernels_take_groups_other_than_128(group):
     """The GEMV's groups-per-step must divide K / group (K = 1024, groups of 256: 4 groups), or its
@@ -378,7 +374,6 @@ def test_int4_kernels_take_groups_other_than_128(group):
 
 
 @pytest.mark.gpu
-@gpu
 def test_int4_dequantize_kernel_matches_the_float_dequantization():
     from slimtorch.kernels.int4 import dequantize_int4, prepare_int4
 
@@ -392,7 +387,6 @@ def test_int4_dequantize_kernel_matches_the_float_dequantization():
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("preset", ["W4A16-g128", "W4A8-int4-only", "W8A8-dynamic", "FP8"])
 def test_quantlinear_dispatches_to_the_kernel_on_cuda(preset):
     """The module's CUDA forward (kernel) against its own reference forward (use_kernels off)."""
@@ -419,7 +413,6 @@ def test_quantlinear_dispatches_to_the_kernel_on_cuda(preset):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("m", [1, 16, 333, 2048])
 def test_w8a8_kernels_match_reference(dtype, m):

@@ -6,6 +6,10 @@ weights with dynamic per-token fp8 activations have kernels; anything else retur
 module keeps its reference (dequantize + float matmul) path. The returned function takes bf16
 activations of shape (..., K); the kernels quantize activations themselves, as the module's
 dynamic activation quantizer would (symmetric, per row).
+
+int4 weights go to the NVRTC kernels (``int4_linear`` picks one by the number of rows). Where NVRTC
+cannot compile them (no NVRTC, a GPU older than sm_80, a torch without ``_compile_kernel``), the
+Triton kernels of ``int4.py`` are the fallback (tested in tests/kernels against the reference).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def linear_kernel(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor
         scale2, zero2 = scale.reshape(n, k // g), zero.reshape(n, k // g).float() + offset
         if int4_mma.mma_supported(qweight.device) and int4_mma.layout_supported(n, k, g, zero2):
             wm = int4_mma.prepare_int4_mma(pack_int4(codes), scale2, zero2)
-            return lambda x: int4_mma.int4_linear(x, wm)
+            return lambda x: int4_linear(x, wm)
         if not supported(n, k, g):
             return None
         from slimtorch.kernels.int4 import int4_weight_only_linear
@@ -68,3 +72,19 @@ def linear_kernel(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor
     fn = int8_linear if kind == "int8" else fp8_linear
     wq, ws = qweight.contiguous(), scale.reshape(n).float().contiguous()
     return lambda x: fn(x, wq, ws)
+
+
+def int4_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x's dtype, for an int4 weight ``w`` in the tensor-core layout
+    (``int4_mma.Int4MMAWeight``). bf16 x with up to ``int4_mma.MAX_M`` rows: the tensor-core kernel of
+    ``int4_mma``; more rows on Hopper: the wgmma GEMM of ``int4_gemm``, which reads the same layout and
+    needs no bf16 copy of the weight (benchmarks/notes/int4_kernel.md has its speed). Otherwise the
+    weight is dequantized to bf16 once and cuBLAS multiplies (compute-bound there)."""
+    from slimtorch.kernels import int4_gemm, int4_mma
+
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.dtype == torch.bfloat16 and 0 < m <= int4_mma.MAX_M:
+        return int4_mma.int4_mma_linear(x, w)
+    if x.dtype == torch.bfloat16 and m > 0 and int4_gemm.gemm_supported(x.device, w):
+        return int4_gemm.int4_gemm(x, w)
+    return torch.nn.functional.linear(x, int4_mma.dequantize_int4_mma(w).to(x.dtype))

@@ -1,4 +1,6 @@
-"""int4 weight-only linear (groups of 128, asymmetric) in Triton.
+"""int4 weight-only linear (groups of 128, asymmetric) in Triton: the fallback where the NVRTC kernels
+(``int4_mma``, ``int4_gemm``) cannot be compiled (``dispatch.linear_kernel`` decides; tests/kernels checks
+both against the reference).
 
 The weights come in the kernels' layout, :class:`~slimtorch.kernels.int4_layout.Int4Weight` (made once
 per layer by :func:`~slimtorch.kernels.int4_layout.prepare_int4`; that module needs no Triton).
