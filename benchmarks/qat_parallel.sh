@@ -4,11 +4,8 @@
 # process with 2 CPU threads (more threads per process made 11 processes 5x slower on 16 cores).
 # Records and logs go to $OUT (default ./out/qat): qat.jsonl, logs.txt, plans/.
 #   SLIMTORCH_FMNIST_DIR=... bash benchmarks/qat_parallel.sh
-#   JOBS=benchmarks/qat_jobs_2.txt T=545 bash benchmarks/qat_parallel.sh
-# The H100 records came from qat_jobs.txt (commit a5bfc1d), then qat_jobs_2.txt (5ff50c8; its ViT
-# AdaBits, FracBits and W6A6 jobs ran out of time), qat_jobs_3.txt (1aece2c), qat_jobs_4.txt (f0f4e3d)
-# qat_jobs_5.txt (7be2c28) and qat_jobs_6.txt (1bacf71);
-# each record names its commit and command.
+#   JOBS=my_jobs.txt T=545 bash benchmarks/qat_parallel.sh
+# The job lists behind the H100 records, with their commits: benchmarks/notes/qat_jobs.md.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/qat}; mkdir -p "$OUT"

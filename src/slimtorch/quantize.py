@@ -21,7 +21,7 @@ from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smoothquant_choice
 from slimtorch.errors import SlimError, shown
 from slimtorch.progress import Progress, no_progress
-from slimtorch.quant.modules import ActQuant, _QuantWeight, quant_type_for
+from slimtorch.quant.modules import ActQuant, QuantWeight, quant_type_for
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
 from slimtorch.sequential import Batch, per_layer, sequential, set_module
 from slimtorch.spec import Plan
@@ -131,7 +131,7 @@ def weight_bits(model: nn.Module) -> float:
     """Average stored bits per weight element over all Linear/Conv2d layers (float ones at 32)."""
     bits = elems = 0
     for m in model.modules():
-        if isinstance(m, _QuantWeight):
+        if isinstance(m, QuantWeight):
             n = m.qweight.numel()
             overhead = 32 * m.w_scale.numel() * (1 if m.wspec.symmetric else 2)
             bits, elems = bits + m.wspec.bits * n + overhead, elems + n

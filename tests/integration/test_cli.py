@@ -19,7 +19,8 @@ def test_unknown_model_is_one_line_and_exit_2():
 
 def test_bad_limit_is_one_line_and_exit_2():
     r = run("eval", "fmnist-cnn", "--limit", "0")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "slimtorch: error: --limit must be a whole number from 1 to 1,000,000,000, got 0"], r.stderr
 
 
 def test_models_lists_the_zoo_with_metrics():

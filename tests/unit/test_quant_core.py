@@ -138,12 +138,17 @@ def test_mse_observer_clips_an_outlier_and_beats_minmax():
     assert err(mn, mx) < err(x.min(), x.max())
 
 
-def test_mse_observer_per_channel_shapes():
+def test_mse_observer_per_channel_is_the_per_tensor_search_on_each_row():
     w = torch.randn(6, 32)
     obs = make_observer(QuantSpec("int4", PerChannel(0), observer="mse"))
     obs.update(w)
     mn, mx = obs.range()
     assert mn.shape == mx.shape == (6, 1) and (mx <= w.amax(1, keepdim=True) + 1e-6).all()
+    for i, row in enumerate(w):  # each channel's range is what the per-tensor search finds on that row alone
+        one = make_observer(QuantSpec("int4", PerTensor(), observer="mse"))
+        one.update(row[None])
+        lo, hi = one.range()
+        torch.testing.assert_close((mn[i, 0], mx[i, 0]), (lo.reshape(()), hi.reshape(())))
 
 
 def test_kl_threshold():

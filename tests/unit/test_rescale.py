@@ -126,3 +126,7 @@ def test_clip_search_returns_the_scale_shape_of_its_granularity():
                         (QuantSpec("uint4", PerGroup(32), symmetric=False), (8, 2, 1))):
         scale, zero = clip_search(W, x, spec)
         assert scale.shape == zero.shape == shape == quantize_weight(W, spec)[1].shape
+        # the search includes the full range, so its output error on x is never above round-to-nearest's
+        err_clip = (x @ (P.dequantize(*quantize_weight(W, spec, scale, zero), spec) - W).T).pow(2).mean()
+        err_rtn = (x @ (P.dequantize(*quantize_weight(W, spec), spec) - W).T).pow(2).mean()
+        assert err_clip <= err_rtn * (1 + 1e-6) and err_clip < err_rtn

@@ -24,7 +24,7 @@ from torch import nn
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import FLOAT_VALUES, load_tensors, nonfinite_tensor, save_tensors
 from slimtorch.quant import formats
-from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, _QuantWeight
+from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, QuantWeight
 from slimtorch.sequential import set_module
 from slimtorch.quant.primitives import FP8_DTYPES, scale_shape
 from slimtorch.spec import spec_from_dict, spec_to_dict
@@ -32,7 +32,7 @@ from slimtorch.spec import spec_from_dict, spec_to_dict
 FORMAT_VERSION = 1
 
 
-def _pack_codes(m: _QuantWeight) -> torch.Tensor:
+def _pack_codes(m: QuantWeight) -> torch.Tensor:
     if m.wspec.is_float:
         return m.qweight.view(torch.uint8)
     qmin, _ = m.wspec.qrange
@@ -50,9 +50,9 @@ def _unpack_codes(packed: torch.Tensor, spec, n: int) -> torch.Tensor:
 def save_quantized(model: nn.Module, path: Path, base: str, extra: dict | None = None) -> None:
     """Atomically write ``model`` (quantized by ``quantize_``) to ``path``."""
     layers, tensors = {}, {}
-    qnames = {n for n, m in model.named_modules() if isinstance(m, _QuantWeight)}
+    qnames = {n for n, m in model.named_modules() if isinstance(m, QuantWeight)}
     for name, m in model.named_modules():
-        if not isinstance(m, _QuantWeight):
+        if not isinstance(m, QuantWeight):
             continue
         info = {"kind": "conv2d" if isinstance(m, QuantConv2d) else "linear", "weight_shape": list(m.weight_shape),
                 "weight": spec_to_dict(m.wspec), "act": spec_to_dict(m.act.spec if m.act else None)}

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from slimtorch.quant import formats
-
-FP8_MAX = 448.0  # float8_e4m3fn
+from slimtorch.spec import FP8_MAX
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -54,8 +53,9 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     if dtype == torch.int8:
         scale = amax / 127.0
         return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
-    scale = amax / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype), scale
+    fmax = FP8_MAX["fp8_e4m3"]  # float8_e4m3fn
+    scale = amax / fmax
+    return (x.float() / scale).clamp(-fmax, fmax).to(dtype), scale
 
 
 def quantize_weight_channels(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from slimtorch.spec import FP8_MAX
+
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, IS_INT: tl.constexpr,
@@ -49,7 +51,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     is_int = dtype == torch.int8
     block = triton.next_power_of_2(k)
     one_pass = block <= 16384
-    _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=127.0 if is_int else 448.0,
+    _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=127.0 if is_int else FP8_MAX["fp8_e4m3"],
                              IS_INT=is_int, BLOCK_K=block if one_pass else 4096, ONE_PASS=one_pass,
                              num_warps=8 if block <= 8192 else 16)
     return q, s

@@ -28,10 +28,18 @@ from slimtorch.qat.ste import round_ste, scale_grad
 from slimtorch.spec import PerChannel, PerTensor, QuantSpec
 
 
+def lsq_codes(v: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int,
+              grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``round(clamp(v / s, qmin, qmax))``, ``s``) with LSQ's gradients (the step's scaled by
+    ``grad_scale``); ``step`` broadcasts against ``v``."""
+    s = scale_grad(step, grad_scale)
+    return round_ste(torch.clamp(v / s, qmin, qmax)), s
+
+
 def lsq_fake_quant(v: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_scale: float) -> torch.Tensor:
     """``round(clamp(v / s, qmin, qmax)) * s`` with LSQ's gradients; ``step`` broadcasts against ``v``."""
-    s = scale_grad(step, grad_scale)
-    return round_ste(torch.clamp(v / s, qmin, qmax)) * s
+    q, s = lsq_codes(v, step, qmin, qmax, grad_scale)
+    return q * s
 
 
 def lsq_init_step(v: torch.Tensor, qmax: int, dims: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -65,8 +73,8 @@ class LSQ(FirstBatchInit):
                 self.initialized.fill_(True)
         # N: the values sharing one step (weights), or the features of one sample (activations)
         n = v.numel() // self.step.numel() if self.is_weight else v[0].numel() if v.ndim > 1 else v.numel()
-        s = scale_grad(self.step.abs().clamp(min=1e-8).to(v.dtype), 1.0 / math.sqrt(n * self.qmax))
-        return round_ste(torch.clamp(v / s, self.qmin, self.qmax)), s
+        step = self.step.abs().clamp(min=1e-8).to(v.dtype)
+        return lsq_codes(v, step, self.qmin, self.qmax, 1.0 / math.sqrt(n * self.qmax))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         q, s = self.codes(v)

@@ -65,7 +65,7 @@ class MatmulInput(nn.Identity):
     spec replaces each by an :class:`ActQuant`. Until then it is the identity."""
 
 
-class _QuantWeight(nn.Module):
+class QuantWeight(nn.Module):
     """Common part: weight codes (2-D, ``(out, in_features)``), scale, zero-point, bias, input quantizer."""
 
     def __init__(self, wspec: QuantSpec, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -105,7 +105,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None
     return P.quantize(w2, scale, zero, spec), scale, zero
 
 
-class QuantLinear(_QuantWeight):
+class QuantLinear(QuantWeight):
     """``y = act(x) @ dequant(W).T + b``. x (..., in) -> (..., out).
 
     ``use_kernels`` (default True): run the GPU kernel where one applies; False keeps the reference."""
@@ -159,7 +159,7 @@ def same_pads(hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, i
     return pads
 
 
-class QuantConv2d(_QuantWeight):
+class QuantConv2d(QuantWeight):
     """Conv2d with a quantized weight (quantized as ``(out, in/groups * kh * kw)``).
 
     ``same_padding``: pad like TensorFlow's 'SAME' from the input size at each call (a float conv
@@ -193,7 +193,7 @@ class QuantConv2d(_QuantWeight):
 QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 
 
-def quant_type_for(module: nn.Module) -> type[_QuantWeight] | None:
+def quant_type_for(module: nn.Module) -> type[QuantWeight] | None:
     """The quantized module that can replace ``module`` faithfully, or None.
 
     Linear/Conv2d and subclasses that keep their parent's forward qualify; a Conv2d subclass that

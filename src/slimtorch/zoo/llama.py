@@ -8,7 +8,7 @@ with ``load_state_dict(strict=True)``; :func:`to_hf` does that.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,3 @@ def to_hf(model: TinyLlama):
     hf = LlamaForCausalLM(hf_config(model.cfg))
     hf.load_state_dict(model.state_dict(), strict=True)
     return hf.eval()
-
-
-def config_to_dict(cfg: LlamaConfig) -> dict:
-    return asdict(cfg)
