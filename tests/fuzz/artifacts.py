@@ -198,7 +198,7 @@ def tamper(src: Path, dst: Path, r: random.Random) -> tuple[str, bool]:
 def run_quantized(path: Path, reference: torch.nn.Module, x: torch.Tensor, digest_fixed: bool) -> str:
     """'refused' (SlimError) or 'ok': the loaded model runs to finite outputs, identical to the untouched
     model's unless the tamperer recomputed the checksum (then any sound model is acceptable)."""
-    from slimtorch.io.quantized import load_quantized
+    from slimtorch.export.quantized import load_quantized
 
     try:
         model, _ = load_quantized(path)

@@ -54,7 +54,7 @@ def cases(category: str, seed: int, n: int, work: Path):
             yield ",".join(names), lambda dst=dst: X.run_folder(dst)
     elif category == "files":
         from slimtorch.calib.data import calibration_set
-        from slimtorch.io.quantized import save_quantized
+        from slimtorch.export.quantized import save_quantized
         from slimtorch.quantize import quantize_
 
         q = load_model("fmnist-cnn")

@@ -179,7 +179,7 @@ def _interrupt_once(tmp_path: Path, sig: int, delay: float, old_report: str) -> 
     if report == old_report:
         assert not done, f"exit {proc.returncode} without the new output"
         return "old"
-    from slimtorch.io.quantized import load_quantized
+    from slimtorch.export.quantized import load_quantized
 
     assert json.loads(report)["limit"] == 3000
     load_quantized(out / "model.safetensors")  # whole: its checksum holds

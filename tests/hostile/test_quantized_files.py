@@ -11,7 +11,7 @@ import torch
 
 from slimtorch.calib.data import calibration_set
 from slimtorch.errors import SlimError
-from slimtorch.io.quantized import load_quantized, save_quantized
+from slimtorch.export.quantized import load_quantized, save_quantized
 from slimtorch.quantize import quantize_
 from slimtorch.zoo import load_model
 from tests.hostile import tampered as T

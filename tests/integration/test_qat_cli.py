@@ -7,7 +7,7 @@ import pytest
 from slimtorch.qat.methods import parse_bits
 from slimtorch.errors import SlimError
 from slimtorch.eval import evaluate
-from slimtorch.io.quantized import load_quantized
+from slimtorch.export.quantized import load_quantized
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

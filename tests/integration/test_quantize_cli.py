@@ -7,7 +7,7 @@ import pytest
 
 from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
-from slimtorch.io.quantized import load_quantized
+from slimtorch.export.quantized import load_quantized
 from slimtorch.quantize import quantize_
 from slimtorch.zoo import load_model, manifest
 

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from slimtorch.io.quantized import load_quantized, save_quantized
+from slimtorch.export.quantized import load_quantized, save_quantized
 from slimtorch.quant.modules import ActQuant, MatmulInput
 from slimtorch.quant.recipe import build_plan, get_preset, load_recipe
 from slimtorch.quantize import quantize_

@@ -8,7 +8,7 @@ from torch import nn
 
 from slimtorch.calib.gptq import Hessian, gptq_quantize
 from slimtorch.errors import SlimError
-from slimtorch.io.quantized import load_quantized, save_quantized
+from slimtorch.export.quantized import load_quantized, save_quantized
 from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import QuantConv2d, QuantLinear, quantize_weight
 from slimtorch.quant.recipe import build_plan, get_preset, load_recipe

@@ -33,7 +33,7 @@ from slimtorch.qat.fracbits import (
     with_weight_bits,
 )
 from slimtorch.qat.pim import PIMConfig, adc, calibrate_bn, conv_chunks, linear_partial_sums, to_digital, to_pim
-from slimtorch.quant import formats
+from slimtorch import packing
 from slimtorch.quant import primitives as P
 from slimtorch.zoo.cnn import FmnistCNN
 
@@ -298,9 +298,9 @@ def test_pim_linear_reads_each_token_as_its_own_input_vector():
 @pytest.mark.parametrize("bits", [5, 6, 7])
 def test_five_to_seven_bit_codes_round_trip_one_byte_each(bits):
     q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (3, 11)).to(torch.int8)
-    packed = formats.pack(q, bits, -(2 ** (bits - 1)))
+    packed = packing.pack(q, bits, -(2 ** (bits - 1)))
     assert packed.shape == (3, 11)
-    assert torch.equal(formats.unpack(packed, bits, -(2 ** (bits - 1)), 11), q)
+    assert torch.equal(packing.unpack(packed, bits, -(2 ** (bits - 1)), 11), q)
 
 
 def test_dorefa_match_std_keeps_the_float_spread_and_exports_exactly():

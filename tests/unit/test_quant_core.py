@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimtorch.errors import SlimError
-from slimtorch.quant import formats
+from slimtorch import packing
 from slimtorch.quant import primitives as P
 from slimtorch.quant.observers import kl_threshold, make_observer
 from slimtorch.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -162,11 +162,11 @@ def test_kl_threshold():
 
 def test_pack_hand_case_and_round_trips():
     q = torch.tensor([[1, -2, 7, -8]], dtype=torch.int8)
-    assert formats.pack(q, 4, -8).tolist() == [[0x69, 0x0F]]  # codes +8: 9, 6, 15, 0 -> low nibble first
+    assert packing.pack(q, 4, -8).tolist() == [[0x69, 0x0F]]  # codes +8: 9, 6, 15, 0 -> low nibble first
     for bits, qmin in [(2, -2), (3, -4), (4, 0), (8, -128)]:
         for n in (1, 7, 8, 13):
             q = torch.randint(qmin, qmin + 2**bits, (3, n), dtype=torch.int16).to(torch.int8)
-            packed = formats.pack(q, bits, qmin)
-            assert packed.shape == (3, formats.packed_len(n, bits))
-            assert torch.equal(formats.unpack(packed, bits, qmin, n), q)
-    assert formats.packed_len(128, 4) == 64 and formats.packed_len(128, 3) == 48 and formats.packed_len(128, 2) == 32
+            packed = packing.pack(q, bits, qmin)
+            assert packed.shape == (3, packing.packed_len(n, bits))
+            assert torch.equal(packing.unpack(packed, bits, qmin, n), q)
+    assert packing.packed_len(128, 4) == 64 and packing.packed_len(128, 3) == 48 and packing.packed_len(128, 2) == 32

@@ -12,7 +12,7 @@ from slimtorch.eval import evaluate
 from slimtorch.eval.metrics import model_size_bytes
 from slimtorch.io.checkpoint import atomic_write_bytes
 from slimtorch.io.json_text import json_text
-from slimtorch.io.quantized import save_quantized
+from slimtorch.export.quantized import save_quantized
 
 
 def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe: str, method: str,

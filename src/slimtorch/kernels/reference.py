@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from slimtorch.quant import formats
+from slimtorch import packing
 from slimtorch.spec import FP8_MAX
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """codes (N, K) with values 0..15 -> (N, K/2) uint8, low nibble = even column: the saved-model
-    format of quant/formats.py, so a saved uint4 model's codes feed the kernel as they are."""
-    return formats.pack(codes, 4, 0)
+    format of packing.py, so a saved uint4 model's codes feed the kernel as they are."""
+    return packing.pack(codes, 4, 0)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 codes."""
-    return formats.unpack(packed, 4, 0, 2 * packed.shape[-1]).to(torch.uint8)
+    return packing.unpack(packed, 4, 0, 2 * packed.shape[-1]).to(torch.uint8)
 
 
 def quantize_int4_weight(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

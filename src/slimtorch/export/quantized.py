@@ -2,7 +2,7 @@
 
 File layout (one safetensors file):
 
-* ``<layer>.qweight``: codes packed along the input dimension (formats.py); fp8 codes as raw bytes.
+* ``<layer>.qweight``: codes packed along the input dimension (packing.py); fp8 codes as raw bytes.
 * ``<layer>.w_scale`` / ``<layer>.w_zero``, ``<layer>.act.scale`` / ``.act.zero``
   for static activations, and every other tensor of the model as it is.
 * metadata ``slimtorch``: the base model (a zoo name or a local folder), the recipe and method, per
@@ -23,7 +23,7 @@ from torch import nn
 
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import FLOAT_VALUES, load_tensors, nonfinite_tensor, save_tensors
-from slimtorch.quant import formats
+from slimtorch import packing
 from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, QuantWeight
 from slimtorch.sequential import set_module
 from slimtorch.quant.primitives import FP8_DTYPES, scale_shape
@@ -36,14 +36,14 @@ def _pack_codes(m: QuantWeight) -> torch.Tensor:
     if m.wspec.is_float:
         return m.qweight.view(torch.uint8)
     qmin, _ = m.wspec.qrange
-    return formats.pack(m.qweight, m.wspec.bits, qmin)
+    return packing.pack(m.qweight, m.wspec.bits, qmin)
 
 
 def _unpack_codes(packed: torch.Tensor, spec, n: int) -> torch.Tensor:
     if spec.is_float:
         return packed.view(FP8_DTYPES[spec.dtype])
     qmin, _ = spec.qrange
-    codes = formats.unpack(packed, spec.bits, qmin, n)
+    codes = packing.unpack(packed, spec.bits, qmin, n)
     return codes.to(torch.uint8) if spec.dtype == "uint8" else codes.to(torch.int8)
 
 
