@@ -112,8 +112,15 @@ class QATMethod:
     models: ClassVar[tuple[str, ...] | None] = None  # the zoo models it is built for (None: any classifier)
     uses_plan: ClassVar[bool] = True
     state_format: ClassVar[bool] = False  # saves its state dict rather than the quantize format
+    fixed_bits: ClassVar[int | None] = None  # methods of one width: weights and inputs at it, and why
+    fixed_why: ClassVar[str] = ""
 
     def bits(self, text: str) -> Bits:
+        if self.fixed_bits is not None:
+            b = self.fixed_bits
+            if text not in (str(b), f"W{b}A{b}"):
+                raise SlimError(f"--method {self.name} {self.fixed_why}: use --bits {b}")
+            return Bits(b, b)
         w, a = parse_bits(text)
         return Bits(w, a)
 
@@ -140,9 +147,11 @@ class QATMethod:
 QAT_METHODS: dict[str, QATMethod] = {}
 
 
-def register(cls: type[QATMethod]) -> type[QATMethod]:
-    QAT_METHODS[cls.name] = cls()
-    return cls
+def register(method: type[QATMethod] | QATMethod):
+    """Add a method (a QATMethod subclass, as a decorator, or an instance) to ``QAT_METHODS``."""
+    obj = method() if isinstance(method, type) else method
+    QAT_METHODS[obj.name] = obj
+    return method
 
 
 def get_method(name: str) -> QATMethod:
@@ -151,26 +160,20 @@ def get_method(name: str) -> QATMethod:
     return QAT_METHODS[name]
 
 
-class _FakeQuant(QATMethod):
-    """LSQ, PACT, SAT: fake-quantized Linear/Conv2d layers (``prepare_qat``)."""
+class FakeQuantMethod(QATMethod):
+    """LSQ, PACT, SAT: fake-quantized Linear/Conv2d layers (``prepare_qat`` with the quantizers of
+    ``qat.prepare.METHODS[name]``)."""
+
+    def __init__(self, name: str, summary: str) -> None:
+        self.name, self.summary = name, summary
 
     def prepare(self, model, plan, bits, config):
         return Student(prepare_qat(model, plan, self.name))
 
 
-@register
-class LSQMethod(_FakeQuant):
-    name, summary = "lsq", "learned step sizes for weights and inputs (LSQ)"
-
-
-@register
-class PACTMethod(_FakeQuant):
-    name, summary = "pact", "DoReFa weights, PACT-clipped inputs"
-
-
-@register
-class SATMethod(_FakeQuant):
-    name, summary = "sat", "DoReFa weights with SAT's rescaling, PACT inputs with its calibrated gradient"
+register(FakeQuantMethod("lsq", "learned step sizes for weights and inputs (LSQ)"))
+register(FakeQuantMethod("pact", "DoReFa weights, PACT-clipped inputs"))
+register(FakeQuantMethod("sat", "DoReFa weights with SAT's rescaling, PACT inputs with its calibrated gradient"))
 
 
 @register
@@ -263,13 +266,8 @@ class _StateMethod(QATMethod):
 @register
 class F8NetMethod(_StateMethod):
     name, summary = "f8net", "8-bit fixed point with batch norm folded (F8Net)"
-    bits_help = "8"
+    bits_help, fixed_bits, fixed_why = "8", 8, "is 8-bit fixed point"
     models, uses_plan = ("fmnist-cnn",), False
-
-    def bits(self, text):
-        if text not in ("8", "W8A8"):
-            raise SlimError("--method f8net is 8-bit fixed point: use --bits 8")
-        return Bits(8, 8)
 
     def prepare(self, model, plan, bits, config):
         return Student(F8CNN(model))
@@ -282,13 +280,8 @@ class F8NetMethod(_StateMethod):
 @register
 class AdaBinMethod(_StateMethod):
     name, summary = "adabin", "binary weights and inputs with learned centres and spreads (AdaBin)"
-    bits_help = "1"
+    bits_help, fixed_bits, fixed_why = "1", 1, "binarizes weights and inputs"
     models, uses_plan = ("fmnist-cnn",), False
-
-    def bits(self, text):
-        if text not in ("1", "W1A1"):
-            raise SlimError("--method adabin binarizes weights and inputs: use --bits 1")
-        return Bits(1, 1)
 
     def prepare(self, model, plan, bits, config):
         return Student(binarize_cnn(model, "adabin"), {"on_epoch": set_ede})
