@@ -12,7 +12,7 @@ from slimtorch.export.quantized import load_quantized, save_quantized
 from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import QuantConv2d, QuantLinear, quantize_weight
 from slimtorch.quant.recipe import build_plan, get_preset, load_recipe
-from slimtorch.quantize import quantize_
+from slimtorch.quantize import METHODS, quantize_
 from slimtorch.spec import PerChannel, PerGroup, QuantSpec
 
 
@@ -198,11 +198,11 @@ def test_awq_search_never_worse_than_rtn_on_its_sample():
     assert min(errors) < 0.7 * rtn  # measured: 0.53 of RTN's error
 
 
-@pytest.mark.parametrize("method", ["smoothquant", "awq"])
-def test_smoothing_methods_round_trip_through_save_load(tmp_path, method):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_round_trips_through_save_load(tmp_path, method):
     torch.manual_seed(0)
     model = Tiny().eval()
-    quantize_(model, "W8A8" if method == "smoothquant" else "W4A16-g128", _calib(), method)
+    quantize_(model, "W8A8" if method in ("smoothquant", "rtn") else "W4A16-g128", _calib(), method)
     # the head reads relu(blocks.1.0(x)): relu(x / s) = relu(x) / s, so 1 / s folds into blocks.1.0's rows
     assert model.head.inv_smooth is None
     save_quantized(model, tmp_path / "q.safetensors", base="tiny")

@@ -10,6 +10,7 @@ from torch import nn
 from slimtorch.distill import FeatureTaps, feature_loss, kd_loss
 from slimtorch.errors import SlimError
 from slimtorch.distill import TrainConfig, train_student
+from slimtorch.qat import METHODS as QUANTIZERS
 from slimtorch.qat import convert, prepare_qat, qat_plan
 from slimtorch.qat.dorefa import DoReFaWeight, dorefa_weight
 from slimtorch.qat.lsq import LSQ, lsq_fake_quant, lsq_init_step
@@ -113,7 +114,7 @@ def test_qat_plan_orders_layers_keeps_edges_at_8_bits_and_reads_input_signs():
         qat_plan(model, 1, 4, (x,))
 
 
-@pytest.mark.parametrize("method", ["lsq", "pact", "sat"])
+@pytest.mark.parametrize("method", list(QUANTIZERS))
 def test_convert_gives_core_modules_with_the_qat_outputs(method):
     model, x = _toy(), torch.randn(16, 1, 6, 6)
     plan = qat_plan(model, 3, 3, (x,))
