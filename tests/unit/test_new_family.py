@@ -41,6 +41,17 @@ def test_the_worked_example_is_a_family_apply_dispatches_to(bf16_family):
     torch.testing.assert_close(model(x), want)
 
 
+def test_slimtorch_apply_is_the_entry_point_and_import_slimtorch_stays_light():
+    import subprocess
+    import sys
+
+    import slimtorch
+
+    assert slimtorch.apply_ is apply_
+    code = "import sys, slimtorch; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_apply_refuses_what_is_not_a_config_in_one_line():
     with pytest.raises(SlimError, match="dict is not a compression config"):
         apply_(nn.Linear(2, 2), {"method": "rtn"})
