@@ -20,6 +20,7 @@ from slimtorch.cli import args
 from slimtorch.cli.signals import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
+from slimtorch.cost.hardware import HARDWARE
 from slimtorch.qat.methods import QAT_METHODS
 from slimtorch.quant.recipe import PRESETS
 from slimtorch.quantize import METHODS
@@ -212,13 +213,20 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"{row['seconds']:.0f} s")
 
 
+def _bits_help() -> str:
+    """How --bits reads, per method (methods that read it alike share a line)."""
+    readings: dict[str, list[str]] = {}
+    for name, m in QAT_METHODS.items():
+        readings.setdefault(m.bits_help, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {how}" for how, names in readings.items()) + "."
+
+
 @app.command("train-qat")
 def train_qat_cmd(
     model: str = typer.Argument(..., help="fmnist-cnn or fmnist-vit."),
     method: str = typer.Option("lsq", "--method", help="; ".join(f"{n}: {m.summary}" for n, m in QAT_METHODS.items())
                                + "."),
-    bits: str = typer.Option("4", "--bits", help=QAT_METHODS["lsq"].bits_help + "; " + "; ".join(
-        f"{n}: {m.bits_help}" for n, m in QAT_METHODS.items() if m.bits_help != QAT_METHODS["lsq"].bits_help) + "."),
+    bits: str = typer.Option("4", "--bits", help=_bits_help()),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs over Fashion-MNIST train."),
     out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors, report.json, checkpoints/."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 with adam, 0.01 with sgd)."),
@@ -283,7 +291,7 @@ def cost_cmd(
     model: str = typer.Argument(..., help="Zoo model name or a save_pretrained folder."),
     preset: str = typer.Option(None, "--preset", help="Quantization preset (default: bf16, nothing quantized)."),
     recipe: Path = typer.Option(None, "--recipe", help="YAML recipe instead of a preset."),
-    hardware: str = typer.Option("h100", "--hardware", help="h100, h200, a100, l4, rtx4090, m2, mobile-npu."),
+    hardware: str = typer.Option("h100", "--hardware", help=", ".join(HARDWARE) + "."),
     batch: int = typer.Option(1, "--batch", help="Sequences (or images) per call."),
     tokens: int = typer.Option(512, "--tokens", help="Language models: prompt tokens (prefill)."),
     context: int = typer.Option(512, "--context", help="Language models: KV-cache length during decode."),
