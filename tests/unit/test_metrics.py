@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 import torch
@@ -60,3 +61,20 @@ def test_cpu_latency_median():
     calls = []
     ms = M.cpu_latency_ms(lambda: calls.append(1), repeats=5, warmup=2)
     assert len(calls) == 7 and 0 <= ms < 50
+
+
+def test_interleaved_latency_times_each_function_in_turn_after_its_warm_up():
+    order = []
+
+    def slow_first(name, ms):
+        def fn():
+            order.append(name)
+            time.sleep(0.2 if order.count(name) == 1 else ms / 1e3)  # the first call: 200 ms (cold)
+        return fn
+
+    lat = M.interleaved_latency({"a": slow_first("a", 2.0), "b": slow_first("b", 8.0)}, trials=9, warmup=2)
+    assert order[:4] == ["a", "a", "b", "b"] and order[4:] == ["a", "b"] * 9  # warm-ups, then in turn
+    assert lat["a"].trials == lat["b"].trials == 9
+    # sleeps are lower bounds; the cold first calls were warm-ups, so no timing comes near 200 ms
+    assert 2.0 <= lat["a"].p10_ms <= lat["a"].median_ms <= lat["a"].p90_ms < 100
+    assert 8.0 <= lat["b"].median_ms < 100 and lat["b"].median_ms - lat["a"].median_ms > 4.0

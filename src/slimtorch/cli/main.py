@@ -182,7 +182,12 @@ def _print_report(model: str, res: dict, out_dir: Path) -> None:
     table.add_row("size", _mib(size["fp_bytes"]) + " (in memory)", _mib(size["quantized_file_bytes"]) + " (file)")
     table.add_row("bits per weight", "32", f"{size['bits_per_weight']:.2f}")
     lat = res["latency_ms"]
-    table.add_row("CPU latency (reference path)", f"{lat['fp']:.2f} ms", f"{lat['quantized_reference_path']:.2f} ms")
+    spread = {k: " ({:.2f}-{:.2f})".format(*lat[k]) if k in lat else "" for k in ("fp_p10_p90", "quantized_p10_p90")}
+    table.add_row("CPU latency, median (p10-p90)", f"{lat['fp']:.2f} ms{spread['fp_p10_p90']}",
+                  f"{lat['quantized_reference_path']:.2f} ms{spread['quantized_p10_p90']}")
+    if "runtime" in lat:
+        table.caption = (f"latency: {lat['runtime']}; input {lat['input']}; {lat['trials']} timings of each model in "
+                         f"turn after {lat['warmup']} warm-up calls; {lat['threads']} CPU threads")
     table.add_row("time", "", ", ".join(f"{k} {v:.1f} s" for k, v in res["time_s"].items()))
     out.print(table)
     if res["skipped_layers"]:

@@ -36,10 +36,11 @@ class EvalResult:
     metrics: list[Metric]
     params: int
     size_bytes: int
-    latency_ms: float
+    latency_ms: float | None  # median CPU latency on ``example``; None when not measured
     latency_input: str
     seconds: float
     details: dict = field(default_factory=dict)
+    example: tuple = field(default=(), repr=False)  # the forward arguments latency is measured on
 
     def metric(self, name: str) -> float:
         for m in self.metrics:
@@ -48,7 +49,7 @@ class EvalResult:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "example"}
 
 
 @dataclass
@@ -181,7 +182,7 @@ TASKS: dict[str, Callable[..., _TaskOut]] = {
 
 
 def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | None = None,
-             limit: int | None = None, progress: Progress = no_progress) -> EvalResult:
+             limit: int | None = None, progress: Progress = no_progress, latency: bool = True) -> EvalResult:
     """Measure zoo model ``name`` (or ``model``, a compressed copy of it) on its task.
 
     Args:
@@ -190,6 +191,8 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
         reference: a model to compare against (agreement/cosine metrics); none when None.
         limit: evaluate on the first ``limit`` items only (images, windows or sentences).
         progress: wraps long loops, e.g. a progress bar; ``(iterable, description) -> iterable``.
+        latency: measure the median CPU latency on the task's example (a comparison of two models
+            measures both together instead: ``metrics.interleaved_latency``).
     """
     entry = get_entry(name)
     if limit is not None and limit <= 0:
@@ -201,9 +204,10 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
     task = run_task(model, reference, limit, progress)
     seconds = time.perf_counter() - t0
     example = task.example
-    latency = M.cpu_latency_ms(lambda: model(*example), repeats=10, warmup=2)
+    ms = M.cpu_latency_ms(lambda: model(*example), repeats=10, warmup=2) if latency else None
     return EvalResult(
         model=name, task=entry.task, dataset=task.dataset, metrics=task.metrics,
-        params=M.param_count(model), size_bytes=M.model_size_bytes(model), latency_ms=latency,
+        params=M.param_count(model), size_bytes=M.model_size_bytes(model), latency_ms=ms,
         latency_input=" x ".join(str(tuple(t.shape)) for t in example), seconds=seconds, details=task.details,
+        example=tuple(example),
     )

@@ -6,6 +6,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,14 +90,41 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Wall time of one call: the median and the 10th/90th percentiles over ``trials`` timed calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    trials: int
+
+
+def _latency(times: list[float]) -> Latency:
+    s = sorted(times)
+    return Latency(statistics.median(s), s[int(0.1 * (len(s) - 1))], s[math.ceil(0.9 * (len(s) - 1))], len(s))
+
+
 @torch.no_grad()
+def interleaved_latency(fns: dict[str, Callable[[], object]], trials: int = 20,
+                        warmup: int = 3) -> dict[str, Latency]:
+    """Wall time of each ``fn()`` in milliseconds: every function is called ``warmup`` times untimed, then
+    the functions are timed in turn (a, b, a, b, ...) ``trials`` times each, so that all of them meet the
+    same machine state (clock, caches, other load): the same protocol for an FP and a compressed model."""
+    if trials < 1 or warmup < 0:
+        raise ValueError(f"trials must be at least 1 and warmup at least 0, got {trials} and {warmup}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(trials):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _latency(t) for name, t in times.items()}
+
+
 def cpu_latency_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return interleaved_latency({"fn": fn}, repeats, warmup)["fn"].median_ms

@@ -6,13 +6,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from slimtorch.eval import evaluate
-from slimtorch.eval.metrics import model_size_bytes
+from slimtorch.eval.metrics import interleaved_latency, model_size_bytes
 from slimtorch.io.checkpoint import atomic_write_bytes
 from slimtorch.io.json_text import json_text
 from slimtorch.export.quantized import save_quantized
+
+
+# Latency: both models on the FP evaluation's example, warmed up, then timed in turn (fp, quantized, fp, ...)
+LATENCY_TRIALS, LATENCY_WARMUP = 20, 3
+RUNTIME = ("PyTorch eager on the CPU; the quantized model on its reference path (weights dequantized at every "
+           "call, float matmul)")
 
 
 def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe: str, method: str,
@@ -22,9 +29,12 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
     recipe, method, metrics, dataset, size, latency, evaluation time)."""
     kw = {} if progress is None else {"progress": progress}
     t0 = time.perf_counter()
-    fp_res = evaluate(model, model=fp, limit=limit, **kw)
-    q_res = evaluate(model, model=q, reference=fp, limit=limit, **kw)
+    fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
+    q_res = evaluate(model, model=q, reference=fp, limit=limit, latency=False, **kw)
     eval_seconds = time.perf_counter() - t0
+    example = fp_res.example
+    lat = interleaved_latency({"fp": lambda: fp(*example), "quantized": lambda: q(*example)}, LATENCY_TRIALS,
+                              LATENCY_WARMUP)
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.safetensors"
     if save is None:
@@ -39,8 +49,11 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
         "dataset": q_res.dataset,
         "size": {"fp_bytes": model_size_bytes(fp), "quantized_file_bytes": model_path.stat().st_size,
                  "bits_per_weight": bits_per_weight},
-        "latency_ms": {"fp": fp_res.latency_ms, "quantized_reference_path": q_res.latency_ms,
-                       "input": fp_res.latency_input},
+        "latency_ms": {"fp": lat["fp"].median_ms, "quantized_reference_path": lat["quantized"].median_ms,
+                       "input": fp_res.latency_input, "fp_p10_p90": [lat["fp"].p10_ms, lat["fp"].p90_ms],
+                       "quantized_p10_p90": [lat["quantized"].p10_ms, lat["quantized"].p90_ms],
+                       "trials": LATENCY_TRIALS, "warmup": LATENCY_WARMUP, "threads": torch.get_num_threads(),
+                       "runtime": RUNTIME},
         "time_s": {"evaluate": eval_seconds},
     }
 
