@@ -77,11 +77,16 @@ def _fmnist(model: nn.Module, ref: nn.Module | None, limit: int | None, progress
 
 @torch.no_grad()
 def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress,
-               tokens: Callable[[str], torch.Tensor]) -> _TaskOut:
+               tokens: Callable[[str], torch.Tensor], spread: bool = False) -> _TaskOut:
+    """Held-out perplexity: on the first ``limit`` windows, or with ``spread`` on ``limit`` windows evenly
+    spaced over the split."""
     from slimtorch.zoo.lm_data import lm_dims, logits_of
 
     seq, vocab = lm_dims(model)
-    wins = M.windows(tokens("heldout"), seq, limit)
+    wins = M.windows(tokens("heldout"), seq)
+    total = len(wins)
+    spread = spread and limit is not None and limit < total
+    wins = wins[torch.linspace(0, total - 1, limit).round().long()] if spread else wins[:limit]
     nll, n, agree = 0.0, 0, 0.0
     for i in progress(range(0, len(wins), 4), "perplexity"):
         batch = wins[i:i + 4]
@@ -95,8 +100,10 @@ def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
     out = [Metric("heldout_perplexity", ppl, "", False), Metric("unigram_perplexity", unigram, "", False)]
     if ref is not None:
         out.append(Metric("next_token_agreement", 100.0 * agree / wins.numel(), "%"))
-    return _TaskOut(f"python3.11-doc held-out split ({n} predicted tokens, {len(wins)} windows of {seq})",
-                    out, (wins[:1, :128],), {"predicted_tokens": n})
+    part = (f"{len(wins)} of {total} windows of {seq}, evenly spaced" if spread else
+            f"the first {len(wins)} of {total} windows of {seq}" if len(wins) < total else f"{len(wins)} windows of {seq}")
+    return _TaskOut(f"python3.11-doc held-out split ({n} predicted tokens, {part})",
+                    out, (wins[:1, :128],), {"predicted_tokens": n, "windows": len(wins), "windows_total": total})
 
 
 def definition_retrieval_set(n: int = 1000) -> tuple[list[str], list[str]]:
@@ -197,16 +204,20 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
     entry = get_entry(name)
     if limit is not None and limit <= 0:
         raise SlimError(f"--limit must be a positive number, got {limit}")
+    sampled = limit is None and entry.default_limit is not None
+    limit = entry.default_limit if limit is None else limit
     t0 = time.perf_counter()
     model = load_model(name) if model is None else model
     model.eval()
-    run_task = partial(_causal_lm, tokens=entry.tokens) if entry.task == "causal-lm" else TASKS[entry.task]
+    run_task = partial(_causal_lm, tokens=entry.tokens, spread=sampled) if entry.task == "causal-lm" else \
+        TASKS[entry.task]
     task = run_task(model, reference, limit, progress)
     seconds = time.perf_counter() - t0
     example = task.example
     ms = M.cpu_latency_ms(lambda: model(*example), repeats=10, warmup=2) if latency else None
+    dataset = task.dataset + ("; a folder's default sample (--limit N sets the number)" if sampled else "")
     return EvalResult(
-        model=name, task=entry.task, dataset=task.dataset, metrics=task.metrics,
+        model=name, task=entry.task, dataset=dataset, metrics=task.metrics,
         params=M.param_count(model), size_bytes=M.model_size_bytes(model), latency_ms=ms,
         latency_input=" x ".join(str(tuple(t.shape)) for t in example), seconds=seconds, details=task.details,
         example=tuple(example),

@@ -22,6 +22,11 @@ from slimtorch.errors import SlimError, shown
 from slimtorch.io.checkpoint import load_tensors, verify_sha256
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# A folder's model is of unknown size, and a tokenizer with a small vocabulary cuts our held-out split
+# into many windows: by default a folder is evaluated on 128 windows spread evenly over the split
+# (--limit N: the first N instead). Measured on tinyllama-fm: perplexity 22.46 on such a sample against
+# 21.93 on all 261 windows (+2.4%; FP and quantized are always compared on the same windows).
+LOCAL_EVAL_WINDOWS = 128
 MANIFEST_FILE = Path(__file__).parent / "manifest.json"
 
 
@@ -39,6 +44,8 @@ class ZooEntry:
     # and the encoder of free text (documents -> ids, each followed by end-of-sequence)
     tokens: Callable[[str], torch.Tensor] | None = None
     encode: Callable[[list[str]], torch.Tensor] | None = None
+    # items evaluated when the caller gives no limit (None: the whole evaluation set)
+    default_limit: int | None = None
 
 
 def _classifier(cls: type[nn.Module]) -> Callable[[Path], nn.Module]:
@@ -179,7 +186,8 @@ def _local_entry(path: Path) -> ZooEntry:
 
     return ZooEntry(str(path), task, f"transformers model from {path}", "local folder", lambda: path, local.load_local,
                     tokens=cache(lambda split: checked(corpus_tokens(split, local.local_tokenizer(path)))),
-                    encode=lambda docs: checked(encode_documents(docs, local.local_tokenizer(path))))
+                    encode=lambda docs: checked(encode_documents(docs, local.local_tokenizer(path))),
+                    default_limit=LOCAL_EVAL_WINDOWS)
 
 
 def load_model(name: str, verify: bool = True) -> nn.Module:
