@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from slimtorch.errors import SlimError
+from slimtorch.io.cache import cached_tensor, content_key
 from slimtorch.zoo.data import text_corpus
 
 TOKENIZER_FILE = Path(__file__).parent / "weights" / "tinyllama-fm.tokenizer.json"
@@ -39,7 +40,21 @@ def corpus_tokens(split: str, tokenizer=None) -> torch.Tensor:
     """
     if tokenizer is None:
         return _shipped_tokens(split)
-    return encode_documents([t for _, t in text_corpus(split).documents], tokenizer)
+    docs = [t for _, t in text_corpus(split).documents]
+    identity = _tokenizer_identity(tokenizer)
+    if identity is None:  # a tokenizer we cannot describe exactly is not cached
+        return encode_documents(docs, tokenizer)
+    return cached_tensor("tokens", content_key("corpus-tokens", identity, docs), lambda: encode_documents(docs, tokenizer))
+
+
+def _tokenizer_identity(tok) -> str | None:
+    """A complete description of what ``encode_documents`` does with ``tok``: the fast tokenizer's own
+    serialisation and the end-of-sequence id it appends; None for tokenizers without one."""
+    backend = getattr(tok, "backend_tokenizer", tok)
+    if not hasattr(backend, "to_str"):
+        return None
+    eos = tok.eos_token_id if hasattr(tok, "eos_token_id") else EOS_ID
+    return f"{type(tok).__name__}|eos={eos}|{backend.to_str()}"
 
 
 @cache
