@@ -96,11 +96,9 @@ def method_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> Non
         ctx = ExportContext(Path(tmp), name, x, dict(student.extra))
         exports = qm.export(student.model, plan, bits, ctx)
         if method == "fracbits":
-            (args.out / "plans").mkdir(exist_ok=True)
             lr_tag = f"-wlr{args.width_lr:g}" if args.width_lr != FRACBITS_WIDTH_LR else ""
-            plan_file = args.out / "plans" / f"{name}-{method}-{arg}{lr_tag}.json"
-            final = load_plan(Path(tmp) / "plan.json")
-            save_plan(plan_file, final, {"model": name, "method": method, "target_weight_bits": float(arg)})
+            widths = _mixed_widths(args, fp, plan, load_plan(Path(tmp) / "plan.json"),
+                                   f"{name}-{method}-{arg}{lr_tag}", name, method, arg)
     base = {**common, "model": name, "method": method, "fp_top1": fp_acc, "train_samples": len(x), **row, **extra}
     for e in exports:
         # F8Net is checked on the CPU: exact float32 arithmetic (no TF32 convolutions)
@@ -111,11 +109,7 @@ def method_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> Non
             rec.update(bits=f"W{e.fields['width']}A{e.fields['width']}", w_bits=e.fields["width"],
                        a_bits=e.fields["width"], widths=list(bits.widths))
         elif method == "fracbits":
-            sizes = {n: fp.get_submodule(n).weight.numel() for n in final}
-            inner = [n for n in final if plan[n].weight.bits != 8]
-            avg = sum(final[n].weight.bits * sizes[n] for n in inner) / sum(sizes[n] for n in inner)
-            rec.update(bits=f"W{arg}avgA8", w_bits=avg, a_bits=8, target_weight_bits=float(arg),
-                       layer_bits={n: final[n].weight.bits for n in final}, plan_file=plan_file.name)
+            rec.update(widths)
         elif method == "f8net":
             rec.update(bits="W8A8-fixed", **_integer_check(q, xs, ys, args.integer_images))
         elif method == "adabin":
@@ -124,6 +118,21 @@ def method_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> Non
         rec["delta"] = rec["top1"] - fp_acc
         print(f"  {name} {method} {rec['bits']}: top-1 {rec['top1']:.2f} ({rec['delta']:+.2f})", flush=True)
         _write(args, rec)
+
+
+def _mixed_widths(args, fp, plan, final, stem: str, name: str, method: str, arg: str) -> dict:
+    """FracBits and the sensitivity baseline: save ``final`` (the learned or ranked widths) as
+    DIR/plans/<stem>.json and return the record's fields: the average weight width over the layers
+    between the 8-bit first and last ones, and each layer's width."""
+    target = float(arg)  # the run's average weight width, e.g. fracbits:3
+    (args.out / "plans").mkdir(exist_ok=True)
+    plan_file = args.out / "plans" / f"{stem}.json"
+    save_plan(plan_file, final, {"model": name, "method": method, "target_weight_bits": target})
+    sizes = {n: fp.get_submodule(n).weight.numel() for n in final}
+    inner = [n for n in final if plan[n].weight.bits != 8]
+    avg = sum(final[n].weight.bits * sizes[n] for n in inner) / sum(sizes[n] for n in inner)
+    return {"bits": f"W{arg}avgA8", "w_bits": avg, "a_bits": 8, "target_weight_bits": target,
+            "layer_bits": {n: final[n].weight.bits for n in final}, "plan_file": plan_file.name}
 
 
 BINARY_NOTE = "binary 3x3 convs in the residual blocks; stem, 1x1 shortcuts and fc in float"
@@ -164,14 +173,7 @@ def extra_run(name, fp, fp_acc, method, arg, x, y, xt, yt, args, common) -> None
         final = with_weight_bits(plan, bits)
         q = prepare_qat(copy.deepcopy(fp), final, "lsq")
         row = _train(q, fp, x, y, args, val=val)
-        (args.out / "plans").mkdir(exist_ok=True)
-        plan_file = args.out / "plans" / f"{name}-{method}-{arg}.json"
-        save_plan(plan_file, final, {"model": name, "method": method, "target_weight_bits": target})
-        sizes = {n: fp.get_submodule(n).weight.numel() for n in final}
-        inner = [n for n in final if plan[n].weight.bits != 8]
-        avg = sum(final[n].weight.bits * sizes[n] for n in inner) / sum(sizes[n] for n in inner)
-        recs.append({"bits": f"W{arg}avgA8", "w_bits": avg, "a_bits": 8, "target_weight_bits": target,
-                     "layer_bits": {n: final[n].weight.bits for n in final}, "plan_file": plan_file.name,
+        recs.append({**_mixed_widths(args, fp, plan, final, f"{name}-{method}-{arg}", name, method, arg),
                      "top1": classifier_top1(q, xt, yt), **row})
     elif method == "sign":
         q = binarize_cnn(copy.deepcopy(fp), method).to(dev)

@@ -76,8 +76,7 @@ def _rescaling(name: str, choose: Callable[[Plan], ChooseScale], clip: bool):
         if not calib:
             raise SlimError(f"{name} needs calibration data")
         notes: list[str] = []
-        sequential(model, _weight_layers(plan), calib, rescale_method(plan, choose(plan), clip, notes),
-                             progress)
+        sequential(model, _weight_layers(plan), calib, rescale_method(plan, choose(plan), clip, notes), progress)
         return notes
 
     return method

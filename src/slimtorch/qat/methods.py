@@ -255,8 +255,9 @@ class _StateMethod(QATMethod):
     state_format = True
 
     def export(self, student, plan, bits, ctx):
+        student.eval()  # saved as it infers
         meta = {"model": ctx.model_name, "method": self.name, "format": f"slimtorch-{self.name}-state",
-                **self.save_meta(student.eval(), ctx)}
+                **self.save_meta(student, ctx)}
         return [Export(student, f"QAT-{self.name}-{bits.label}", float(bits.weight), save=partial(save_state, meta=meta))]
 
     def save_meta(self, student: nn.Module, ctx: ExportContext) -> dict:
