@@ -291,6 +291,80 @@ def train_qat_cmd(
     _print_report(model, res, out_dir)
 
 
+EXPORT_FORMATS = ("onnx", "hf")
+MAX_BATCH = 4096
+
+
+def _batches(raw: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in raw.split(",")]
+    if not raw.strip() or len(parts) > 8 or not all(p.isdigit() and 1 <= int(p) <= MAX_BATCH for p in parts):
+        raise SlimError(f"--batch takes up to 8 comma-separated sizes from 1 to {MAX_BATCH}, got {shown(raw)}")
+    return tuple(int(p) for p in parts)
+
+
+@app.command("export")
+def export_cmd(
+    folder: Path = typer.Argument(..., help="A folder written by `slimtorch quantize` (model.safetensors)."),
+    fmt: str = typer.Option(..., "--format", help="onnx: QDQ ONNX run in ONNX Runtime (vision models, encoders); "
+                            "hf: a transformers folder in the compressed-tensors format (language models)."),
+    out_dir: str = typer.Option(None, "--out", help="Output folder (default: FOLDER/onnx or FOLDER/hf)."),
+    batch: str = typer.Option("1,256", "--batch", help="onnx: batch sizes to time, comma-separated."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it is not empty."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Export a quantized model for another runtime, and measure it there."""
+    from slimtorch.io.outdir import StagedOutput
+
+    args.choice("--format", fmt, EXPORT_FORMATS)
+    args.count("--limit", limit)
+    batches = _batches(batch)
+    if not (folder / "model.safetensors").is_file():
+        raise SlimError(f"{folder} holds no model.safetensors; give a folder written by `slimtorch quantize`")
+    stage = StagedOutput(out_dir if out_dir is not None else folder / fmt, overwrite)
+    stage.check()
+    with stage as staging:
+        if fmt == "onnx":
+            from slimtorch.jobs.export import run_export_onnx
+
+            res = run_export_onnx(folder, staging, batches, limit, progress=progress_bar)
+        else:
+            from slimtorch.jobs.export import run_export_hf
+
+            res = run_export_hf(folder, staging, limit, progress=progress_bar)
+    if as_json:
+        print(json_text(res))
+        return
+    _print_export(res, stage.out)
+
+
+def _print_export(res: dict, out_dir: Path) -> None:
+    runtimes = [k for k in res["metrics"][0] if k not in ("name", "unit", "higher_is_better")]
+    table = Table(title=f"{res['model']} {res.get('recipe') or ''} exported to {res['format']}: {res['dataset']}")
+    table.add_column("metric")
+    for r in runtimes:
+        table.add_column(r.replace("_", " "), justify="right")
+    for m in res["metrics"]:
+        table.add_row(m["name"], *["" if m[r] is None else _fmt(m[r]) for r in runtimes])
+    out.print(table)
+    if res.get("latency"):
+        lat = Table(title="CPU latency, median (p10-p90), and throughput")
+        for col in ("batch", "runtime", "latency", "items/s", "speed-up of onnx int8"):
+            lat.add_column(col, justify="right" if col != "runtime" else "left")
+        for b, row in res["latency"].items():
+            for r in ("pytorch_fp", "onnx_fp", "onnx_int8"):
+                v = row[r]
+                gain = {"pytorch_fp": row["speedup_int8_vs_pytorch_fp"], "onnx_fp": row["speedup_int8_vs_onnx_fp"]}
+                lat.add_row(b, res["runtimes"][r], f"{v['median_ms']:.2f} ms ({v['p10_ms']:.2f}-{v['p90_ms']:.2f})",
+                            f"{v['items_per_s']:,.0f}", f"{gain[r]:.2f}x" if r in gain else "")
+        t = res["timing"]
+        lat.caption = f"{t['protocol']}; {t['trials']} timings each after {t['warmup']} warm-up calls; {t['threads']} threads"
+        out.print(lat)
+    for note in res.get("notes", []):
+        out.print(f"note: {note}")
+    out.print(f"wrote {out_dir}: {', '.join(sorted(res['files']))} and report.json")
+
+
 @app.command("cost")
 def cost_cmd(
     model: str = typer.Argument(..., help="Zoo model name or a save_pretrained folder."),

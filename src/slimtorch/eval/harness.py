@@ -180,6 +180,27 @@ def _imagenet(model: nn.Module, ref: nn.Module | None, limit: int | None, progre
     return _TaskOut(f"scikit-image photos ({', '.join(names)})", out, (x[:1],), {"top5": top5})
 
 
+def task_batch(name: str, n: int, tokenizer=None) -> tuple[torch.Tensor, ...]:
+    """Forward arguments of a batch of ``n`` evaluation inputs of zoo model ``name`` (repeated where the
+    evaluation set is smaller): what deployment latency and throughput are measured on. ``tokenizer``:
+    a sentence encoder's (the model's own is loaded when None)."""
+    entry = get_entry(name)
+    if entry.task == "fmnist-classification":
+        return (data.fashion_mnist("test").normalized()[:n],)
+    if entry.task == "imagenet-classification":
+        x = _photo_batch([*data.LABELLED_PHOTOS, *data.UNLABELLED_PHOTOS])
+        return (x.repeat(-(-n // len(x)), 1, 1, 1)[:n],)
+    if entry.task == "sentence-embedding":
+        from slimtorch.zoo.minilm import MAX_TOKENS
+
+        defs = definition_retrieval_set(1000)[1]
+        defs = (defs * -(-n // len(defs)))[:n]
+        tokenizer = tokenizer or load_model(name).tokenizer
+        enc = tokenizer(defs, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+    raise SlimError(f"no deployment batch for {name} (task {entry.task})")
+
+
 TASKS: dict[str, Callable[..., _TaskOut]] = {
     "fmnist-classification": _fmnist,
     "causal-lm": _causal_lm,
