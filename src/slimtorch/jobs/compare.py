@@ -13,11 +13,14 @@ from slimtorch.eval import evaluate
 from slimtorch.eval.metrics import interleaved_latency, model_size_bytes
 from slimtorch.io.checkpoint import atomic_write_bytes
 from slimtorch.io.json_text import json_text
+from slimtorch.eval.layer_error import layer_errors
 from slimtorch.export.quantized import save_quantized
+from slimtorch.quant.modules import QuantWeight
 
 
 # Latency: both models on the FP evaluation's example, warmed up, then timed in turn (fp, quantized, fp, ...)
 LATENCY_TRIALS, LATENCY_WARMUP = 20, 3
+ROOFLINE_HARDWARE = "h100"  # the report's roofline plot: the chip our kernels target
 RUNTIME = ("PyTorch eager on the CPU; the quantized model on its reference path (weights dequantized at every "
            "call, float matmul)")
 
@@ -42,6 +45,8 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
     else:
         save(q, model_path)
     fp_metrics = {m.name: m.value for m in fp_res.metrics}
+    with torch.no_grad():
+        layers = layer_errors(fp, q, example)
     return {
         "model": model, "recipe": recipe, "method": method,
         "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "quantized": m.value, "unit": m.unit,
@@ -55,8 +60,29 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
                        "trials": LATENCY_TRIALS, "warmup": LATENCY_WARMUP, "threads": torch.get_num_threads(),
                        "runtime": RUNTIME},
         "time_s": {"evaluate": eval_seconds},
+        "layers": layers,
+        "roofline": _roofline(fp, q, example),
     }
 
 
-def write_report(folder: Path, report: dict) -> None:
+def _roofline(fp: nn.Module, q: nn.Module, example: tuple) -> dict:
+    """The cost model's roofline points for the quantized plan on an H100 (a model, not a measurement)."""
+    from slimtorch.cost.estimate import estimate
+    from slimtorch.cost.hardware import HARDWARE
+    from slimtorch.cost.plot import roofline_data
+    from slimtorch.spec import LayerPlan
+
+    plan = {n: LayerPlan(m.wspec, m.act.spec if m.act is not None else None)
+            for n, m in q.named_modules() if isinstance(m, QuantWeight)}
+    hw = HARDWARE[ROOFLINE_HARDWARE]
+    with torch.no_grad():
+        return roofline_data(estimate(fp, plan, example, hw), hw)
+
+
+def write_report(folder: Path, report: dict, page: bool = True) -> None:
+    """``folder/report.json`` and, with ``page``, ``folder/report.html`` (eval.report_html), each atomically."""
     atomic_write_bytes(folder / "report.json", (json_text(report) + "\n").encode())
+    if page:
+        from slimtorch.eval.report_html import render_html
+
+        atomic_write_bytes(folder / "report.html", render_html(report).encode())

@@ -71,15 +71,20 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
 
     t0 = time.perf_counter()
     results = {
-        "pytorch_fp": evaluate(base, model=fp, limit=limit, latency=False, **kw),
-        "pytorch_quantized": evaluate(base, model=q, reference=fp, limit=limit, latency=False, **kw),
         "onnx_fp": evaluate(base, model=ort_fp, reference=fp, limit=limit, latency=False, **kw),
         "onnx_int8": evaluate(base, model=ort_q, reference=fp, limit=limit, latency=False, **kw),
     }
+    pytorch = _pytorch_metrics(folder, limit, results["onnx_int8"].dataset)
+    if pytorch is None:  # no quantize report measured on the same data: measure here
+        fp_res = evaluate(base, model=fp, limit=limit, latency=False, **kw)
+        q_res = evaluate(base, model=q, reference=fp, limit=limit, latency=False, **kw)
+        pytorch = {"pytorch_fp": {m.name: m.value for m in fp_res.metrics},
+                   "pytorch_quantized": {m.name: m.value for m in q_res.metrics}}
     eval_s = time.perf_counter() - t0
     metrics = []
     for m in results["onnx_int8"].metrics:
-        row = {"name": m.name, "unit": m.unit, "higher_is_better": m.higher_is_better}
+        row = {"name": m.name, "unit": m.unit, "higher_is_better": m.higher_is_better,
+               **{k: v.get(m.name) for k, v in pytorch.items()}}
         for runtime, res in results.items():
             row[runtime] = next((x.value for x in res.metrics if x.name == m.name), None)
         metrics.append(row)
@@ -116,8 +121,29 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "python": platform.python_version()},
     }
-    write_report(out, report)
+    write_report(out, report, page=False)
     return report
+
+
+def _pytorch_metrics(folder: Path, limit: int | None, dataset: str) -> dict | None:
+    """The FP and quantized PyTorch metrics of ``folder``'s report.json, where it was measured on the same
+    data (same dataset line and limit); None otherwise (then the export job measures them itself)."""
+    import json
+
+    from slimtorch.io.files import regular_file
+
+    path = Path(folder) / "report.json"
+    try:
+        regular_file("report", path, 1 << 24)
+        rep = json.loads(path.read_text(encoding="utf-8"))
+        if rep.get("dataset") != dataset or rep.get("limit") != limit:
+            return None
+        rows = [m for m in rep["metrics"] if isinstance(m.get("name"), str)]
+        out = {"pytorch_fp": {m["name"]: float(m["fp"]) for m in rows if m.get("fp") is not None},
+               "pytorch_quantized": {m["name"]: float(m["quantized"]) for m in rows}}
+    except (SlimError, OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return out
 
 
 def _notes(info: dict) -> list[str]:
@@ -195,7 +221,7 @@ def run_export_hf(folder: Path, out: Path, limit: int | None = None, progress=No
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "compressed_tensors": _version("compressed-tensors"), "python": platform.python_version()},
     }
-    write_report(out, report)
+    write_report(out, report, page=False)
     return report
 
 
