@@ -274,15 +274,16 @@ def _int_attr(name: str, value: int):
 def points_to_quantize(graph) -> list[str]:
     """Tensors to quantize beyond our model's own points, so that ONNX Runtime runs integer kernels: the
     outputs of integer-weight convolutions, and of additions (residual joins) whose inputs are all quantized,
-    each after a ReLU that alone reads it, where no QuantizeLinear reads them already. ONNX Runtime fuses
+    each after a ReLU or ReLU6 that alone reads it, where no QuantizeLinear reads them already. ONNX Runtime fuses
     a QDQ convolution into QLinearConv, and an addition into QLinearAdd, only when the output is quantized
-    too. (Matrix products need no such point: they become MatMulIntegerToFloat, with a float output.)"""
+    too. (Matrix products need no such point: they become MatMulIntegerToFloat, with a float output.)
+    A point after ReLU6 (Clip) sees only [0, 6], so its 8 bits cover what the next layer reads."""
     g = _Graph(graph)
     names: list[str] = []
 
-    def after_relu(out: str) -> str:
+    def after_relu(out: str) -> str:  # ReLU, or ReLU6 exported as Clip
         readers = g.consumers.get(out, [])
-        if len(readers) == 1 and readers[0].op_type == "Relu" and out not in g.outputs:
+        if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and out not in g.outputs:
             return readers[0].output[0]
         return out
 

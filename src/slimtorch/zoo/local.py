@@ -81,21 +81,42 @@ def _hf_config(path: Path):
         raise SlimError(f"{path}/config.json is not a valid transformers config: {shown(exc, 160)}") from None
 
 
-def _causal_config(path: Path):
-    """The folder's config, if AutoModelForCausalLM maps its type; SlimError otherwise."""
+def _is_encoder(config) -> bool:
+    """An encoder folder: its ``architectures`` name the base model AutoModel builds for its type (say
+    ``BertModel``), not a causal LM; or AutoModelForCausalLM does not map its type at all."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING,
+                                                        MODEL_MAPPING_NAMES)
+
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    causal = {causal} if isinstance(causal, str) else set(causal or ())
+    base = MODEL_MAPPING_NAMES.get(config.model_type)
+    base = {base} if isinstance(base, str) else set(base or ())
+    archs = set(config.architectures or ())
+    if archs & causal or (not causal and not base):
+        return False
+    return bool(archs & base) or (not causal and type(config) in MODEL_MAPPING)
+
+
+def _model_config(path: Path):
+    """The folder's config and whether it is an encoder; SlimError unless AutoModelForCausalLM (or, for an
+    encoder, AutoModel) maps its type. Decided by transformers' auto-mappings, never by class names."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = _hf_config(path)
+    if _is_encoder(config):
+        return config, True
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise SlimError(f"{path}: model type {shown(config.model_type)} has no causal language model in "
-                        f"transformers; local folders must hold a model AutoModelForCausalLM loads")
-    return config
+        raise SlimError(f"{path}: model type {shown(config.model_type)} is neither a causal language model nor an "
+                        f"encoder in transformers; local folders must hold a model AutoModelForCausalLM or "
+                        f"AutoModel loads")
+    return config, False
 
 
 def local_task(path: Path) -> str:
-    _causal_config(path)
+    """``causal-lm`` (measured like tinyllama-fm) or ``sentence-embedding`` (an encoder, measured like minilm)."""
+    _, encoder = _model_config(path)
     weight_files(path)
-    return "causal-lm"
+    return "sentence-embedding" if encoder else "causal-lm"
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -137,13 +158,14 @@ def _file_tensors(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
     return out
 
 
-def _build(config, device: str | None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def _build(config, device: str | None, encoder: bool = False) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    auto = AutoModel if encoder else AutoModelForCausalLM
     try:
         with torch.device(device) if device else nullcontext():
             # float32 after the build: from_config's dtype keyword is torch_dtype before transformers 4.56
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False).float()
+            return auto.from_config(config, trust_remote_code=False).float()
     except Exception as exc:  # noqa: BLE001 - a config transformers cannot build is the folder's problem
         raise SlimError(f"cannot build the model of {config.name_or_path or 'the folder'} from its config.json: "
                         f"{shown(exc, 160)}") from None
@@ -176,15 +198,36 @@ def _check_match(path: Path, model: nn.Module, files: dict[str, tuple[Path, Tens
                             f"{list(want)}")
 
 
+def linearize_conv1d(model: nn.Module) -> int:
+    """Replace each transformers ``Conv1D`` (GPT-2's linear layer, weight stored ``(in, out)``) by the
+    ``nn.Linear`` that computes the same (weight transposed), so every quantization method sees a linear
+    layer. The new layer is marked ``from_conv1d``. Returns the number replaced."""
+    from slimtorch.sequential import set_module
+
+    n = 0
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.ndim == 2:
+            lin = nn.Linear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(m.weight.t())
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            lin.from_conv1d = True
+            set_module(model, name, lin)
+            n += 1
+    return n
+
+
 def load_local(path: Path) -> nn.Module:
-    """The folder's model in float32, eval mode, without a KV cache."""
+    """The folder's model in float32, eval mode, without a KV cache: a causal LM, or an encoder wrapped as
+    a sentence encoder (mean pooling over the folder's tokenizer, as minilm)."""
     from safetensors.torch import load_file
 
-    config = _causal_config(path)
+    config, encoder = _model_config(path)
     files = _file_tensors(path)  # the weight files, each header checked
     _check_counts(path, config, len(files))
-    _check_match(path, _build(config, "meta"), files)
-    model = _build(config, None)
+    _check_match(path, _build(config, "meta", encoder), files)
+    model = _build(config, None, encoder)
     state: dict[str, torch.Tensor] = {}
     for f in sorted({f for f, _ in files.values()}):
         try:
@@ -200,16 +243,24 @@ def load_local(path: Path) -> nn.Module:
     model.eval()
     with torch.no_grad():  # a config that builds but computes nonsense (say rope_theta <= 0) fails here
         try:
-            logits = model(torch.arange(8)[None] % config.vocab_size).logits
+            out = model(torch.arange(8)[None] % config.vocab_size)
+            logits = out.last_hidden_state if encoder else out.logits
         except Exception as exc:  # noqa: BLE001 - a model its own config cannot run is the folder's problem
             raise SlimError(f"the model in {path} fails on 8 tokens: {shown(exc, 160)}") from None
     if not bool(torch.isfinite(logits).all()):
         raise SlimError(f"the model in {path} computes NaN or Inf on 8 tokens; check config.json")
+    linearize_conv1d(model)
+    if encoder:
+        from slimtorch.zoo.minilm import SentenceEncoder
+
+        return SentenceEncoder(model, local_tokenizer(path, need_eos=False)).eval()
     return model
 
 
 @cache
-def local_tokenizer(path: Path):
+def local_tokenizer(path: Path, need_eos: bool = True):
+    """The folder's tokenizer; a causal LM's must have an end-of-sequence token (documents are joined with
+    it), an encoder's need not."""
     from transformers import AutoTokenizer
 
     _config(path)  # refuses auto_map in either config before transformers reads them
@@ -218,8 +269,13 @@ def local_tokenizer(path: Path):
     except Exception as exc:  # noqa: BLE001 - any failure to read a user's tokenizer is the folder's problem
         raise SlimError(f"{path} has no usable tokenizer ({shown(exc, 120)}); save one beside the "
                         f"model with tokenizer.save_pretrained") from None
-    if tok.eos_token_id is None:
-        raise SlimError(f"the tokenizer in {path} has no end-of-sequence token")
+    if need_eos and tok.eos_token_id is None:
+        raise SlimError(f"the tokenizer in {path} has no end-of-sequence token, which joins our corpus's documents "
+                        f"for a causal LM; set one (tokenizer.eos_token = ...) and save the tokenizer again")
+    vocab = _hf_config(path).vocab_size
+    if len(tok) > vocab:  # ids beyond the embedding: an IndexError deep in the model otherwise
+        raise SlimError(f"the tokenizer in {path} has {len(tok)} tokens, more than the model's vocab_size {vocab}: "
+                        f"the tokenizer does not belong to this model")
     return tok
 
 
