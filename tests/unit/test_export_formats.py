@@ -16,7 +16,7 @@ from slimtorch.calib.data import calibration_set
 from slimtorch.errors import SlimError
 from slimtorch.export.hf import layer_tensors, pack_int32, quantization_config
 from slimtorch.export.onnx import export_onnx, fold_batchnorm, fold_weight_quantization
-from slimtorch.quant.modules import QuantConv2d, QuantLinear
+from slimtorch.quant.modules import QuantConv2d
 from slimtorch.quantize import quantize_
 from slimtorch.spec import PerGroup, QuantSpec
 from slimtorch.zoo import data, load_model
@@ -43,7 +43,7 @@ def cnn_w8a8():
 
 
 def test_onnx_int8_weights_are_our_codes_and_onnx_runtime_runs_integer_kernels(tmp_path, cnn_w8a8):
-    fp, q, calib = cnn_w8a8
+    _, q, calib = cnn_w8a8
     x = data.fashion_mnist("test").normalized()[:500]
     path = tmp_path / "m.onnx"
     info = export_onnx(q, (x[:2],), path, ["x"], {"x": {0: "batch"}}, calib=calib)

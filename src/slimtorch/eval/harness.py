@@ -118,7 +118,10 @@ def definition_retrieval_set(n: int = 1000) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
+def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress,
+               independent: bool = False) -> _TaskOut:
+    """Definition retrieval; against ``ref`` its cosine and retrieval agreement; with ``independent`` and no
+    ``ref``, cosine to sentence-transformers' own pipeline of the same model (minilm)."""
     lemmas, defs = definition_retrieval_set(limit or 1000)
 
     def embed(m: nn.Module, texts: list[str]) -> torch.Tensor:
@@ -134,7 +137,7 @@ def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
         out += [Metric("mean_cosine_to_reference", cos.mean().item()),
                 Metric("min_cosine_to_reference", cos.min().item()),
                 Metric("retrieval_agreement", M.retrieval_agreement(q, k, rq, rk), "%")]
-    elif (st := _sentence_transformers_reference()) is not None:
+    elif independent and (st := _sentence_transformers_reference()) is not None:
         # An independent implementation of the same model: how exactly do we reproduce it?
         texts = lemmas + defs
         ref_emb = torch.cat([torch.from_numpy(st.encode(texts[i:i + 64]))
@@ -231,7 +234,7 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
     model = load_model(name) if model is None else model
     model.eval()
     run_task = partial(_causal_lm, tokens=entry.tokens, spread=sampled) if entry.task == "causal-lm" else \
-        TASKS[entry.task]
+        partial(_embedding, independent=name == "minilm") if entry.task == "sentence-embedding" else TASKS[entry.task]
     task = run_task(model, reference, limit, progress)
     seconds = time.perf_counter() - t0
     example = task.example

@@ -150,6 +150,10 @@ def save_compressed_tensors(q: nn.Module, fp_hf: nn.Module, folder: Path, tokeni
     missing = [n for n in qlayers if not isinstance(fp_modules.get(n), nn.Linear)]
     if missing:
         raise SlimError(f"quantized layer {shown(missing[0])} is not a linear layer of the transformers model")
+    conv1d = [n for n in qlayers if getattr(fp_modules[n], "from_conv1d", False)]
+    if conv1d:  # compressed-tensors quantizes nn.Linear only; GPT-2's layers are transformers' Conv1D
+        raise SlimError(f"layer {shown(conv1d[0])} is a GPT-2 Conv1D layer, which compressed-tensors does not "
+                        f"quantize; the hf format cannot hold this model")
     state = {}
     seen: dict[int, str] = {}
     for key, t in fp_hf.state_dict(keep_vars=True).items():

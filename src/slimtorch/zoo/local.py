@@ -171,13 +171,47 @@ def _build(config, device: str | None, encoder: bool = False) -> nn.Module:
                         f"{shown(exc, 160)}") from None
 
 
+COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_experts", "num_local_experts",
+              "n_routed_experts")
+
+
 def _check_counts(path: Path, config, tensors: int) -> None:
     """Layer and expert counts no larger than the files' tensor count (each needs at least one): the meta
-    build makes one module per layer, so num_hidden_layers = 2^63 would never finish (a fuzz case)."""
+    build makes one module per layer, so num_hidden_layers = 2^63 would never finish (a fuzz case). Only the
+    keys that count modules (COUNT_KEYS): others merely mention layers (Qwen2's max_window_layers)."""
     for key, value in config.to_dict().items():
-        if ("layers" in key or "experts" in key or key == "n_layer") and type(value) is int and value > tensors:
+        if key in COUNT_KEYS and type(value) is int and value > tensors:
             raise SlimError(f"{path}: tensors are missing: config.json says {key} = {shown(value)}, but the weight "
                             f"files hold only {tensors} tensors")
+
+
+def renamed_keys(model: nn.Module, keys) -> dict[str, str]:
+    """File key -> model key for the file keys the model does not have but one of transformers' own
+    checkpoint renamings for this model maps onto a key it has (transformers 5 saves GPT-NeoX's head as
+    ``embed_out`` and loads it as ``lm_head``). Only plain renamings: no tensor is split, fused or changed."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers before 5: keys are loaded as saved
+        return {}
+    expected = set(model.state_dict())
+    rules = [(src, tgt) for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)
+             for src, tgt in zip(t.source_patterns, t.target_patterns)]
+    out = {}
+    for key in keys:
+        if key in expected:
+            continue
+        for src, tgt in rules:
+            try:
+                new = re.sub(src, tgt, key)
+            except (re.error, IndexError):
+                continue
+            if new != key and new in expected:
+                out[key] = new
+                break
+    return out
 
 
 def _check_match(path: Path, model: nn.Module, files: dict[str, tuple[Path, TensorInfo]]) -> None:
@@ -189,8 +223,9 @@ def _check_match(path: Path, model: nn.Module, files: dict[str, tuple[Path, Tens
     unexpected = [k for k in files if k not in expected]
     missing = [keys[0] for keys in groups.values() if not any(k in files for k in keys)]
     if missing or unexpected:
-        raise SlimError(f"{path}: the weights do not match config.json: {len(missing)} missing "
-                        f"({shown(missing[:2])}), {len(unexpected)} unexpected ({shown(unexpected[:2])}) tensors")
+        first = [f"missing {shown(missing[0])}"] * bool(missing) + [f"unexpected {shown(unexpected[0])}"] * bool(unexpected)
+        raise SlimError(f"{path}: the weights do not match config.json: {len(missing)} missing, {len(unexpected)} "
+                        f"unexpected tensors ({', '.join(first)})")
     for key, (f, info) in files.items():
         want = tuple(expected[key].shape)
         if info.shape != want:
@@ -226,12 +261,15 @@ def load_local(path: Path) -> nn.Module:
     config, encoder = _model_config(path)
     files = _file_tensors(path)  # the weight files, each header checked
     _check_counts(path, config, len(files))
-    _check_match(path, _build(config, "meta", encoder), files)
+    meta_model = _build(config, "meta", encoder)
+    renames = renamed_keys(meta_model, list(files))
+    files = {renames.get(k, k): v for k, v in files.items()}
+    _check_match(path, meta_model, files)
     model = _build(config, None, encoder)
     state: dict[str, torch.Tensor] = {}
     for f in sorted({f for f, _ in files.values()}):
         try:
-            state.update({k: v.float() for k, v in load_file(str(f)).items()})
+            state.update({renames.get(k, k): v.float() for k, v in load_file(str(f)).items()})
         except Exception as exc:  # noqa: BLE001 - the header was checked; anything left is a damaged file
             raise SlimError(f"cannot read {f}: {shown(exc)}") from None
     bad = nonfinite_tensor(state)
