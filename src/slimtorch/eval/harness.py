@@ -41,6 +41,9 @@ class EvalResult:
     seconds: float
     details: dict = field(default_factory=dict)
     example: tuple = field(default=(), repr=False)  # the forward arguments latency is measured on
+    # what a later evaluation of a compressed copy compares against (the FP predictions), so that the FP
+    # model does not run twice: see ``evaluate(..., reference=...)``
+    outputs: dict = field(default_factory=dict, repr=False)
 
     def metric(self, name: str) -> float:
         for m in self.metrics:
@@ -49,7 +52,7 @@ class EvalResult:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "example"}
+        return {k: v for k, v in asdict(self).items() if k not in ("example", "outputs")}
 
 
 @dataclass
@@ -58,11 +61,27 @@ class _TaskOut:
     metrics: list[Metric]
     example: torch.Tensor | tuple
     details: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+
+class Reference:
+    """What a task compares a compressed model against: the FP model, and the FP predictions its own
+    evaluation recorded (then the FP model is not run again)."""
+
+    def __init__(self, model: nn.Module | None, recorded: dict | None = None) -> None:
+        self.model, self.recorded = model, recorded or {}
+
+    def get(self, key: str, compute: Callable[[], object], size: int):
+        """The recorded ``key`` if it holds ``size`` items (it was recorded on the same data), else
+        ``compute()`` with the reference model."""
+        got = self.recorded.get(key)
+        n = None if got is None else len(got[0]) if isinstance(got, tuple) else len(got)
+        return got if n == size else compute()
 
 
 # ----------------------------------------------------------------------------- tasks
 @torch.no_grad()
-def _fmnist(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
+def _fmnist(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress) -> _TaskOut:
     test = data.fashion_mnist("test")
     x, y = test.normalized(), test.labels
     if limit:
@@ -70,13 +89,14 @@ def _fmnist(model: nn.Module, ref: nn.Module | None, limit: int | None, progress
     logits = torch.cat([model(x[i:i + 500]) for i in progress(range(0, len(x), 500), "classifying")])
     out = [Metric("top1_accuracy", M.top1_accuracy(logits, y), "%")]
     if ref is not None:
-        ref_logits = torch.cat([ref(x[i:i + 500]) for i in range(0, len(x), 500)])
+        ref_logits = ref.get("logits", lambda: torch.cat([ref.model(x[i:i + 500]) for i in range(0, len(x), 500)]),
+                             len(x))
         out.append(Metric("top1_agreement", M.top1_agreement(logits, ref_logits), "%"))
-    return _TaskOut(f"Fashion-MNIST test ({len(x)} images)", out, (x[:1],))
+    return _TaskOut(f"Fashion-MNIST test ({len(x)} images)", out, (x[:1],), outputs={"logits": logits})
 
 
 @torch.no_grad()
-def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress,
+def _causal_lm(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
                tokens: Callable[[str], torch.Tensor], spread: bool = False) -> _TaskOut:
     """Held-out perplexity: on the first ``limit`` windows, or with ``spread`` on ``limit`` windows evenly
     spaced over the split."""
@@ -87,23 +107,30 @@ def _causal_lm(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
     total = len(wins)
     spread = spread and limit is not None and limit < total
     wins = wins[torch.linspace(0, total - 1, limit).round().long()] if spread else wins[:limit]
-    nll, n, agree = 0.0, 0, 0.0
+    nll, n, agree, preds = 0.0, 0, 0.0, []
+    ref_preds = None if ref is None else ref.recorded.get("predictions")
+    if ref_preds is not None and ref_preds.shape != wins.shape:
+        ref_preds = None  # recorded on other windows: run the reference model
     for i in progress(range(0, len(wins), 4), "perplexity"):
         batch = wins[i:i + 4]
         logits = logits_of(model(batch))
         s, c = M.window_nll(logits, batch)
         nll, n = nll + s, n + c
+        preds.append(logits.argmax(-1))
         if ref is not None:
-            agree += (logits.argmax(-1) == logits_of(ref(batch)).argmax(-1)).sum().item()
+            want = ref_preds[i:i + 4] if ref_preds is not None else logits_of(ref.model(batch)).argmax(-1)
+            agree += (preds[-1] == want).sum().item()
     ppl = torch.tensor(nll / n).exp().item()
-    unigram = M.unigram_perplexity(tokens("train"), wins, vocab)
+    unigram = ref.recorded["unigram"] if ref is not None and ref_preds is not None else \
+        M.unigram_perplexity(tokens("train"), wins, vocab)
     out = [Metric("heldout_perplexity", ppl, "", False), Metric("unigram_perplexity", unigram, "", False)]
     if ref is not None:
         out.append(Metric("next_token_agreement", 100.0 * agree / wins.numel(), "%"))
     part = (f"{len(wins)} of {total} windows of {seq}, evenly spaced" if spread else
             f"the first {len(wins)} of {total} windows of {seq}" if len(wins) < total else f"{len(wins)} windows of {seq}")
     return _TaskOut(f"python3.11-doc held-out split ({n} predicted tokens, {part})",
-                    out, (wins[:1, :128],), {"predicted_tokens": n, "windows": len(wins), "windows_total": total})
+                    out, (wins[:1, :128],), {"predicted_tokens": n, "windows": len(wins), "windows_total": total},
+                    {"predictions": torch.cat(preds) if preds else torch.empty(0, seq), "unigram": unigram})
 
 
 def definition_retrieval_set(n: int = 1000) -> tuple[list[str], list[str]]:
@@ -118,7 +145,7 @@ def definition_retrieval_set(n: int = 1000) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress,
+def _embedding(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
                independent: bool = False) -> _TaskOut:
     """Definition retrieval; against ``ref`` its cosine and retrieval agreement; with ``independent`` and no
     ``ref``, cosine to sentence-transformers' own pipeline of the same model (minilm)."""
@@ -132,7 +159,7 @@ def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
     recall = 100.0 * (M.nearest(q, k) == torch.arange(len(q))).float().mean().item()
     out = [Metric("definition_recall@1", recall, "%")]
     if ref is not None:
-        rq, rk = embed(ref, lemmas), embed(ref, defs)
+        rq, rk = ref.get("embeddings", lambda: (embed(ref.model, lemmas), embed(ref.model, defs)), len(lemmas))
         cos = M.cosine_to_reference(torch.cat([q, k]), torch.cat([rq, rk]))
         out += [Metric("mean_cosine_to_reference", cos.mean().item()),
                 Metric("min_cosine_to_reference", cos.min().item()),
@@ -146,7 +173,7 @@ def _embedding(model: nn.Module, ref: nn.Module | None, limit: int | None, progr
         out.append(Metric("min_cosine_to_sentence_transformers", cos.min().item()))
     enc = model.tokenizer([defs[0]], return_tensors="pt")
     return _TaskOut(f"WordNet 3.0 noun glosses: lemma -> definition retrieval among {len(q)}", out,
-                    (enc["input_ids"], enc["attention_mask"]))
+                    (enc["input_ids"], enc["attention_mask"]), outputs={"embeddings": (q, k)})
 
 
 def _sentence_transformers_reference():
@@ -167,7 +194,7 @@ def _photo_batch(names: Iterable[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _imagenet(model: nn.Module, ref: nn.Module | None, limit: int | None, progress: Progress) -> _TaskOut:
+def _imagenet(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress) -> _TaskOut:
     names = list(data.LABELLED_PHOTOS)
     x = _photo_batch(names)
     logits = model(x)
@@ -179,7 +206,7 @@ def _imagenet(model: nn.Module, ref: nn.Module | None, limit: int | None, progre
     if ref is not None:
         xa = torch.cat([x, _photo_batch(data.UNLABELLED_PHOTOS)])
         xa = torch.cat([xa, xa.flip(-1)])
-        out.append(Metric("top1_agreement", M.top1_agreement(model(xa), ref(xa)), "%"))
+        out.append(Metric("top1_agreement", M.top1_agreement(model(xa), ref.model(xa)), "%"))
     return _TaskOut(f"scikit-image photos ({', '.join(names)})", out, (x[:1],), {"top5": top5})
 
 
@@ -212,14 +239,17 @@ TASKS: dict[str, Callable[..., _TaskOut]] = {
 }
 
 
-def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | None = None,
-             limit: int | None = None, progress: Progress = no_progress, latency: bool = True) -> EvalResult:
+def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | EvalResult | None = None,
+             limit: int | None = None, progress: Progress = no_progress, latency: bool = True,
+             reference_model: nn.Module | None = None) -> EvalResult:
     """Measure zoo model ``name`` (or ``model``, a compressed copy of it) on its task.
 
     Args:
         name: zoo model name, or a local transformers folder (a causal LM); picks the task and data.
         model: the model to measure; the zoo's FP model when None.
-        reference: a model to compare against (agreement/cosine metrics); none when None.
+        reference: a model to compare against (agreement/cosine metrics); none when None. Or the result
+            of evaluating that model with the same ``limit``: its recorded predictions are compared against
+            without running it again (``reference_model`` is then what runs where a task recorded nothing).
         limit: evaluate on the first ``limit`` items only (images, windows or sentences).
         progress: wraps long loops, e.g. a progress bar; ``(iterable, description) -> iterable``.
         latency: measure the median CPU latency on the task's example (a comparison of two models
@@ -235,7 +265,11 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
     model.eval()
     run_task = partial(_causal_lm, tokens=entry.tokens, spread=sampled) if entry.task == "causal-lm" else \
         partial(_embedding, independent=name == "minilm") if entry.task == "sentence-embedding" else TASKS[entry.task]
-    task = run_task(model, reference, limit, progress)
+    if isinstance(reference, EvalResult):
+        ref = Reference(reference_model, reference.outputs)
+    else:
+        ref = None if reference is None else Reference(reference)
+    task = run_task(model, ref, limit, progress)
     seconds = time.perf_counter() - t0
     example = task.example
     ms = M.cpu_latency_ms(lambda: model(*example), repeats=10, warmup=2) if latency else None
@@ -244,5 +278,5 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | N
         model=name, task=entry.task, dataset=dataset, metrics=task.metrics,
         params=M.param_count(model), size_bytes=M.model_size_bytes(model), latency_ms=ms,
         latency_input=" x ".join(str(tuple(t.shape)) for t in example), seconds=seconds, details=task.details,
-        example=tuple(example),
+        example=tuple(example), outputs=task.outputs,
     )

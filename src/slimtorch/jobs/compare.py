@@ -33,7 +33,7 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
     kw = {} if progress is None else {"progress": progress}
     t0 = time.perf_counter()
     fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
-    q_res = evaluate(model, model=q, reference=fp, limit=limit, latency=False, **kw)
+    q_res = evaluate(model, model=q, reference=fp_res, reference_model=fp, limit=limit, latency=False, **kw)
     eval_seconds = time.perf_counter() - t0
     example = fp_res.example
     lat = interleaved_latency({"fp": lambda: fp(*example), "quantized": lambda: q(*example)}, LATENCY_TRIALS,

@@ -39,9 +39,10 @@ class Observer:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float().cpu()
-        if not torch.isfinite(x).all():
-            raise SlimError("calibration data produced NaN or Inf activations; check the calibration set")
         mn, mx = P.min_max(x, self.spec)
+        # NaN propagates through min/max and Inf becomes one of them: checking the extremes checks x
+        if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
+            raise SlimError("calibration data produced NaN or Inf activations; check the calibration set")
         self._update(x, mn, mx)
         self.batches += 1
 
