@@ -64,7 +64,7 @@ T = ("train-qat", "fmnist-cnn", "--epochs", "1")
     ((*Q, "--out", "{o}", "--calib-samples", "99999999999999999999"), "--calib-samples"),
     ((*Q, "--out", "{o}", "--calib-samples", "0"), "--calib-samples"),
     ((*Q, "--out", "{o}", "--calib", "/dev/zero"), "not a regular file"),
-    ((*Q, "--out", "{o}", "--calib", "{tmp}"), "not a regular file"),
+    ((*Q, "--out", "{o}", "--calib", "{tmp}"), "class"),  # a vision model reads class folders of images
     ((*Q, "--out", "{o}", "--seed", "99999999999999999999"), "--seed"),
     ((*Q, "--out", "{o}", "--seed", "-1"), "--seed"),
     ((*Q, "--out", "{o}", "--limit", "0"), "--limit"),
@@ -151,11 +151,11 @@ def test_overwrite_replaces_and_files_follow_the_umask(tmp_path):
     (out / "old.txt").write_text("old")
     r = run(*Q, "--out", str(out), "--limit", "100", "--overwrite")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.html", "report.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     umask = os.umask(0)
     os.umask(umask)
-    for p in (out, out / "model.safetensors", out / "report.json"):
+    for p in (out, out / "model.safetensors", out / "report.json", out / "report.html"):
         want = (0o777 if p.is_dir() else 0o666) & ~umask
         assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
 
@@ -174,7 +174,7 @@ def _interrupt_once(tmp_path: Path, sig: int, delay: float, old_report: str) -> 
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["o"], left  # no staging or old folder left behind
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["model.safetensors", "report.json"], names
+    assert names == ["model.safetensors", "report.html", "report.json"], names
     report = (out / "report.json").read_text()
     if report == old_report:
         assert not done, f"exit {proc.returncode} without the new output"

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from slimtorch.errors import SlimError, shown
+from slimtorch.eval.user_data import (MAX_NPZ_BYTES, MAX_TEXT_BYTES, text_pieces,  # noqa: F401 - re-exported
+                                      text_tokens, user_images)
 from slimtorch.io.files import regular_file
 from slimtorch.sequential import Batch
 from slimtorch.zoo import data, get_entry
@@ -17,8 +19,6 @@ from slimtorch.zoo import data, get_entry
 DEFAULT_SAMPLES = {"fmnist-classification": 512, "causal-lm": 128, "sentence-embedding": 256,
                    "imagenet-classification": 64}
 MAX_CROPS = 4096
-MAX_TEXT_BYTES = 64 * 2**20  # --calib: far more than any calibration set draws (128 windows of 512 tokens)
-TEXT_PIECE_CHARS = 1 << 18
 
 
 def _available(n: int, have: int, what: str) -> int:
@@ -47,20 +47,6 @@ def _causal_lm(n: int, gen: torch.Generator, tokens: torch.Tensor, seq_len: int)
     return [(wins[i:i + 8],) for i in range(0, n, 8)]
 
 
-def text_pieces(text: str, size: int = TEXT_PIECE_CHARS) -> list[str]:
-    """``text`` cut at line ends into pieces of about ``size`` characters (one piece if it is shorter).
-
-    Tokenizers hold several times a text's size while they encode it in one call (measured: 5 GB for a
-    32 MB file); piece by piece, memory stays near the size of the token ids."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        pieces.append(text[start:end])
-        start = end
-    return pieces
-
-
 def _lm_tokens(entry, text_file: Path | None, seq_len: int) -> torch.Tensor:
     """Calibration tokens: ``text_file`` under the model's tokenizer (encoded in pieces of about 256K
     characters cut at line ends, each followed by the end-of-sequence token), or else the tail of our corpus's
@@ -70,16 +56,19 @@ def _lm_tokens(entry, text_file: Path | None, seq_len: int) -> torch.Tensor:
     if text_file is None:
         tokens = entry.tokens("train")
         return tokens[-(len(tokens) // 30):]
-    regular_file("calibration text", text_file, MAX_TEXT_BYTES)
-    try:
-        text = Path(text_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SlimError(f"cannot read calibration text {text_file}: {shown(exc)}") from None
-    tokens = torch.cat([entry.encode([piece]) for piece in text_pieces(text)])
+    tokens = text_tokens(text_file, entry.encode, "calibration text")
     if len(tokens) <= seq_len:
         raise SlimError(f"calibration text {text_file} has {len(tokens)} tokens; it needs more than {seq_len} "
                         f"(one window)")
     return tokens
+
+
+def _user_images(name: str, task: str, n: int, gen: torch.Generator, path: Path) -> list[Batch]:
+    check_data_path("--calib", name, path)
+    x = user_images(path, task, need_labels=False).x
+    n = min(n, len(x))  # a user's set may be smaller than our default draw: all of it
+    x = x[torch.randperm(len(x), generator=gen)[:n]]
+    return [(x[i:i + 128],) for i in range(0, n, 128)]
 
 
 def _embedding(n: int, gen: torch.Generator, tokenizer) -> list[Batch]:
@@ -127,11 +116,35 @@ def check_text_file(name: str, text_file: Path | None) -> None:
         raise SlimError(f"--calib FILE (text) applies to language models; {name} is {task}")
 
 
+VISION_TASKS = ("fmnist-classification", "imagenet-classification")
+
+
+def check_data_path(flag: str, name: str, path: Path | None) -> None:
+    """SlimError unless ``path`` is None or fits model ``name``: a text file for a language model, an .npz
+    file or a folder of class folders for a vision model (checked for existence and size here; the contents
+    when read)."""
+    if path is None:
+        return
+    task = get_entry(name).task
+    if task == "causal-lm":
+        regular_file(f"{flag} text", path, MAX_TEXT_BYTES)
+    elif task in VISION_TASKS:
+        if not Path(path).is_dir():
+            regular_file(f"{flag} data", path, MAX_NPZ_BYTES)
+            if Path(path).suffix != ".npz":
+                raise SlimError(f"{flag} {path}: {name} is a vision model: give an .npz file (arrays x, y) or a folder of "
+                               f"class folders (a text file applies to language models)")
+    else:
+        raise SlimError(f"{flag} DATA applies to language models and vision models; {name} is {task}")
+
+
 def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
-                    text_file: Path | None = None) -> list[Batch]:
+                    text_file: Path | None = None, data_file: Path | None = None) -> list[Batch]:
     """``n`` calibration samples for model ``name`` (a zoo name or a local folder), drawn with ``seed``.
 
     ``text_file``: for language models, plain text to draw the windows from instead of our corpus.
+    ``data_file``: for vision models, an .npz or a folder of class folders to draw images from
+    (eval.user_data) instead of the training data.
     """
     entry = get_entry(name)
     task = entry.task
@@ -140,6 +153,8 @@ def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
         raise SlimError(f"the calibration set needs at least one sample, got {shown(n)}")
     check_text_file(name, text_file)
     gen = torch.Generator().manual_seed(seed)
+    if data_file is not None:
+        return _user_images(name, task, n, gen, data_file)
     if task == "fmnist-classification":
         return _fmnist(n, gen)
     if task == "causal-lm":

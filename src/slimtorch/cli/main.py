@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from slimtorch.calib.data import check_text_file
+from slimtorch.calib.data import check_data_path
 from slimtorch.cli import args
 from slimtorch.cli.signals import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
@@ -97,6 +97,8 @@ def eval_cmd(
     model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a save_pretrained folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
+    eval_data: Path = typer.Option(None, "--eval", help="Data to evaluate on instead of the task's test data: a "
+                                   "text file (language models), an .npz (x, y) or a folder of class folders."),
 ) -> None:
     """Evaluate a zoo model on its task: metrics, size, parameters and CPU latency."""
     from slimtorch.eval import evaluate
@@ -104,11 +106,12 @@ def eval_cmd(
 
     args.count("--limit", limit)
     get_entry(model)  # unknown names fail before any loading
-    res = evaluate(model, limit=limit, progress=progress_bar)
+    check_data_path("--eval", model, eval_data)
+    res = evaluate(model, limit=limit, progress=progress_bar, data=eval_data)
     if as_json:
         print(json_text(res.to_dict()))
         return
-    recorded = manifest().get(model, {}).get("fp_metrics", {})
+    recorded = {} if eval_data is not None else manifest().get(model, {}).get("fp_metrics", {})  # other data
     table = Table(title=f"{model}: {res.dataset}")
     for col in ("metric", "value", "manifest"):
         table.add_column(col)
@@ -137,8 +140,10 @@ def quantize_cmd(
     method: str = typer.Option("rtn", "--method", help=" | ".join(METHODS) + "."),
     out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
     calib_samples: int = typer.Option(None, "--calib-samples", help="Calibration samples (default per task)."),
-    calib_text: Path = typer.Option(None, "--calib", help="Language models: a text file to calibrate on "
-                                    "(default: our corpus's train split)."),
+    calib_data: Path = typer.Option(None, "--calib", help="Data to calibrate on: a text file (language models), "
+                                    "an .npz (x, y) or a folder of class folders (vision models)."),
+    eval_data: Path = typer.Option(None, "--eval", help="Data to evaluate on instead of the task's test data: a "
+                                   "text file (language models), an .npz (x, y) or a folder of class folders."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration draw."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists and is not empty."),
@@ -158,12 +163,13 @@ def quantize_cmd(
     args.seed(seed)
     rec = resolve_recipe(recipe if recipe is not None else preset)
     get_entry(model)  # unknown names fail before any work
-    check_text_file(model, calib_text)
+    check_data_path("--calib", model, calib_data)
+    check_data_path("--eval", model, eval_data)
     stage = StagedOutput(out_dir, overwrite)
     stage.check()
     with stage as folder:
         res = run_quantize(model, rec, method, folder, calib_samples, limit, seed, progress=progress_bar,
-                           calib_text=calib_text)
+                           calib_data=calib_data, eval_data=eval_data)
     if as_json:
         print(json_text(res))
         return

@@ -10,12 +10,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimtorch.errors import SlimError
 from slimtorch.eval import metrics as M
+from slimtorch.eval.user_data import text_tokens, user_images
 from slimtorch.progress import Progress, no_progress
 from slimtorch.zoo import data, get_entry, load_model
 
@@ -81,9 +83,14 @@ class Reference:
 
 # ----------------------------------------------------------------------------- tasks
 @torch.no_grad()
-def _fmnist(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress) -> _TaskOut:
-    test = data.fashion_mnist("test")
-    x, y = test.normalized(), test.labels
+def _fmnist(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
+            user_data: Path | None = None) -> _TaskOut:
+    if user_data is not None:
+        u = user_images(user_data, "fmnist-classification", need_labels=True)
+        x, y, source = u.x, u.y, u.source
+    else:
+        test = data.fashion_mnist("test")
+        x, y, source = test.normalized(), test.labels, "Fashion-MNIST test"
     if limit:
         x, y = x[:limit], y[:limit]
     logits = torch.cat([model(x[i:i + 500]) for i in progress(range(0, len(x), 500), "classifying")])
@@ -92,18 +99,27 @@ def _fmnist(model: nn.Module, ref: Reference | None, limit: int | None, progress
         ref_logits = ref.get("logits", lambda: torch.cat([ref.model(x[i:i + 500]) for i in range(0, len(x), 500)]),
                              len(x))
         out.append(Metric("top1_agreement", M.top1_agreement(logits, ref_logits), "%"))
-    return _TaskOut(f"Fashion-MNIST test ({len(x)} images)", out, (x[:1],), outputs={"logits": logits})
+    return _TaskOut(f"{source} ({len(x)} images)" if user_data is None else source + (f", first {len(x)}" if limit else ""),
+                    out, (x[:1],), outputs={"logits": logits})
 
 
 @torch.no_grad()
 def _causal_lm(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
-               tokens: Callable[[str], torch.Tensor], spread: bool = False) -> _TaskOut:
+               tokens: Callable[[str], torch.Tensor], spread: bool = False, user_data: Path | None = None,
+               encode: Callable | None = None) -> _TaskOut:
     """Held-out perplexity: on the first ``limit`` windows, or with ``spread`` on ``limit`` windows evenly
-    spaced over the split."""
+    spaced over the split; with ``user_data``, on the windows of that text file instead."""
     from slimtorch.zoo.lm_data import lm_dims, logits_of
 
     seq, vocab = lm_dims(model)
-    wins = M.windows(tokens("heldout"), seq)
+    if user_data is not None:
+        stream = text_tokens(user_data, encode)
+        if len(stream) <= seq:
+            raise SlimError(f"evaluation text {user_data} has {len(stream)} tokens; it needs more than {seq} "
+                            f"(one window)")
+    else:
+        stream = tokens("heldout")
+    wins = M.windows(stream, seq)
     total = len(wins)
     spread = spread and limit is not None and limit < total
     wins = wins[torch.linspace(0, total - 1, limit).round().long()] if spread else wins[:limit]
@@ -128,7 +144,8 @@ def _causal_lm(model: nn.Module, ref: Reference | None, limit: int | None, progr
         out.append(Metric("next_token_agreement", 100.0 * agree / wins.numel(), "%"))
     part = (f"{len(wins)} of {total} windows of {seq}, evenly spaced" if spread else
             f"the first {len(wins)} of {total} windows of {seq}" if len(wins) < total else f"{len(wins)} windows of {seq}")
-    return _TaskOut(f"python3.11-doc held-out split ({n} predicted tokens, {part})",
+    source = f"{user_data}" if user_data is not None else "python3.11-doc held-out split"
+    return _TaskOut(f"{source} ({n} predicted tokens, {part})",
                     out, (wins[:1, :128],), {"predicted_tokens": n, "windows": len(wins), "windows_total": total},
                     {"predictions": torch.cat(preds) if preds else torch.empty(0, seq), "unigram": unigram})
 
@@ -146,9 +163,12 @@ def definition_retrieval_set(n: int = 1000) -> tuple[list[str], list[str]]:
 
 @torch.no_grad()
 def _embedding(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
-               independent: bool = False) -> _TaskOut:
+               independent: bool = False, user_data: Path | None = None) -> _TaskOut:
     """Definition retrieval; against ``ref`` its cosine and retrieval agreement; with ``independent`` and no
     ``ref``, cosine to sentence-transformers' own pipeline of the same model (minilm)."""
+    if user_data is not None:
+        raise SlimError("--eval DATA applies to language models (a text file) and vision models (.npz or an image "
+                        "folder); sentence encoders are measured on WordNet retrieval")
     lemmas, defs = definition_retrieval_set(limit or 1000)
 
     def embed(m: nn.Module, texts: list[str]) -> torch.Tensor:
@@ -194,7 +214,10 @@ def _photo_batch(names: Iterable[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _imagenet(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress) -> _TaskOut:
+def _imagenet(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
+              user_data: Path | None = None) -> _TaskOut:
+    if user_data is not None:
+        return _imagenet_user(model, ref, limit, progress, user_data)
     names = list(data.LABELLED_PHOTOS)
     x = _photo_batch(names)
     logits = model(x)
@@ -231,6 +254,22 @@ def task_batch(name: str, n: int, tokenizer=None) -> tuple[torch.Tensor, ...]:
     raise SlimError(f"no deployment batch for {name} (task {entry.task})")
 
 
+@torch.no_grad()
+def _imagenet_user(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
+                   path: Path) -> _TaskOut:
+    u = user_images(path, "imagenet-classification", need_labels=True)
+    x, y = (u.x[:limit], u.y[:limit]) if limit else (u.x, u.y)
+    logits = torch.cat([model(x[i:i + 32]) for i in progress(range(0, len(x), 32), "classifying")])
+    top5 = logits.topk(5, -1).indices
+    out = [Metric("top1_accuracy", M.top1_accuracy(logits, y), "%"),
+           Metric("top5_accuracy", 100.0 * (top5 == y[:, None]).any(-1).float().mean().item(), "%")]
+    if ref is not None:
+        ref_logits = ref.get("logits", lambda: torch.cat([ref.model(x[i:i + 32]) for i in range(0, len(x), 32)]),
+                             len(x))
+        out.append(Metric("top1_agreement", M.top1_agreement(logits, ref_logits), "%"))
+    return _TaskOut(u.source + (f", first {len(x)}" if limit else ""), out, (x[:1],), outputs={"logits": logits})
+
+
 TASKS: dict[str, Callable[..., _TaskOut]] = {
     "fmnist-classification": _fmnist,
     "causal-lm": _causal_lm,
@@ -241,7 +280,7 @@ TASKS: dict[str, Callable[..., _TaskOut]] = {
 
 def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | EvalResult | None = None,
              limit: int | None = None, progress: Progress = no_progress, latency: bool = True,
-             reference_model: nn.Module | None = None) -> EvalResult:
+             reference_model: nn.Module | None = None, data: Path | None = None) -> EvalResult:
     """Measure zoo model ``name`` (or ``model``, a compressed copy of it) on its task.
 
     Args:
@@ -254,17 +293,21 @@ def evaluate(name: str, model: nn.Module | None = None, reference: nn.Module | E
         progress: wraps long loops, e.g. a progress bar; ``(iterable, description) -> iterable``.
         latency: measure the median CPU latency on the task's example (a comparison of two models
             measures both together instead: ``metrics.interleaved_latency``).
+        data: the user's own evaluation data (eval.user_data): a text file for a language model, an .npz or
+            a folder of class folders for a vision model; the report's dataset line names it.
     """
     entry = get_entry(name)
     if limit is not None and limit <= 0:
         raise SlimError(f"--limit must be a positive number, got {limit}")
-    sampled = limit is None and entry.default_limit is not None
-    limit = entry.default_limit if limit is None else limit
+    sampled = limit is None and entry.default_limit is not None and data is None
+    limit = entry.default_limit if limit is None and data is None else limit
     t0 = time.perf_counter()
     model = load_model(name) if model is None else model
     model.eval()
-    run_task = partial(_causal_lm, tokens=entry.tokens, spread=sampled) if entry.task == "causal-lm" else \
-        partial(_embedding, independent=name == "minilm") if entry.task == "sentence-embedding" else TASKS[entry.task]
+    run_task = partial(_causal_lm, tokens=entry.tokens, spread=sampled, encode=entry.encode) \
+        if entry.task == "causal-lm" else partial(_embedding, independent=name == "minilm") \
+        if entry.task == "sentence-embedding" else TASKS[entry.task]
+    run_task = partial(run_task, user_data=None if data is None else Path(data))
     if isinstance(reference, EvalResult):
         ref = Reference(reference_model, reference.outputs)
     else:

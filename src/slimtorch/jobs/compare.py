@@ -26,14 +26,17 @@ RUNTIME = ("PyTorch eager on the CPU; the quantized model on its reference path 
 
 
 def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe: str, method: str,
-                     limit: int | None, bits_per_weight: float, progress=None, save=None) -> dict:
+                     limit: int | None, bits_per_weight: float, progress=None, save=None,
+                     data: Path | None = None) -> dict:
     """Evaluate the FP and quantized models side by side, save ``q`` to DIR/model.safetensors (with
     ``save(q, path)`` when given, else the quantize format), and return the report's shared fields (model,
-    recipe, method, metrics, dataset, size, latency, evaluation time)."""
+    recipe, method, metrics, dataset, size, latency, evaluation time). ``data``: the user's evaluation data
+    (eval.user_data) instead of the task's."""
     kw = {} if progress is None else {"progress": progress}
     t0 = time.perf_counter()
-    fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
-    q_res = evaluate(model, model=q, reference=fp_res, reference_model=fp, limit=limit, latency=False, **kw)
+    fp_res = evaluate(model, model=fp, limit=limit, latency=False, data=data, **kw)
+    q_res = evaluate(model, model=q, reference=fp_res, reference_model=fp, limit=limit, latency=False, data=data,
+                     **kw)
     eval_seconds = time.perf_counter() - t0
     example = fp_res.example
     lat = interleaved_latency({"fp": lambda: fp(*example), "quantized": lambda: q(*example)}, LATENCY_TRIALS,

@@ -22,20 +22,27 @@ from slimtorch.zoo import get_entry, load_model
 
 
 def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_samples: int | None = None,
-                 limit: int | None = None, seed: int = 0, progress=None, calib_text: Path | None = None) -> dict:
-    """``model``: a zoo name or a local transformers folder; ``calib_text``: text to calibrate a language model on.
+                 limit: int | None = None, seed: int = 0, progress=None, calib_data: Path | None = None,
+                 eval_data: Path | None = None) -> dict:
+    """``model``: a zoo name or a local transformers folder; ``calib_data``: what to calibrate on instead of the
+    task's training data (a text file for a language model, an .npz or image folder for a vision model);
+    ``eval_data``: what to evaluate on instead of the task's test data (same kinds).
     Writes into ``out`` directly: the CLI passes a staging folder (io.outdir)."""
     model = get_entry(model).name  # a folder becomes its absolute path: the saved model's base
     config = PTQConfig(recipe, method)
     kw = {} if progress is None else {"progress": progress}
     fp = load_model(model)
-    calib = calibration_set(model, calib_samples, seed=seed, model=fp, text_file=calib_text)
+    lm = get_entry(model).task == "causal-lm"
+    calib = calibration_set(model, calib_samples, seed=seed, model=fp, text_file=calib_data if lm else None,
+                            data_file=None if lm else calib_data)
     q = copy.deepcopy(fp)
     report = apply_(q, config, calib, **kw)
-    result = compare_and_save(model, fp, q, out, report.recipe, method, limit, report.bits_per_weight, **kw)
+    result = compare_and_save(model, fp, q, out, report.recipe, method, limit, report.bits_per_weight,
+                              data=eval_data, **kw)
     result["time_s"] = {"quantize": report.seconds, **result["time_s"]}
     result.update({
-        "calib_samples": report.calib_samples, "calib_text": None if calib_text is None else str(calib_text),
+        "calib_samples": report.calib_samples, "calib_data": None if calib_data is None else str(calib_data),
+        "eval_data": None if eval_data is None else str(eval_data),
         "seed": seed, "limit": limit, "notes": report.notes,
         "quantized_layers": report.quantized, "skipped_layers": report.skipped,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

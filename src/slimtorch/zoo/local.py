@@ -223,7 +223,8 @@ def _check_match(path: Path, model: nn.Module, files: dict[str, tuple[Path, Tens
     unexpected = [k for k in files if k not in expected]
     missing = [keys[0] for keys in groups.values() if not any(k in files for k in keys)]
     if missing or unexpected:
-        first = [f"missing {shown(missing[0])}"] * bool(missing) + [f"unexpected {shown(unexpected[0])}"] * bool(unexpected)
+        first = ([f"missing {shown(missing[0])}"] if missing else []) + \
+            ([f"unexpected {shown(unexpected[0])}"] if unexpected else [])
         raise SlimError(f"{path}: the weights do not match config.json: {len(missing)} missing, {len(unexpected)} "
                         f"unexpected tensors ({', '.join(first)})")
     for key, (f, info) in files.items():
@@ -312,7 +313,7 @@ def local_tokenizer(path: Path, need_eos: bool = True):
                         f"for a causal LM; set one (tokenizer.eos_token = ...) and save the tokenizer again")
     vocab = _hf_config(path).vocab_size
     if len(tok) > vocab:  # ids beyond the embedding: an IndexError deep in the model otherwise
-        raise SlimError(f"the tokenizer in {path} has {len(tok)} tokens, more than the model's vocab_size {vocab}: "
+        raise SlimError(f"the tokenizer in {path} has {len(tok)} tokens, ids beyond the model's vocab_size {vocab}: "
                         f"the tokenizer does not belong to this model")
     return tok
 
