@@ -148,7 +148,7 @@ def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
     """
     entry = get_entry(name)
     task = entry.task
-    n = DEFAULT_SAMPLES[task] if n is None else n
+    n = (entry.default_calib or DEFAULT_SAMPLES[task]) if n is None else n
     if not isinstance(n, int) or n <= 0:
         raise SlimError(f"the calibration set needs at least one sample, got {shown(n)}")
     check_text_file(name, text_file)
