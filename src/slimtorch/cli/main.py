@@ -202,7 +202,7 @@ def _print_report(model: str, res: dict, out_dir: Path) -> None:
             out.print(f"  {name}: {why}")
     for note in res["notes"]:
         out.print(f"note: {note}")
-    out.print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'report.json'}")
+    out.print(f"wrote {out_dir / 'model.safetensors'}, {out_dir / 'report.json'} and {out_dir / 'report.html'}")
 
 
 def _resume_checkpoint(stage) -> Path:
