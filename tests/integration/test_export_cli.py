@@ -4,21 +4,11 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
+from clitools import one_line_error, run
 
 from slimtorch.export.quantized import load_quantized
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slimtorch", *args], capture_output=True, text=True, timeout=900)
-
-
-def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and text in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ saved file reloads to the same numbers."""
 
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import run
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from families import CAUSAL, ENCODER, VOCAB, byte_level_tokenizer, save_family  # noqa: E402
@@ -23,10 +23,6 @@ from slimtorch.quantize import quantize_  # noqa: E402
 from slimtorch.zoo import get_entry, load_model  # noqa: E402
 
 FAMILIES = [*CAUSAL, *ENCODER]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slimtorch", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

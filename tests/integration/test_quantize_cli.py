@@ -1,25 +1,14 @@
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
+from clitools import one_line_error, run
 
 from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
 from slimtorch.export.quantized import load_quantized
 from slimtorch.quantize import quantize_
 from slimtorch.zoo import load_model, manifest
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slimtorch", *args], capture_output=True, text=True, timeout=900)
-
-
-def one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and text in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.slow

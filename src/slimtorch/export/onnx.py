@@ -1,5 +1,5 @@
 """ONNX export: a quantized model as QDQ ONNX (QuantizeLinear/DequantizeLinear around each quantized layer)
-that ONNX Runtime fuses into integer kernels (QLinearConv, QLinearMatMul, MatMulInteger) on the CPU.
+that ONNX Runtime fuses into integer kernels (QLinearConv, QLinearAdd, MatMulIntegerToFloat) on the CPU.
 
 What the file holds, per quantized layer:
 
@@ -17,7 +17,10 @@ activations) have no QDQ form that ONNX Runtime runs fast: they are refused with
 layer (the ``hf`` format carries them).
 
 Written with PyTorch's TorchScript-based exporter (opset 17), whose fake-quantize symbolics are exactly
-Q -> DQ; the weights' Q nodes are then folded into int8 initializers here.
+Q -> DQ; then, on the ONNX graph: the weights' Q nodes are folded into int8 initializers, batch norms into
+the int8 convolutions (exact), and uint8 points are added where ONNX Runtime needs a quantized output to
+use an integer kernel (``points_to_quantize``; calibrated in ONNX Runtime on the calibration set). Those
+points are the one place where the ONNX model rounds where ours does not; the export job measures both.
 """
 
 from __future__ import annotations

@@ -70,16 +70,14 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
     ort_fp, ort_q = wrap(out / "fp.onnx", tokenizer), wrap(out / "model.onnx", tokenizer)
 
     t0 = time.perf_counter()
-    results = {
-        "onnx_fp": evaluate(base, model=ort_fp, reference=fp, limit=limit, latency=False, **kw),
-        "onnx_int8": evaluate(base, model=ort_q, reference=fp, limit=limit, latency=False, **kw),
-    }
-    pytorch = _pytorch_metrics(folder, limit, results["onnx_int8"].dataset)
-    if pytorch is None:  # no quantize report measured on the same data: measure here
-        fp_res = evaluate(base, model=fp, limit=limit, latency=False, **kw)
-        q_res = evaluate(base, model=q, reference=fp, limit=limit, latency=False, **kw)
-        pytorch = {"pytorch_fp": {m.name: m.value for m in fp_res.metrics},
-                   "pytorch_quantized": {m.name: m.value for m in q_res.metrics}}
+    fp_res = evaluate(base, model=fp, limit=limit, latency=False, **kw)  # its predictions are the reference
+    results = {name: evaluate(base, model=m, reference=fp_res, reference_model=fp, limit=limit, latency=False, **kw)
+               for name, m in (("onnx_fp", ort_fp), ("onnx_int8", ort_q))}
+    quantized = _quantize_report_metrics(folder, limit, fp_res.dataset)
+    if quantized is None:  # no quantize report measured on the same data: measure here
+        q_res = evaluate(base, model=q, reference=fp_res, reference_model=fp, limit=limit, latency=False, **kw)
+        quantized = {m.name: m.value for m in q_res.metrics}
+    pytorch = {"pytorch_fp": {m.name: m.value for m in fp_res.metrics}, "pytorch_quantized": quantized}
     eval_s = time.perf_counter() - t0
     metrics = []
     for m in results["onnx_int8"].metrics:
@@ -125,9 +123,9 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
     return report
 
 
-def _pytorch_metrics(folder: Path, limit: int | None, dataset: str) -> dict | None:
-    """The FP and quantized PyTorch metrics of ``folder``'s report.json, where it was measured on the same
-    data (same dataset line and limit); None otherwise (then the export job measures them itself)."""
+def _quantize_report_metrics(folder: Path, limit: int | None, dataset: str) -> dict | None:
+    """The quantized model's metrics in ``folder``'s report.json, where they were measured on the same data
+    (same dataset line and limit); None otherwise (then the export job measures them itself)."""
     import json
 
     from slimtorch.io.files import regular_file
@@ -138,9 +136,7 @@ def _pytorch_metrics(folder: Path, limit: int | None, dataset: str) -> dict | No
         rep = json.loads(path.read_text(encoding="utf-8"))
         if rep.get("dataset") != dataset or rep.get("limit") != limit:
             return None
-        rows = [m for m in rep["metrics"] if isinstance(m.get("name"), str)]
-        out = {"pytorch_fp": {m["name"]: float(m["fp"]) for m in rows if m.get("fp") is not None},
-               "pytorch_quantized": {m["name"]: float(m["quantized"]) for m in rows}}
+        out = {m["name"]: float(m["quantized"]) for m in rep["metrics"] if isinstance(m.get("name"), str)}
     except (SlimError, OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     return out
