@@ -55,8 +55,8 @@ def _require_onnx():
 def check_act(spec: QuantSpec, where: str) -> None:
     if spec.dynamic or spec.is_float or spec.bits != 8 or not isinstance(spec.granularity, PerTensor):
         raise SlimError(f"{where}: ONNX export needs static per-tensor 8-bit activations, this layer has "
-                        f"{spec.dtype} {type(spec.granularity).__name__}{' dynamic' if spec.dynamic else ''} (use the "
-                        f"W8A8 preset, or --format hf)")
+                        f"{spec.dtype} {type(spec.granularity).__name__}{' dynamic' if spec.dynamic else ''} (the W8A8 "
+                        f"preset exports; a language model's other specs go to --format hf)")
 
 
 def check_weight(spec: QuantSpec, where: str) -> None:
@@ -64,7 +64,8 @@ def check_weight(spec: QuantSpec, where: str) -> None:
             not isinstance(spec.granularity, PerTensor | PerChannel) or \
             (isinstance(spec.granularity, PerChannel) and spec.granularity.axis != 0):
         raise SlimError(f"{where}: ONNX export needs symmetric 8-bit weights per channel or per tensor, this layer "
-                        f"has {spec.dtype} {type(spec.granularity).__name__} (use W8A8, or --format hf)")
+                        f"has {spec.dtype} {type(spec.granularity).__name__} (the W8A8 preset exports; a language model's other "
+                        f"specs go to --format hf)")
 
 
 def _qdq_act(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
