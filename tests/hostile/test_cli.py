@@ -277,7 +277,7 @@ def test_a_large_calibration_text_stays_within_memory(tmp_path):
         for _ in range(400_000):  # about 24 MB
             f.write(" ".join(rng.choice(words) for _ in range(12)) + "\n")
     code = ("import resource; from slimtorch.calib.data import calibration_set; from slimtorch.zoo import load_model; "
-            f"calibration_set('tinyllama-fm', 128, model=load_model('tinyllama-fm'), text_file={str(text)!r}); "
+            f"calibration_set('tinyllama-fm', 128, model=load_model('tinyllama-fm'), data_file={str(text)!r}); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

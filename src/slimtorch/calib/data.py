@@ -63,8 +63,7 @@ def _lm_tokens(entry, text_file: Path | None, seq_len: int) -> torch.Tensor:
     return tokens
 
 
-def _user_images(name: str, task: str, n: int, gen: torch.Generator, path: Path) -> list[Batch]:
-    check_data_path("--calib", name, path)
+def _user_images(task: str, n: int, gen: torch.Generator, path: Path) -> list[Batch]:
     x = user_images(path, task, need_labels=False).x
     n = min(n, len(x))  # a user's set may be smaller than our default draw: all of it
     x = x[torch.randperm(len(x), generator=gen)[:n]]
@@ -106,16 +105,6 @@ def _imagenet(n: int, gen: torch.Generator) -> list[Batch]:
     return [(x[i:i + 16],) for i in range(0, n, 16)]
 
 
-def check_text_file(name: str, text_file: Path | None) -> None:
-    """SlimError unless ``text_file`` is None or a readable text file for a language model ``name``."""
-    if text_file is None:
-        return
-    regular_file("calibration text", text_file, MAX_TEXT_BYTES)
-    task = get_entry(name).task
-    if task != "causal-lm":
-        raise SlimError(f"--calib FILE (text) applies to language models; {name} is {task}")
-
-
 VISION_TASKS = ("fmnist-classification", "imagenet-classification")
 
 
@@ -139,29 +128,29 @@ def check_data_path(flag: str, name: str, path: Path | None) -> None:
 
 
 def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
-                    text_file: Path | None = None, data_file: Path | None = None) -> list[Batch]:
+                    data_file: Path | None = None) -> list[Batch]:
     """``n`` calibration samples for model ``name`` (a zoo name or a local folder), drawn with ``seed``.
 
-    ``text_file``: for language models, plain text to draw the windows from instead of our corpus.
-    ``data_file``: for vision models, an .npz or a folder of class folders to draw images from
-    (eval.user_data) instead of the training data.
+    ``data_file``: what to draw from instead of the task's training data (``check_data_path``): for a
+    language model plain text to cut windows from, for a vision model an .npz or a folder of class folders
+    (eval.user_data).
     """
     entry = get_entry(name)
     task = entry.task
     n = (entry.default_calib or DEFAULT_SAMPLES[task]) if n is None else n
     if not isinstance(n, int) or n <= 0:
         raise SlimError(f"the calibration set needs at least one sample, got {shown(n)}")
-    check_text_file(name, text_file)
+    check_data_path("--calib", name, data_file)
     gen = torch.Generator().manual_seed(seed)
-    if data_file is not None:
-        return _user_images(name, task, n, gen, data_file)
+    if data_file is not None and task != "causal-lm":
+        return _user_images(task, n, gen, data_file)
     if task == "fmnist-classification":
         return _fmnist(n, gen)
     if task == "causal-lm":
         from slimtorch.zoo.lm_data import MAX_WINDOW, lm_dims
 
         seq_len = lm_dims(model)[0] if model is not None else MAX_WINDOW
-        return _causal_lm(n, gen, _lm_tokens(entry, text_file, seq_len), seq_len)
+        return _causal_lm(n, gen, _lm_tokens(entry, data_file, seq_len), seq_len)
     if task == "sentence-embedding":
         return _embedding(n, gen, model.tokenizer)
     return _imagenet(n, gen)

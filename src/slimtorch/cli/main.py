@@ -321,12 +321,12 @@ def export_cmd(
 ) -> None:
     """Export a quantized model for another runtime, and measure it there."""
     from slimtorch.io.outdir import StagedOutput
+    from slimtorch.jobs.export import saved_model_path
 
     args.choice("--format", fmt, EXPORT_FORMATS)
     args.count("--limit", limit)
     batches = _batches(batch)
-    if not (folder / "model.safetensors").is_file():
-        raise SlimError(f"{folder} holds no model.safetensors; give a folder written by `slimtorch quantize`")
+    saved_model_path(folder)
     stage = StagedOutput(out_dir if out_dir is not None else folder / fmt, overwrite)
     stage.check()
     with stage as staging:

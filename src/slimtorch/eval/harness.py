@@ -82,6 +82,22 @@ class Reference:
 
 
 # ----------------------------------------------------------------------------- tasks
+def _classify(model: nn.Module, ref: Reference | None, x: torch.Tensor, y: torch.Tensor, batch: int,
+              progress: Progress, top5: bool = False) -> tuple[list[Metric], torch.Tensor]:
+    """Top-1 (and top-5) accuracy of ``model`` on ``x`` against ``y``, in batches, and its top-1 agreement with
+    ``ref``'s logits (recorded, or computed); returns the metrics and the logits."""
+    logits = torch.cat([model(x[i:i + batch]) for i in progress(range(0, len(x), batch), "classifying")])
+    out = [Metric("top1_accuracy", M.top1_accuracy(logits, y), "%")]
+    if top5:
+        hits = (logits.topk(5, -1).indices == y[:, None]).any(-1)
+        out.append(Metric("top5_accuracy", 100.0 * hits.float().mean().item(), "%"))
+    if ref is not None:
+        ref_logits = ref.get("logits", lambda: torch.cat([ref.model(x[i:i + batch]) for i in range(0, len(x), batch)]),
+                             len(x))
+        out.append(Metric("top1_agreement", M.top1_agreement(logits, ref_logits), "%"))
+    return out, logits
+
+
 @torch.no_grad()
 def _fmnist(model: nn.Module, ref: Reference | None, limit: int | None, progress: Progress,
             user_data: Path | None = None) -> _TaskOut:
@@ -93,12 +109,7 @@ def _fmnist(model: nn.Module, ref: Reference | None, limit: int | None, progress
         x, y, source = test.normalized(), test.labels, "Fashion-MNIST test"
     if limit:
         x, y = x[:limit], y[:limit]
-    logits = torch.cat([model(x[i:i + 500]) for i in progress(range(0, len(x), 500), "classifying")])
-    out = [Metric("top1_accuracy", M.top1_accuracy(logits, y), "%")]
-    if ref is not None:
-        ref_logits = ref.get("logits", lambda: torch.cat([ref.model(x[i:i + 500]) for i in range(0, len(x), 500)]),
-                             len(x))
-        out.append(Metric("top1_agreement", M.top1_agreement(logits, ref_logits), "%"))
+    out, logits = _classify(model, ref, x, y, 500, progress)
     return _TaskOut(f"{source} ({len(x)} images)" if user_data is None else source + (f", first {len(x)}" if limit else ""),
                     out, (x[:1],), outputs={"logits": logits})
 
@@ -259,14 +270,7 @@ def _imagenet_user(model: nn.Module, ref: Reference | None, limit: int | None, p
                    path: Path) -> _TaskOut:
     u = user_images(path, "imagenet-classification", need_labels=True)
     x, y = (u.x[:limit], u.y[:limit]) if limit else (u.x, u.y)
-    logits = torch.cat([model(x[i:i + 32]) for i in progress(range(0, len(x), 32), "classifying")])
-    top5 = logits.topk(5, -1).indices
-    out = [Metric("top1_accuracy", M.top1_accuracy(logits, y), "%"),
-           Metric("top5_accuracy", 100.0 * (top5 == y[:, None]).any(-1).float().mean().item(), "%")]
-    if ref is not None:
-        ref_logits = ref.get("logits", lambda: torch.cat([ref.model(x[i:i + 32]) for i in range(0, len(x), 32)]),
-                             len(x))
-        out.append(Metric("top1_agreement", M.top1_agreement(logits, ref_logits), "%"))
+    out, logits = _classify(model, ref, x, y, 32, progress, top5=True)
     return _TaskOut(u.source + (f", first {len(x)}" if limit else ""), out, (x[:1],), outputs={"logits": logits})
 
 

@@ -82,39 +82,44 @@ def _qdq_weight(w: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch
     return torch.fake_quantize_per_channel_affine(w, scale.reshape(-1).float(), zeros, axis, -128, 127)
 
 
-class _OnnxLinear(nn.Module):
+class _OnnxLayer(nn.Module):
+    """What a quantized layer's QDQ form keeps besides its weight: bias, SmoothQuant/AWQ input factor, and the
+    input quantizer, applied in the order QuantWeight applies them."""
+
+    def __init__(self, m: QuantWeight, weight: torch.Tensor, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("w", weight)  # a buffer: the exporter would fold Q -> DQ of a plain tensor away
+        self.register_buffer("w_scale", m.w_scale.reshape(-1).float())
+        self.axis = None if isinstance(m.wspec.granularity, PerTensor) else axis
+        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float(), requires_grad=False)
+        self.register_buffer("inv_smooth", None if m.inv_smooth is None else m.inv_smooth.float())
+        self.act = m.act
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        return x if self.act is None else _qdq_act(x, self.act)
+
+    def _weight(self) -> torch.Tensor:
+        return _qdq_weight(self.w, self.w_scale, self.axis)
+
+
+class _OnnxLinear(_OnnxLayer):
     """A QuantLinear in QDQ form: ``DQ(Q(x)) @ DQ(W^T) + b`` (weights stored transposed, per-column scales)."""
 
     def __init__(self, m: QuantLinear) -> None:
-        super().__init__()
-        per_tensor = isinstance(m.wspec.granularity, PerTensor)
-        self.register_buffer("w_t", m.weight().t().contiguous())
-        self.register_buffer("w_scale", m.w_scale.reshape(-1).float())
-        self.axis = None if per_tensor else 1
-        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float(), requires_grad=False)
-        self.register_buffer("inv_smooth", None if m.inv_smooth is None else m.inv_smooth.float())
-        self.act = m.act
+        super().__init__(m, m.weight().t().contiguous(), axis=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        if self.act is not None:
-            x = _qdq_act(x, self.act)
-        y = torch.matmul(x, _qdq_weight(self.w_t, self.w_scale, self.axis))
+        y = torch.matmul(self._input(x), self._weight())
         return y if self.bias is None else y + self.bias
 
 
-class _OnnxConv(nn.Module):
+class _OnnxConv(_OnnxLayer):
     """A QuantConv2d in QDQ form: ``conv(DQ(Q(x)), DQ(W)) + b``."""
 
     def __init__(self, m: QuantConv2d) -> None:
-        super().__init__()
-        self.register_buffer("w", m.weight())
-        self.register_buffer("w_scale", m.w_scale.reshape(-1).float())
-        self.axis = None if isinstance(m.wspec.granularity, PerTensor) else 0
-        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float(), requires_grad=False)
-        self.register_buffer("inv_smooth", None if m.inv_smooth is None else m.inv_smooth.float())
-        self.act = m.act
+        super().__init__(m, m.weight(), axis=0)
         self.conv_args = (m.stride, m.padding, m.dilation, m.groups)
         self.same_padding = m.same_padding
         self.kernel_size = tuple(m.weight_shape[-2:])
@@ -123,11 +128,7 @@ class _OnnxConv(nn.Module):
         if self.same_padding:
             pads = same_pads(tuple(x.shape[-2:]), self.kernel_size, tuple(self.conv_args[0]))
             x = F.pad(x, pads) if any(pads) else x
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        if self.act is not None:
-            x = _qdq_act(x, self.act)
-        return F.conv2d(x, _qdq_weight(self.w, self.w_scale, self.axis), self.bias, *self.conv_args)
+        return F.conv2d(self._input(x), self._weight(), self.bias, *self.conv_args)
 
 
 class _OnnxPoint(nn.Module):

@@ -48,8 +48,7 @@ def compare_and_save(model: str, fp: nn.Module, q: nn.Module, out: Path, recipe:
     else:
         save(q, model_path)
     fp_metrics = {m.name: m.value for m in fp_res.metrics}
-    with torch.no_grad():
-        layers = layer_errors(fp, q, example)
+    layers = layer_errors(fp, q, example)
     return {
         "model": model, "recipe": recipe, "method": method,
         "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "quantized": m.value, "unit": m.unit,
@@ -78,8 +77,7 @@ def _roofline(fp: nn.Module, q: nn.Module, example: tuple) -> dict:
     plan = {n: LayerPlan(m.wspec, m.act.spec if m.act is not None else None)
             for n, m in q.named_modules() if isinstance(m, QuantWeight)}
     hw = HARDWARE[ROOFLINE_HARDWARE]
-    with torch.no_grad():
-        return roofline_data(estimate(fp, plan, example, hw), hw)
+    return roofline_data(estimate(fp, plan, example, hw), hw)
 
 
 def write_report(folder: Path, report: dict, page: bool = True) -> None:

@@ -33,12 +33,17 @@ def onnx_io(task: str) -> tuple[list[str], dict[str, dict[int, str]]]:
     return ["x"], {"x": {0: "batch"}}
 
 
-def load_saved(folder: Path) -> tuple[torch.nn.Module, dict]:
-    """The quantized model of a ``quantize`` output folder, and its metadata."""
+def saved_model_path(folder: Path) -> Path:
+    """``folder``'s model.safetensors, or SlimError if it holds none (checked before any work)."""
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise SlimError(f"{folder} holds no model.safetensors; give a folder written by `slimtorch quantize`")
-    return load_quantized(path)
+    return path
+
+
+def load_saved(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """The quantized model of a ``quantize`` output folder, and its metadata."""
+    return load_quantized(saved_model_path(folder))
 
 
 def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256), limit: int | None = None,

@@ -32,9 +32,7 @@ def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_s
     config = PTQConfig(recipe, method)
     kw = {} if progress is None else {"progress": progress}
     fp = load_model(model)
-    lm = get_entry(model).task == "causal-lm"
-    calib = calibration_set(model, calib_samples, seed=seed, model=fp, text_file=calib_data if lm else None,
-                            data_file=None if lm else calib_data)
+    calib = calibration_set(model, calib_samples, seed=seed, model=fp, data_file=calib_data)
     q = copy.deepcopy(fp)
     report = apply_(q, config, calib, **kw)
     result = compare_and_save(model, fp, q, out, report.recipe, method, limit, report.bits_per_weight,
