@@ -40,6 +40,30 @@ def kernel_kind(wspec: QuantSpec, act: QuantSpec | None) -> str | None:
     return None
 
 
+def kernel_weights(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor) -> tuple[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The custom operator (``kernels.ops.OPS`` key) that runs this layer and the two weight tensors it
+    takes, in its layout (made once, on the weights' CUDA device); None where no operator applies (then
+    :func:`linear_kernel` may still find the Triton fallback)."""
+    kind = kernel_kind(wspec, act)
+    if kind is None or not qweight.is_cuda:
+        return None
+    n, k = qweight.shape
+    if kind == "int4":
+        from slimtorch.kernels import int4_mma
+        from slimtorch.kernels.reference import pack_int4
+
+        g = wspec.granularity.size
+        offset = 8 if wspec.dtype == "int4" else 0  # signed codes -8..7 -> 0..15, zero-point moved alike
+        zero2 = zero.reshape(n, k // g).float() + offset
+        if not (int4_mma.mma_supported(qweight.device) and int4_mma.layout_supported(n, k, g, zero2)):
+            return None
+        codes = (qweight.to(torch.int16) + offset).to(torch.uint8)
+        wm = int4_mma.prepare_int4_mma(pack_int4(codes), scale.reshape(n, k // g), zero2)
+        return "int4", (wm.words, wm.meta)
+    return kind, (qweight.contiguous(), scale.reshape(n).float().contiguous())
+
+
 def linear_kernel(wspec: QuantSpec, act: QuantSpec | None, qweight: torch.Tensor, scale: torch.Tensor,
                   zero: torch.Tensor) -> KernelFn | None:
     """A function x (..., K) bf16 -> (..., N) bf16 running the kernel on these weights (CUDA tensors),

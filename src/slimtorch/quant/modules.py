@@ -108,9 +108,40 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None
 class QuantLinear(QuantWeight):
     """``y = act(x) @ dequant(W).T + b``. x (..., in) -> (..., out).
 
-    ``use_kernels`` (default True): run the GPU kernel where one applies; False keeps the reference."""
+    ``use_kernels`` (default True): run the GPU kernel where one applies; False keeps the reference.
+
+    On CUDA the weights are also held in the kernel's layout (non-persistent buffers ``kernel_a`` and
+    ``kernel_b``, made when the layer is built on or moved to the GPU), and the forward calls the kernel as
+    a custom operator (``slimtorch.kernels.ops``): ``torch.compile`` traces it without a graph break."""
 
     use_kernels = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kernel_op: str | None = None
+        self.register_buffer("kernel_a", None, persistent=False)
+        self.register_buffer("kernel_b", None, persistent=False)
+        self._prepare_kernel()
+
+    def _prepare_kernel(self) -> None:
+        """The weights in the kernel's layout, where a custom-operator kernel runs this layer's specs on
+        its device; otherwise none (the reference path, or the Triton fallback of :meth:`kernel`)."""
+        self.kernel_op, self.kernel_a, self.kernel_b = None, None, None
+        if not self.qweight.is_cuda:
+            return
+        from slimtorch.kernels.dispatch import kernel_weights
+
+        got = kernel_weights(self.wspec, self.act.spec if self.act is not None else None, self.qweight,
+                             self.w_scale, self.w_zero)
+        if got is not None:
+            self.kernel_op, (self.kernel_a, self.kernel_b) = got[0], got[1]
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.cpu(): the kernel layout follows the weights (remade from them, not converted)
+        self.kernel_a = self.kernel_b = None
+        out = super()._apply(fn, recurse)
+        self._prepare_kernel()
+        return out
 
     @classmethod
     def from_float(cls, lin: nn.Linear, wspec: QuantSpec, act: QuantSpec | None,
@@ -142,6 +173,11 @@ class QuantLinear(QuantWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """On CUDA with bf16 inputs, the layer's kernel where one applies (dynamic activation
         quantization included); elsewhere the reference: fake-quantized input, dequantized weight."""
+        if self.kernel_op is not None and x.is_cuda and x.dtype == torch.bfloat16 and self.use_kernels:
+            from slimtorch.kernels.ops import OPS
+
+            y = OPS[self.kernel_op](self._smoothed(x), self.kernel_a, self.kernel_b)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         fn = self.kernel() if x.is_cuda and x.dtype == torch.bfloat16 and self.use_kernels else None
         if fn is not None:  # the kernel quantizes activations itself
             y = fn(self._smoothed(x))
