@@ -43,8 +43,21 @@ def int4_weights(k: int, n: int, sets: int, group: int = 128):
     return ws, qs, [prepare_int4_mma(*q) for q in qs]
 
 
-def _torchao_fns(k: int, n: int, weights: list[torch.Tensor]):
-    """torchao's int4 weight-only, int8 dynamic and fp8 row-wise dynamic, compiled; None where unavailable."""
+def w4a8_weight(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 weight (N, K) -> the W4A8 kernel's (packed, scale): symmetric int4 per group (RTN)."""
+    from slimtorch.kernels.w4a8 import pack_w4a8
+
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    scale = g.abs().amax(-1).clamp_min(1e-12) / 7
+    codes = (g / scale[..., None]).round().clamp(-8, 7).reshape(n, k).to(torch.int8)
+    return pack_w4a8(codes), scale.contiguous()
+
+
+def _torchao_fns(k: int, n: int, weights: list[torch.Tensor], mode: str | None = None):
+    """torchao's int4 weight-only, int8 dynamic and fp8 row-wise dynamic, compiled (with ``mode``; its
+    documented best is max-autotune, here without inductor's own CUDA graphs, which the graph column adds);
+    None where unavailable."""
     out = {}
     try:
         import torchao.quantization as tq
@@ -63,7 +76,7 @@ def _torchao_fns(k: int, n: int, weights: list[torch.Tensor]):
                 lin.weight.data.copy_(w)
                 tq.quantize_(lin, cfg())
                 mods.append(lin)
-            compiled = [torch.compile(m) for m in mods]
+            compiled = [torch.compile(m, mode=mode) for m in mods]
             out[name] = compiled
         except Exception as exc:  # noqa: BLE001
             out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -75,6 +88,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 8192}")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--torchao-mode", default="max-autotune-no-cudagraphs",
+                    help="torch.compile mode for torchao's modules (default: max-autotune, CUDA graphs from the "
+                         "graph column); 'default' for plain torch.compile")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,8192x8192 (K x N)")
     ap.add_argument("--ms", default=None, help="e.g. 1,16")
     ap.add_argument("--methods", default=None, help="comma-separated subset, e.g. bf16,ours_int4wo")
@@ -84,6 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
     from slimtorch.kernels.dispatch import int4_linear
+    from slimtorch.kernels.w4a8 import w4a8_linear
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     hw = get_hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
@@ -94,6 +111,7 @@ def main() -> None:
     try:
         import torchao
         common["torchao"] = torchao.__version__
+        common["torchao_compile_mode"] = args.torchao_mode
     except Exception:  # noqa: BLE001
         common["torchao"] = None
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,15 +122,17 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
-    presets = {"int4wo": get_preset("W4A16-g128"), "int8": get_preset("W8A8-dynamic"), "fp8": get_preset("FP8")}
+    presets = {"int4wo": get_preset("W4A16-g128"), "int8": get_preset("W8A8-dynamic"), "fp8": get_preset("FP8"),
+               "w4a8": get_preset("W4A8")}
     print(f"{'K':>6} {'N':>6} {'M':>5} {'method':>16} {'eager us':>9} {'graph us':>9} {'x bf16':>7} {'pred us':>8}")
     for k, n in shapes:
         sets = rotation_sets(k * n // 2)  # int4 weights, the smallest
         weights, q4raw, q4 = int4_weights(k, n, sets)  # q4: the tensor-core kernels' layout (int4_mma.py)
         q4t = [prepare_int4(*q) for q in q4raw]  # the Triton kernels' layout (int4.py)
         q8 = [R.quantize_weight_channels(w.float(), torch.int8) for w in weights]
+        q48 = [w4a8_weight(w) for w in weights]
         qf8 = [R.quantize_weight_channels(w.float(), torch.float8_e4m3fn) for w in weights]
-        ao = {} if args.no_torchao else _torchao_fns(k, n, weights)
+        ao = {} if args.no_torchao else _torchao_fns(k, n, weights, args.torchao_mode)
         for m in ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             ref = F.linear(xs[0], weights[0])
@@ -122,7 +142,10 @@ def main() -> None:
                 "ours_int4wo_triton": lambda i: int4_weight_only_linear(xs[i], q4t[i]),
                 "ours_int8": lambda i: int8_linear(xs[i], *q8[i]),
                 "ours_fp8": lambda i: fp8_linear(xs[i], *qf8[i]),
+                "ours_w4a8": lambda i: w4a8_linear(xs[i], *q48[i]),
             }
+            if m <= 32:  # W4A8 layers run weight-only there (dispatch.W4A16_MAX_M)
+                del fns["ours_w4a8"]
             if m > 16:  # the Triton path is kept for GPUs without bf16 mma; it is timed where it was tuned
                 del fns["ours_int4wo_triton"]
             for name, mods in ao.items():

@@ -12,7 +12,7 @@ from slimtorch.quantize import quantize_
 from slimtorch.zoo import load_model
 
 pytestmark = pytest.mark.gpu
-PRESETS = ["W4A16-g128", "W8A8-dynamic", "FP8"]
+PRESETS = ["W4A16-g128", "W8A8-dynamic", "FP8", "W4A8"]
 
 
 def _quantized(preset: str) -> torch.nn.Module:

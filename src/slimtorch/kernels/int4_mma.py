@@ -31,6 +31,7 @@ Needs integer zero-points in 0..15 (what our quantizers produce), N a multiple o
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -200,19 +201,73 @@ def int4_mma_linear(x: torch.Tensor, w: Int4MMAWeight, config: MMAConfig | None 
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    cfg = config or mma_config(m, n, k, x.device)
+    cfg = config or mma_config(x2.shape[0], n, k, x.device)
+    y = torch.empty(x2.shape[0], n, device=x.device, dtype=torch.bfloat16)
+    name, grid, block, args = _launch_args(x2, w, y, cfg)
+    _launch(name, grid, block, args, x.device, cfg.pdl)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _launch_args(x2: torch.Tensor, w: Int4MMAWeight, y: torch.Tensor, cfg: MMAConfig) -> tuple:
+    """(kernel name, grid, block, arguments) of :func:`int4_mma_linear`'s launch."""
+    m, n, k = x2.shape[0], w.n, w.k
     nb, mt, ks = cfg.nb, cfg.mt, cfg.ks
     if not 0 < m <= 8 * mt or mt > MAX_M // 8:
         raise ValueError(f"{m} rows with MT = {mt}: the tensor-core kernel takes 1..{8 * min(mt, MAX_M // 8)} rows")
     if (n // 16) % nb or cfg.warps * nb * mt * 512 > 48 * 1024:
         raise ValueError(f"config {cfg} does not fit N = {n} (N/16 a multiple of NB) or 48 KB of shared memory")
-    y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     tpl = f"{nb}, {mt}, {cfg.warps}, {cfg.pf}, {int(cfg.early)}"
     name = f"int4_mma<{tpl}>" if ks == 1 else f"int4_mma_split<{tpl}, {ks}>"
     args = (w.words, w.meta, x2, y, m, k // 128, w.meta.shape[1], w.unit_shift, x2.stride(0), n)
-    _launch(name, (n // (16 * nb), ks, 1), 32 * cfg.warps, args, x.device, cfg.pdl)
-    return y.reshape(*x.shape[:-1], n)
+    return name, (n // (16 * nb), ks, 1), 32 * cfg.warps, args
+
+
+class Int4Eager:
+    """One layer's int4 linear for eager calls, with the least host work per call: for each (rows, row
+    stride) seen, the launch is built once with the weights' pointers and every constant argument set
+    (:class:`~slimtorch.kernels._cuda.BoundLaunch`); a call allocates the output, writes two pointers and
+    launches. Why: at one row the kernel takes about 10 us of GPU time, so a launcher that rebuilt its
+    arguments each call (about 20 us of Python) made the eager decode step of a 7B-shaped model slower than
+    bf16's (benchmarks/results/decode.jsonl). More than :data:`MAX_M` rows go to ``dispatch.int4_linear``."""
+
+    def __init__(self, w: Int4MMAWeight) -> None:
+        self.w, self.k, self.n = w, w.k, w.n
+        self.device_index = w.words.get_device()
+        self._bound: dict = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k
+        if x.shape[-1] != k or x.dtype != torch.bfloat16 or x.get_device() != self.device_index:
+            raise ValueError(f"int4 linear on cuda:{self.device_index} takes bf16 x (..., {k}) on that device; got "
+                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        key = (m, x2.stride(0), threading.get_ident())
+        launch = self._bound.get(key)
+        if launch is None:
+            if not 0 < m <= MAX_M:
+                from slimtorch.kernels.dispatch import int4_linear
+
+                return int4_linear(x, self.w)
+            cfg = mma_config(m, self.n, k, x.device)
+            y = x2.new_empty((m, self.n))
+            name, grid, block, args = _launch_args(x2, self.w, y, cfg)
+            launch = self._bound[key] = _launch.bind(name, grid, block, args, x.device, cfg.pdl)
+            launch.keep = (self.w.words, self.w.meta)  # x and y are set on every call
+        y = x2.new_empty((m, self.n))
+        launch.vals[2].value = x2.data_ptr()
+        launch.vals[3].value = y.data_ptr()
+        launch()
+        return y.view(*x.shape[:-1], self.n)
+
+    def __deepcopy__(self, memo: dict) -> Int4Eager:
+        # the bound launches hold ctypes pointers (not copyable): the copy binds its own on first use
+        import copy
+
+        return Int4Eager(Int4MMAWeight(copy.deepcopy(self.w.words, memo), copy.deepcopy(self.w.meta, memo),
+                                       self.w.group))
 
 
 def dequantize_int4_mma(w: Int4MMAWeight) -> torch.Tensor:

@@ -9,6 +9,9 @@ without running anything. The real implementations are the kernels' Python launc
   ``int4_mma.MAX_M`` rows the mma kernel, more the wgmma GEMM (Hopper) or dequantize + cuBLAS.
 * ``slimtorch::int8_linear(x, wq, w_scale)`` and ``slimtorch::fp8_linear(x, wq, w_scale)``: W8A8 with
   dynamic per-row activation quantization inside.
+* ``slimtorch::w4a8_linear(x, packed, scale, words, meta)``: int4 weights, int8 activations at many rows,
+  weight-only at few (``dispatch.W4A16_MAX_M``).
+* ``slimtorch::quantize_rows(x, fp8)``: the per-row activation quantization on its own.
 """
 
 from __future__ import annotations
@@ -58,4 +61,39 @@ def _fp8_linear_fake(x: Tensor, wq: Tensor, w_scale: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 
-OPS = {"int4": int4_linear, "int8": int8_linear, "fp8": fp8_linear}
+@torch.library.custom_op("slimtorch::w4a8_linear", mutates_args=())
+def w4a8_linear(x: Tensor, packed: Tensor, scale: Tensor, words: Tensor, meta: Tensor) -> Tensor:
+    """x (..., K) bf16 -> (..., N) bf16: int4 weight-only (``words``, ``meta``) up to
+    ``dispatch.W4A16_MAX_M`` rows, else W4A8 on the int8 tensor cores (``packed``, ``scale``)."""
+    from slimtorch.kernels.dispatch import W4A16_MAX_M
+    from slimtorch.kernels.dispatch import int4_linear as run4
+    from slimtorch.kernels.int4_mma import Int4MMAWeight
+    from slimtorch.kernels.w4a8 import w4a8_linear as run8
+
+    if x.numel() <= W4A16_MAX_M * x.shape[-1]:
+        return run4(x, Int4MMAWeight(words, meta, words.shape[1] * 128 // meta.shape[1]))
+    return run8(x, packed, scale)
+
+
+@w4a8_linear.register_fake
+def _w4a8_linear_fake(x: Tensor, packed: Tensor, scale: Tensor, words: Tensor, meta: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("slimtorch::quantize_rows", mutates_args=())
+def quantize_rows(x: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
+    """x (M, K) -> (codes (M, K) int8, or float8_e4m3fn with ``fp8``; scale (M, 1) float32), symmetric per
+    row: the activation quantization that the W8A8 and W4A8 kernels run inside."""
+    from slimtorch.kernels.w8a8 import quantize_rows as run
+
+    return run(x, torch.float8_e4m3fn if fp8 else torch.int8)
+
+
+@quantize_rows.register_fake
+def _quantize_rows_fake(x: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8), \
+        x.new_empty((m, 1), dtype=torch.float32)
+
+
+OPS = {"int4": int4_linear, "int8": int8_linear, "fp8": fp8_linear, "w4a8": w4a8_linear}

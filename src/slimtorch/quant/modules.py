@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.errors import SlimError
+from slimtorch.kernels.ops import OPS
 from slimtorch.quant import primitives as P
 from slimtorch.quant.observers import Observer, make_observer
 from slimtorch.spec import QuantSpec
@@ -105,43 +106,64 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None
     return P.quantize(w2, scale, zero, spec), scale, zero
 
 
+KERNEL_BUFFERS = ("kernel_a", "kernel_b", "kernel_c", "kernel_d")
+"""A QuantLinear's weights in its kernel's layout (non-persistent buffers, as many as the kernel takes)."""
+
+
 class QuantLinear(QuantWeight):
     """``y = act(x) @ dequant(W).T + b``. x (..., in) -> (..., out).
 
     ``use_kernels`` (default True): run the GPU kernel where one applies; False keeps the reference.
 
-    On CUDA the weights are also held in the kernel's layout (non-persistent buffers ``kernel_a`` and
-    ``kernel_b``, made when the layer is built on or moved to the GPU), and the forward calls the kernel as
-    a custom operator (``slimtorch.kernels.ops``): ``torch.compile`` traces it without a graph break."""
+    On CUDA the weights are also held in the kernel's layout (non-persistent buffers ``kernel_a``,
+    ``kernel_b``..., made when the layer is built on or moved to the GPU or loads a state dict). Under
+    ``torch.compile`` the forward calls the kernel as a custom operator (``slimtorch.kernels.ops``), which
+    is traced without a graph break; eagerly it calls the same kernel directly (``dispatch.eager_kernel``),
+    without the operator's dispatch cost."""
 
     use_kernels = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.kernel_op: str | None = None
-        self.register_buffer("kernel_a", None, persistent=False)
-        self.register_buffer("kernel_b", None, persistent=False)
+        for name in KERNEL_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
         self._prepare_kernel()
 
     def _prepare_kernel(self) -> None:
         """The weights in the kernel's layout, where a custom-operator kernel runs this layer's specs on
         its device; otherwise none (the reference path, or the Triton fallback of :meth:`kernel`)."""
-        self.kernel_op, self.kernel_a, self.kernel_b = None, None, None
+        self.kernel_op, self._eager = None, None
+        for name in KERNEL_BUFFERS:
+            setattr(self, name, None)
         if not self.qweight.is_cuda:
             return
-        from slimtorch.kernels.dispatch import kernel_weights
+        from slimtorch.kernels.dispatch import eager_kernel, kernel_weights
 
         got = kernel_weights(self.wspec, self.act.spec if self.act is not None else None, self.qweight,
                              self.w_scale, self.w_zero)
         if got is not None:
-            self.kernel_op, (self.kernel_a, self.kernel_b) = got[0], got[1]
+            self.kernel_op = got[0]
+            for name, t in zip(KERNEL_BUFFERS, got[1]):
+                setattr(self, name, t)
+            self._eager = eager_kernel(self.kernel_op, got[1])
+
+    def _kernel_weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (getattr(self, name) for name in KERNEL_BUFFERS) if t is not None)
 
     def _apply(self, fn, recurse: bool = True):
         # .to()/.cuda()/.cpu(): the kernel layout follows the weights (remade from them, not converted)
-        self.kernel_a = self.kernel_b = None
+        self.kernel_op, self._eager = None, None
+        for name in KERNEL_BUFFERS:
+            setattr(self, name, None)
         out = super()._apply(fn, recurse)
         self._prepare_kernel()
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # loading copies into the weights in place: the kernel layout is remade from the new values
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepare_kernel()
 
     @classmethod
     def from_float(cls, lin: nn.Linear, wspec: QuantSpec, act: QuantSpec | None,
@@ -174,9 +196,12 @@ class QuantLinear(QuantWeight):
         """On CUDA with bf16 inputs, the layer's kernel where one applies (dynamic activation
         quantization included); elsewhere the reference: fake-quantized input, dequantized weight."""
         if self.kernel_op is not None and x.is_cuda and x.dtype == torch.bfloat16 and self.use_kernels:
-            from slimtorch.kernels.ops import OPS
-
-            y = OPS[self.kernel_op](self._smoothed(x), self.kernel_a, self.kernel_b)
+            if self.inv_smooth is not None:
+                x = x * self.inv_smooth.to(x.dtype)
+            if torch.compiler.is_compiling():  # traced: the custom operator, which torch.compile sees whole
+                y = OPS[self.kernel_op](x, *self._kernel_weights())
+            else:  # eager: the same kernel without the operator's dispatch cost
+                y = self._eager(x)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         fn = self.kernel() if x.is_cuda and x.dtype == torch.bfloat16 and self.use_kernels else None
         if fn is not None:  # the kernel quantizes activations itself

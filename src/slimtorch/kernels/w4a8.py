@@ -1,0 +1,141 @@
+"""W4A8 linear: int4 weights (symmetric, one float scale per group of 128 or more inputs), int8 activations
+(dynamic, one scale per row), multiplied on the int8 tensor cores.
+
+Why: from about 64 rows up a weight-only int4 linear stops being bound by reading its weights and becomes
+bound by bf16 multiply-adds; int8 tensor cores do twice the work per cycle, so a W4A8 linear keeps a lead
+over bf16 through the middle batch range (QServe; TensorRT-LLM's W4A8), where W4A16 falls to bf16's speed.
+
+How the group scales are handled (as QServe's per-group variant): each step of the main loop covers one
+group of 128 inputs; the int8 x int4 products of the step are summed exactly in int32 by the tensor cores,
+then the sum is scaled by the group's float scale and added to a float32 accumulator (one multiply-add per
+output element per 128 inputs). The row scales of x are applied once at the end.
+
+Layout (:func:`pack_w4a8`, plain torch, testable on CPU): ``packed (N, K/2)`` int8, where byte ``64 b + j``
+of a row holds the code of input ``128 b + j`` in its low nibble and that of input ``128 b + 64 + j`` in its
+high nibble (two's complement). A step then unpacks two (64, BLOCK_N) tiles with shifts alone (no
+interleaving) and issues two dots, against x's first and second 64 inputs of the group.
+
+Needs K a multiple of 128 and groups that are multiples of 128.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimtorch.errors import SlimError
+
+
+def pack_w4a8(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``(N, K)`` (integers -8..7, any integer dtype) -> ``packed (N, K/2)`` int8 (module docstring)."""
+    n, k = codes.shape
+    if k % 128:
+        raise SlimError(f"W4A8 kernel: K = {k} is not a multiple of 128")
+    c = codes.to(torch.int16).reshape(n, k // 128, 2, 64)
+    b = (c[:, :, 0] & 15) | ((c[:, :, 1] & 15) << 4)  # 0..255
+    return torch.where(b >= 128, b - 256, b).to(torch.int8).reshape(n, k // 2)
+
+
+def unpack_w4a8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_w4a8`: codes ``(N, K)`` int8 in -8..7."""
+    n, half = packed.shape
+    p = packed.to(torch.int16).reshape(n, half // 64, 1, 64)
+    lo = ((p & 15) ^ 8) - 8
+    hi = (((p >> 4) & 15) ^ 8) - 8
+    return torch.cat([lo, hi], dim=2).reshape(n, half * 2).to(torch.int8)
+
+
+def w4a8_linear_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float reference: x quantized per row to int8 (symmetric, as the kernel does), times the
+    dequantized int4 weight, in float32."""
+    x = x.float()
+    xs = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    xq = (x / xs).round().clamp(-127, 127) * xs
+    codes = unpack_w4a8(packed).float()
+    n, k = codes.shape
+    w = (codes.reshape(n, scale.shape[1], -1) * scale.float()[..., None]).reshape(n, k)
+    return xq @ w.T
+
+
+def _configs():
+    import triton
+
+    out = []
+    for bm, bn, warps, stages in ((64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3),
+                                  (128, 128, 4, 4), (64, 256, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
+    return out
+
+
+_KERNEL: list = []
+
+
+def _kernel():
+    """The Triton kernel, defined at first use (Triton is imported only where a GPU runs)."""
+    if _KERNEL:
+        return _KERNEL[0]
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
+    @triton.jit
+    def w4a8_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_bs,
+                    stride_cm, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rh = tl.arange(0, 64)
+        a_p = a_ptr + rm[:, None] * stride_am + rh[None, :]
+        b_p = b_ptr + rn[None, :] * stride_bn + rh[:, None]
+        s_p = bs_ptr + rn * stride_bs
+        mask_m, mask_n = rm[:, None] < M, rn[None, :] < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, 128):
+            a0 = tl.load(a_p, mask=mask_m, other=0)
+            a1 = tl.load(a_p + 64, mask=mask_m, other=0)
+            p = tl.load(b_p, mask=mask_n, other=0)  # (64, BLOCK_N) int8: two codes each
+            lo = (p << 4) >> 4  # arithmetic shifts sign-extend the nibbles
+            hi = p >> 4
+            part = tl.dot(a0, lo) + tl.dot(a1, hi)  # int32, exact
+            s = tl.load(s_p + k0 // GROUP, mask=rn < N, other=0.0)
+            acc += part.to(tl.float32) * s[None, :]
+            a_p += 128
+            b_p += 64
+        sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
+        y = acc * sa[:, None]
+        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask_m & mask_n)
+
+    _KERNEL.append(w4a8_kernel)
+    return w4a8_kernel
+
+
+def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) bf16; packed (N, K/2) int8 (:func:`pack_w4a8`); scale (N, K/G) float32 -> (..., N) bf16.
+    x is quantized per row to int8 by ``w8a8.quantize_rows`` (one read of x), then the GEMM runs."""
+    import triton
+
+    from slimtorch.kernels.w8a8 import quantize_rows
+
+    k, n = x.shape[-1], packed.shape[0]
+    if k != packed.shape[1] * 2 or k % 128 or (k // scale.shape[1]) % 128:
+        raise SlimError(f"W4A8 kernel: x (..., {k}) against packed {tuple(packed.shape)} and scales "
+                        f"{tuple(scale.shape)}: K must be 2x the packed width, a multiple of 128, and groups "
+                        "multiples of 128")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    xq, xs = quantize_rows(x2, torch.int8)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    bucket = 64 if m <= 64 else 128 if m <= 128 else 256 if m <= 256 else 512 if m <= 512 else 4096
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _kernel()[grid](xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0), scale.stride(0),
+                    y.stride(0), GROUP=k // scale.shape[1])
+    return y.reshape(*x.shape[:-1], n)
