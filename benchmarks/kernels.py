@@ -3,7 +3,9 @@ roofline's prediction for each case. Needs CUDA (run through the device tool).
 
     PYTHONPATH=src python benchmarks/kernels.py [--out DIR] [--quick]
 
-Each case is timed two ways: eager calls, and the same calls replayed from a CUDA graph (launch
+Ours are timed through the public API: a QuantLinear per preset (RTN), called as a model calls it (eagerly:
+the kernel launched directly; in the graph column: captured). W4A8 layers run weight-only int4 up to
+``dispatch.W4A16_MAX_M`` rows. Each case is timed two ways: eager calls, and the same calls replayed from a CUDA graph (launch
 overhead removed), each the median of 5 trials of 50 calls after warm-up, with weights rotated
 among enough copies to exceed L2. With ``--repeats R`` the methods are timed R times in turn and each
 record keeps the medians (and the R times). Appends JSON lines to DIR/kernels.jsonl (default
@@ -43,15 +45,19 @@ def int4_weights(k: int, n: int, sets: int, group: int = 128):
     return ws, qs, [prepare_int4_mma(*q) for q in qs]
 
 
-def w4a8_weight(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bf16 weight (N, K) -> the W4A8 kernel's (packed, scale): symmetric int4 per group (RTN)."""
-    from slimtorch.kernels.w4a8 import pack_w4a8
+def quant_layers(weights: list[torch.Tensor], preset) -> list[torch.nn.Module]:
+    """One QuantLinear (RTN, the preset's specs) per bf16 weight (N, K), on the GPU: each holds its weights in
+    its kernel's layout and runs the kernel eagerly or, traced, as a custom operator."""
+    from slimtorch.quant.modules import QuantLinear
 
-    n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
-    scale = g.abs().amax(-1).clamp_min(1e-12) / 7
-    codes = (g / scale[..., None]).round().clamp(-8, 7).reshape(n, k).to(torch.int8)
-    return pack_w4a8(codes), scale.contiguous()
+    out = []
+    for w in weights:
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+        lin.weight.data.copy_(w)
+        q = QuantLinear.from_float(lin, preset.weight, preset.act)
+        assert q.kernel_op is not None, preset.name
+        out.append(q)
+    return out
 
 
 def _torchao_fns(k: int, n: int, weights: list[torch.Tensor], mode: str | None = None):
@@ -99,9 +105,6 @@ def main() -> None:
                          "15%% between runs on an H100)")
     args = ap.parse_args()
     from slimtorch.kernels.int4 import int4_weight_only_linear, prepare_int4
-    from slimtorch.kernels.dispatch import int4_linear
-    from slimtorch.kernels.w4a8 import w4a8_linear
-    from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     hw = get_hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
     # the device tool's copy of the tree may report another HEAD: pass the real one in SLIMTORCH_COMMIT
@@ -127,25 +130,22 @@ def main() -> None:
     print(f"{'K':>6} {'N':>6} {'M':>5} {'method':>16} {'eager us':>9} {'graph us':>9} {'x bf16':>7} {'pred us':>8}")
     for k, n in shapes:
         sets = rotation_sets(k * n // 2)  # int4 weights, the smallest
-        weights, q4raw, q4 = int4_weights(k, n, sets)  # q4: the tensor-core kernels' layout (int4_mma.py)
+        weights, q4raw, _ = int4_weights(k, n, sets)
         q4t = [prepare_int4(*q) for q in q4raw]  # the Triton kernels' layout (int4.py)
-        q8 = [R.quantize_weight_channels(w.float(), torch.int8) for w in weights]
-        q48 = [w4a8_weight(w) for w in weights]
-        qf8 = [R.quantize_weight_channels(w.float(), torch.float8_e4m3fn) for w in weights]
+        # our presets through the public API: QuantLinear modules, called as a model calls them
+        layers = {key: quant_layers(weights, p) for key, p in presets.items()}
         ao = {} if args.no_torchao else _torchao_fns(k, n, weights, args.torchao_mode)
         for m in ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
             ref = F.linear(xs[0], weights[0])
             fns = {
                 "bf16": lambda i: F.linear(xs[i], weights[i]),
-                "ours_int4wo": lambda i: int4_linear(xs[i], q4[i]),
+                "ours_int4wo": lambda i: layers["int4wo"][i](xs[i]),
                 "ours_int4wo_triton": lambda i: int4_weight_only_linear(xs[i], q4t[i]),
-                "ours_int8": lambda i: int8_linear(xs[i], *q8[i]),
-                "ours_fp8": lambda i: fp8_linear(xs[i], *qf8[i]),
-                "ours_w4a8": lambda i: w4a8_linear(xs[i], *q48[i]),
+                "ours_int8": lambda i: layers["int8"][i](xs[i]),
+                "ours_fp8": lambda i: layers["fp8"][i](xs[i]),
+                "ours_w4a8": lambda i: layers["w4a8"][i](xs[i]),
             }
-            if m <= 32:  # W4A8 layers run weight-only there (dispatch.W4A16_MAX_M)
-                del fns["ours_w4a8"]
             if m > 16:  # the Triton path is kept for GPUs without bf16 mma; it is timed where it was tuned
                 del fns["ours_int4wo_triton"]
             for name, mods in ao.items():

@@ -69,6 +69,7 @@ def _mm_configs():
     out = []
     for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4),
                                       (64, 128, 128, 4, 4), (128, 256, 64, 8, 4), (256, 128, 128, 8, 3),
+                                      (64, 64, 128, 4, 4), (64, 64, 256, 4, 3), (128, 64, 128, 4, 4),
                                       (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (32, 64, 256, 4, 4)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
                                  num_stages=stages))
