@@ -422,7 +422,7 @@ def test_quantlinear_dispatches_to_the_kernel_on_cuda(preset):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
-@pytest.mark.parametrize("m", [1, 16, 333, 2048])
+@pytest.mark.parametrize("m", [1, 16, 32, 33, 333, 2048])
 def test_w8a8_kernels_match_reference(dtype, m):
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 

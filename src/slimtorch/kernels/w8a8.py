@@ -1,8 +1,8 @@
 """fp8 and int8 W8A8 linears: a Triton kernel quantizes activations per row (one read of x, one
-write of the codes and scales), then the vendor GEMM runs on the codes with both scales applied:
-fp8 through ``torch._scaled_mm`` (row-wise scales fused in its epilogue, bf16 out), int8 through a
+write of the codes and scales), then a GEMM runs on the codes with both scales applied: int8 through a
 Triton GEMM with an int32 accumulator and both scales applied in its epilogue (bf16 out: no int32
-round trip through memory).
+round trip through memory); fp8 through the same Triton GEMM (float32 accumulator) at few rows, and
+``torch._scaled_mm`` (row-wise scales fused in its epilogue, bf16 out) from ``FP8_SCALED_MM_MIN_M`` rows.
 """
 
 from __future__ import annotations
@@ -57,9 +57,17 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return q, s
 
 
+FP8_SCALED_MM_MIN_M = 33
+"""From this many rows fp8 runs ``torch._scaled_mm`` (cuBLASLt); below, the Triton GEMM of this module,
+which keeps up with bf16 at few rows where cuBLASLt's fp8 did not (0.76-0.95x bf16 at M = 1 and 16 on the
+H100 and H200 before: benchmarks/results/kernels.jsonl)."""
+
+
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) bf16; wq (N, K) float8_e4m3fn; w_scale (N,) float32 -> (..., N) bf16."""
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] < FP8_SCALED_MM_MIN_M:
+        return _w8a8_mm(x2, wq, w_scale, torch.float8_e4m3fn).reshape(*x.shape[:-1], -1)
     xq, xs = quantize_rows(x2, torch.float8_e4m3fn)
     y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], -1)
@@ -81,11 +89,14 @@ def _mm_prune(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == small]
 
 
-@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _mm_prune})
+@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K", "IS_INT"],
+                 prune_configs_by={"early_config_prune": _mm_prune})
 @triton.jit
-def _int8_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c (M, N) = (a (M, K) int8 @ b (N, K)^T int8) * as (M,) * bs (N,): int32 accumulate, scales fused."""
+def _w8a8_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+                    IS_INT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    """c (M, N) = (a (M, K) @ b (N, K)^T) * as (M,) * bs (N,), scales fused: int8 codes with an int32
+    accumulator (IS_INT), or fp8 e4m3 codes with a float32 one."""
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -98,11 +109,11 @@ def _int8_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stri
     rk = tl.arange(0, BLOCK_K)
     a_p = a_ptr + rm[:, None] * stride_am + rk[None, :]
     b_p = b_ptr + rn[None, :] * stride_bn + rk[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_p, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
         b = tl.load(b_p, mask=(rn[None, :] < N) & (k0 + rk[:, None] < K), other=0)
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, out_dtype=tl.int32 if IS_INT else tl.float32)
         a_p += BLOCK_K
         b_p += BLOCK_K
     sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
@@ -112,16 +123,21 @@ def _int8_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stri
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x (..., K) bf16; wq (N, K) int8; w_scale (N,) float32 -> (..., N) bf16."""
-    x2 = x.reshape(-1, x.shape[-1])
+def _w8a8_mm(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x2 (M, K) bf16 quantized per row to ``dtype``, times wq (N, K) of that dtype, both scales applied."""
     m, k, n = x2.shape[0], x2.shape[1], wq.shape[0]
-    xq, xs = quantize_rows(x2, torch.int8)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    xq, xs = quantize_rows(x2, dtype)
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     bucket = 16 if m <= 16 else 32 if m <= 32 else 128 if m <= 128 else 2048
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _int8_mm_kernel[grid](xq, wq, xs, w_scale, y, m, n, k, bucket, xq.stride(0), wq.stride(0), y.stride(0))
-    return y.reshape(*x.shape[:-1], n)
+    _w8a8_mm_kernel[grid](xq, wq, xs, w_scale, y, m, n, k, bucket, xq.stride(0), wq.stride(0), y.stride(0),
+                          IS_INT=dtype == torch.int8)
+    return y
+
+
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) bf16; wq (N, K) int8; w_scale (N,) float32 -> (..., N) bf16."""
+    return _w8a8_mm(x.reshape(-1, x.shape[-1]), wq, w_scale, torch.int8).reshape(*x.shape[:-1], -1)
