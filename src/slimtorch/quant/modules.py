@@ -180,8 +180,11 @@ class QuantLinear(QuantWeight):
         return self.weight_shape[0]
 
     def kernel(self):
-        """The GPU kernel for this layer's specs (slimtorch.kernels.dispatch), built once per placement of
-        the weights; None on CPU or where no kernel applies."""
+        """The GPU kernel for this layer's specs (slimtorch.kernels.dispatch): the eager form of its custom
+        operator, else (int4 where the CUDA kernels cannot run) the Triton fallback, built once per placement
+        of the weights; None on CPU or where no kernel applies."""
+        if self._eager is not None:
+            return self._eager
         key = (self.qweight.device, self.qweight.data_ptr())
         cached = self.__dict__.get("_kernel")
         if cached is None or cached[0] != key:
