@@ -83,10 +83,11 @@ def eager_kernel(kind: str, weights: tuple[torch.Tensor, ...]) -> KernelFn:
     from slimtorch.kernels.int4_mma import Int4Eager, Int4MMAWeight
 
     if kind == "int4":
-        return Int4Eager(Int4MMAWeight(*weights, weights[0].shape[1] * 128 // weights[1].shape[1]))
+        return Int4Eager(Int4MMAWeight(*weights, weights[0].shape[1] * 128 // weights[1].shape[1]), int4_linear)
     if kind == "w4a8":
         packed, scale, words, meta = weights
-        return W4A8Eager(packed, scale, Int4Eager(Int4MMAWeight(words, meta, words.shape[1] * 128 // meta.shape[1])))
+        small = Int4Eager(Int4MMAWeight(words, meta, words.shape[1] * 128 // meta.shape[1]), int4_linear)
+        return W4A8Eager(packed, scale, small)
     from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
 
     return functools.partial(int8_linear if kind == "int8" else fp8_linear, wq=weights[0], w_scale=weights[1])

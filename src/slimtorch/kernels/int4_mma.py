@@ -32,6 +32,7 @@ Needs integer zero-points in 0..15 (what our quantizers produce), N a multiple o
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -228,10 +229,11 @@ class Int4Eager:
     (:class:`~slimtorch.kernels._cuda.BoundLaunch`); a call allocates the output, writes two pointers and
     launches. Why: at one row the kernel takes about 10 us of GPU time, so a launcher that rebuilt its
     arguments each call (about 20 us of Python) made the eager decode step of a 7B-shaped model slower than
-    bf16's (benchmarks/results/decode.jsonl). More than :data:`MAX_M` rows go to ``dispatch.int4_linear``."""
+    bf16's (benchmarks/results/decode.jsonl). More than :data:`MAX_M` rows go to ``large(x, w)`` (the
+dispatcher passes its ``int4_linear``, which picks the GEMM for that many rows)."""
 
-    def __init__(self, w: Int4MMAWeight) -> None:
-        self.w, self.k, self.n = w, w.k, w.n
+    def __init__(self, w: Int4MMAWeight, large: Callable[[torch.Tensor, Int4MMAWeight], torch.Tensor]) -> None:
+        self.w, self.k, self.n, self.large = w, w.k, w.n, large
         self.device_index = w.words.get_device()
         self._bound: dict = {}
 
@@ -248,9 +250,7 @@ class Int4Eager:
         launch = self._bound.get(key)
         if launch is None:
             if not 0 < m <= MAX_M:
-                from slimtorch.kernels.dispatch import int4_linear
-
-                return int4_linear(x, self.w)
+                return self.large(x, self.w)
             cfg = mma_config(m, self.n, k, x.device)
             y = x2.new_empty((m, self.n))
             name, grid, block, args = _launch_args(x2, self.w, y, cfg)
@@ -267,7 +267,7 @@ class Int4Eager:
         import copy
 
         return Int4Eager(Int4MMAWeight(copy.deepcopy(self.w.words, memo), copy.deepcopy(self.w.meta, memo),
-                                       self.w.group))
+                                       self.w.group), self.large)
 
 
 def dequantize_int4_mma(w: Int4MMAWeight) -> torch.Tensor:
