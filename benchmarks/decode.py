@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import cuda_graph, median_us
+from timing import cuda_graph, median_us
 from records import run_header
 
 from slimtorch.quant.modules import QuantLinear

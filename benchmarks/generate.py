@@ -106,7 +106,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     versions = ["bf16", *args.presets.split(",")]
-    for version in versions:
+    models = {}
+    for version in versions:  # both held at once (a 7B-shaped bf16 model is about 13 GB)
         model = build(args.layers, args.prompt + args.new)
         rec0 = {**head, "version": version}
         if version != "bf16":
@@ -115,8 +116,12 @@ def main() -> None:
             rec0["quantize_s"] = time.perf_counter() - t0
         rec0["gpu_weights_gib"] = sum(t.numel() * t.element_size() for t in
                                       [*model.parameters(), *model.buffers()]) / 2**30
-        for mode in modes:
-            for b in batches:
+        models[version] = (model, rec0)
+        gc.collect()
+        torch.cuda.empty_cache()
+    for mode in modes:  # versions side by side for each (mode, batch): a run cut short still has pairs
+        for b in batches:
+            for version, (model, rec0) in models.items():
                 rec = {**rec0, "mode": mode, "batch": b}
                 try:
                     rec.update(measure(model, b, args.prompt, args.new, mode == "static-compile"))
@@ -126,9 +131,6 @@ def main() -> None:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(json.dumps({k: v for k, v in rec.items() if k not in head}), flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
     # ratios against bf16 of the same run, printed (each record went to the file as soon as it was measured)
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
     mine = [r for r in rows if r.get("date") == head["date"] and r.get("command") == head["command"]]

@@ -25,10 +25,36 @@ def _quantized(preset: str) -> torch.nn.Module:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """bf16 logits of the same computation, up to the order of float operations that compiling changes."""
+    """bf16 logits of the same computation, up to the order of float operations that compiling changes in
+    the layers around the kernels (norms, attention): with dynamic int8/fp8 activations, a last-bit change
+    of an activation can move its code by one step, so the logits of this 4-layer model differ by a few
+    percent of their range (about 4% seen on an H100); the per-layer test below holds the kernels to
+    bit equality."""
     a, b = a.float(), b.float()
-    return bool((a - b).abs().max() <= 0.02 * b.abs().max()) and \
-        bool((a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.99)
+    return bool((a - b).abs().max() <= 0.06 * b.abs().max()) and \
+        bool((a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_compiled_layer_is_bit_equal_to_eager(preset):
+    """One QuantLinear compiled with fullgraph=True runs the same kernel as its eager call: equal bits, at
+    the row counts where the dispatch changes path (weight-only at few rows, W8A8/W4A8 GEMMs above)."""
+    from slimtorch.quant.recipe import get_preset
+
+    torch.manual_seed(0)
+    r = get_preset(preset)
+    lin = torch.nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)
+    mod = QuantLinear.from_float(lin, r.weight, r.act)
+    assert mod.kernel_op is not None
+    with torch.no_grad():
+        compiled = torch.compile(mod, fullgraph=True, dynamic=False)
+        for m in (1, 16, 33, 128, 300):
+            x = torch.randn(2, m, 1024, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(compiled(x), mod(x)), m
+            mod.use_kernels = False
+            ref = mod(x.float())
+            mod.use_kernels = True
+            assert (compiled(x).float() - ref).abs().max() <= 0.03 * ref.abs().max()  # and it is the layer
 
 
 @pytest.mark.parametrize("preset", PRESETS)

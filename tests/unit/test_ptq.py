@@ -244,3 +244,20 @@ def test_conv_subclasses_are_planned_only_when_they_can_be_reproduced():
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert out.shape == ref.shape == (2, 8, 8, 8) and ((out - ref).norm() / ref.norm()) < 0.02
+
+
+def test_to_dtype_keeps_the_quantized_state():
+    """model.to(torch.bfloat16) converts floating buffers; the fp8 codes and float32 scales of a quantized
+    layer are the quantization itself and keep their dtypes (bf16 scales would change the weight)."""
+    from slimtorch.quant.modules import QuantLinear
+    from slimtorch.quant.recipe import get_preset
+
+    torch.manual_seed(0)
+    r = get_preset("FP8")
+    mod = QuantLinear.from_float(torch.nn.Linear(64, 32), r.weight, r.act)
+    w = mod.weight()
+    scale = mod.w_scale.clone()
+    mod = mod.to(torch.bfloat16)
+    assert mod.qweight.dtype == torch.float8_e4m3fn and mod.w_scale.dtype == torch.float32
+    assert torch.equal(mod.w_scale, scale) and torch.equal(mod.weight(), w)
+    assert mod.bias.dtype == torch.bfloat16  # the float parts do convert

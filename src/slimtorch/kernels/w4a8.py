@@ -60,9 +60,10 @@ def _configs():
     import triton
 
     out = []
-    for bm, bn, warps, stages in ((64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3),
-                                  (128, 128, 4, 4), (64, 256, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
+    for bn, bm, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 4),
+                                  (128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+                                  (64, 256, 4, 3)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -70,7 +71,13 @@ _KERNEL: list = []
 
 
 def _kernel():
-    """The Triton kernel, defined at first use (Triton is imported only where a GPU runs)."""
+    """The Triton kernel, defined at first use (Triton is imported only where a GPU runs).
+
+    The weight is the left operand of the products and x the right (y^T = W x^T, "swapped A and B"): the
+    int4 codes are unpacked in registers, and Hopper's wgmma takes its left operand from registers but its
+    right one only from shared memory, so the unpacked tile can feed the tensor cores without a round trip
+    through shared memory; x's tile (64 inputs x BLOCK_M rows, K-major as int8 wgmma wants) is copied there
+    by the pipeline. It also lets a few rows of x fill the narrow side of the instruction (8 to 256)."""
     if _KERNEL:
         return _KERNEL[0]
     import triton
@@ -79,37 +86,33 @@ def _kernel():
     @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
     @triton.jit
     def w4a8_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_bs,
-                    stride_cm, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    stride_cm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
         pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m, pid_n = pid % num_m, pid // num_m  # neighbours share a weight tile (read once from HBM)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rh = tl.arange(0, 64)
-        a_p = a_ptr + rm[:, None] * stride_am + rh[None, :]
-        b_p = b_ptr + rn[None, :] * stride_bn + rh[:, None]
+        w_p = b_ptr + rn[:, None] * stride_bn + rh[None, :]  # (BLOCK_N, 64) packed bytes
+        x_p = a_ptr + rm[None, :] * stride_am + rh[:, None]  # (64, BLOCK_M): x^T
         s_p = bs_ptr + rn * stride_bs
-        mask_m, mask_n = rm[:, None] < M, rn[None, :] < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        mask_n, mask_m = rn[:, None] < N, rm[None, :] < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, 128):
-            a0 = tl.load(a_p, mask=mask_m, other=0)
-            a1 = tl.load(a_p + 64, mask=mask_m, other=0)
-            p = tl.load(b_p, mask=mask_n, other=0)  # (64, BLOCK_N) int8: two codes each
+            p = tl.load(w_p, mask=mask_n, other=0)
+            x0 = tl.load(x_p, mask=mask_m, other=0)
+            x1 = tl.load(x_p + 64, mask=mask_m, other=0)
             lo = (p << 4) >> 4  # arithmetic shifts sign-extend the nibbles
             hi = p >> 4
-            part = tl.dot(a0, lo) + tl.dot(a1, hi)  # int32, exact
+            part = tl.dot(lo, x0, out_dtype=tl.int32)
+            part = tl.dot(hi, x1, part, out_dtype=tl.int32)  # the group's products, exact in int32
             s = tl.load(s_p + k0 // GROUP, mask=rn < N, other=0.0)
-            acc += part.to(tl.float32) * s[None, :]
-            a_p += 128
-            b_p += 64
+            acc += part.to(tl.float32) * s[:, None]
+            w_p += 64
+            x_p += 128
         sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
-        y = acc * sa[:, None]
-        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask_m & mask_n)
+        y = acc * sa[None, :]
+        tl.store(c_ptr + rm[None, :] * stride_cm + rn[:, None], y.to(c_ptr.dtype.element_ty), mask=mask_m & mask_n)
 
     _KERNEL.append(w4a8_kernel)
     return w4a8_kernel

@@ -111,8 +111,12 @@ def _w8a8_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET, stri
     b_p = b_ptr + rn[None, :] * stride_bn + rk[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_p, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
-        b = tl.load(b_p, mask=(rn[None, :] < N) & (k0 + rk[:, None] < K), other=0)
+        if IS_INT:
+            a = tl.load(a_p, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
+            b = tl.load(b_p, mask=(rn[None, :] < N) & (k0 + rk[:, None] < K), other=0)
+        else:  # an integer fill does not cast to fp8
+            a = tl.load(a_p, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0.0)
+            b = tl.load(b_p, mask=(rn[None, :] < N) & (k0 + rk[:, None] < K), other=0.0)
         acc += tl.dot(a, b, out_dtype=tl.int32 if IS_INT else tl.float32)
         a_p += BLOCK_K
         b_p += BLOCK_K

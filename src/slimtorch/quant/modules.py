@@ -83,6 +83,18 @@ class QuantWeight(nn.Module):
         # the weight was quantized as W * s, so the input is multiplied by 1 / s). None: no smoothing.
         self.register_buffer("inv_smooth", None)
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) / .half() convert every floating buffer, fp8 codes and float32 scales
+        # included; those are the quantization itself (a bf16 scale is a different quantized weight, and
+        # bf16 codes no kernel takes), so they follow the device only
+        before = {name: getattr(self, name) for name in ("qweight", "w_scale", "w_zero")}
+        out = super()._apply(fn, recurse)
+        for name, t in before.items():
+            now = getattr(self, name)
+            if now.dtype != t.dtype:
+                setattr(self, name, t.to(now.device))
+        return out
+
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight in its original shape."""
         return P.dequantize(self.qweight, self.w_scale, self.w_zero, self.wspec, dtype).reshape(self.weight_shape)
