@@ -95,7 +95,8 @@ def main() -> None:
                     extra[f"QuantLinear {p}"] = {"kernel_op": q.kernel_op}
                     if q._eager is not None:
                         rows[f"kernel {p}"] = per_call_us(lambda q=q: q._eager(x))
-                extra["QuantLinear W4A16-g128"]["profile"] = profile_top(lambda: layers["W4A16-g128"](x))
+                for p in ("W4A16-g128", "W8A8-dynamic"):
+                    extra[f"QuantLinear {p}"]["profile"] = profile_top(lambda p=p: layers[p](x), top=14)
             base_f, base_m = rows["bf16 F.linear"], rows["bf16 nn.Linear"]
             for name, (wall, host) in rows.items():
                 rec = {**head, "shape_nk": [n, k], "m": m, "what": name, "wall_us_per_call": wall,
@@ -105,8 +106,10 @@ def main() -> None:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{n}x{k} M={m} {name:28s} wall {wall:6.1f} us  host {host:6.1f} us  "
                       f"{wall / base_f[0]:.2f}x F.linear  {wall / base_m[0]:.2f}x nn.Linear", flush=True)
-            for line in extra["QuantLinear W4A16-g128"]["profile"]:
-                print("   ", line)
+            for p in ("W4A16-g128", "W8A8-dynamic"):
+                print("  profile of QuantLinear", p)
+                for line in extra[f"QuantLinear {p}"]["profile"]:
+                    print("   ", line)
 
 
 if __name__ == "__main__":

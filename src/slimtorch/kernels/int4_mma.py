@@ -238,28 +238,41 @@ dispatcher passes its ``int4_linear``, which picks the GEMM for that many rows).
         self._bound: dict = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # fast path: an input of a (shape, strides, device, thread) seen before, whose rows the bound
+        # launch reads in place (the first call of each checked everything below)
+        launch = self._bound.get((x.shape, x.stride(), x.get_device(), threading.get_ident()))
+        p = x.data_ptr()
+        if launch is not None and not p & 15 and x.dtype is torch.bfloat16:
+            y = torch.empty(launch.out_shape, dtype=torch.bfloat16, device=launch.device)
+            launch.vals[2].value = p
+            launch.vals[3].value = y.data_ptr()
+            launch()
+            return y
+        return self._bind_or_run(x)
+
+    def _bind_or_run(self, x: torch.Tensor) -> torch.Tensor:
         k = self.k
         if x.shape[-1] != k or x.dtype != torch.bfloat16 or x.get_device() != self.device_index:
             raise ValueError(f"int4 linear on cuda:{self.device_index} takes bf16 x (..., {k}) on that device; got "
                              f"{x.dtype} {tuple(x.shape)} on {x.device}")
         x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-            x2 = x2.contiguous()
         m = x2.shape[0]
-        key = (m, x2.stride(0), threading.get_ident())
-        launch = self._bound.get(key)
-        if launch is None:
-            if not 0 < m <= MAX_M:
-                return self.large(x, self.w)
-            cfg = mma_config(m, self.n, k, x.device)
-            y = x2.new_empty((m, self.n))
-            name, grid, block, args = _launch_args(x2, self.w, y, cfg)
-            launch = self._bound[key] = _launch.bind(name, grid, block, args, x.device, cfg.pdl)
-            launch.keep = (self.w.words, self.w.meta)  # x and y are set on every call
+        if not 0 < m <= MAX_M:
+            return self.large(x, self.w)
+        in_place = x2.stride(-1) == 1 and not x2.stride(0) % 8 and not x2.data_ptr() % 16
+        if not in_place:
+            x2 = x2.contiguous()
+        cfg = mma_config(m, self.n, k, x.device)
         y = x2.new_empty((m, self.n))
-        launch.vals[2].value = x2.data_ptr()
-        launch.vals[3].value = y.data_ptr()
-        launch()
+        name, grid, block, args = _launch_args(x2, self.w, y, cfg)
+        if in_place and x2.data_ptr() == x.data_ptr():  # later calls of this layout launch at once
+            launch = _launch.bind(name, grid, block, args, x.device, cfg.pdl)
+            launch.keep = (self.w.words, self.w.meta)  # x and y are set on every call
+            launch.out_shape, launch.device = (*x.shape[:-1], self.n), x.device
+            self._bound[(x.shape, x.stride(), x.get_device(), threading.get_ident())] = launch
+            launch()
+        else:
+            _launch(name, grid, block, args, x.device, cfg.pdl)
         return y.view(*x.shape[:-1], self.n)
 
     def __deepcopy__(self, memo: dict) -> Int4Eager:
