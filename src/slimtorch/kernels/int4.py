@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from slimtorch.kernels.int4_layout import Int4Weight, prepare_int4, supported  # noqa: F401 (re-exported)
+from slimtorch.kernels.triton_launch import launch as _launch
 
 
 @triton.jit
@@ -135,29 +136,6 @@ def dequantize_int4(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> torch
     _launch(_dequant_kernel, (w.n // block, w.k // w.group), (w.words, w.a, w.b, out, w.n, w.k, out.stride(0)),
             {"GROUP": w.group, "BLOCK_N": block, "num_warps": 4})
     return out
-
-
-def _spec(v) -> tuple:
-    """What Triton specialises a kernel argument on: dtype and 16-byte alignment, or an int's size."""
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() % 16 == 0
-    return v == 1, v % 16 == 0, -2**31 <= v < 2**31
-
-
-_COMPILED: dict = {}  # a memo of compiled kernels: (kernel, meta, argument specialisation) -> CompiledKernel
-
-
-def _launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
-    """``kernel[grid](*args, **meta)``; after the first launch with the same specialisation, the compiled
-    kernel is called directly, skipping the JIT's per-call argument binding (tens of microseconds a
-    call on a slow host, more than a decode-sized kernel takes on the GPU)."""
-    key = (kernel, tuple(meta.items()), tuple(_spec(a) for a in args))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = kernel[grid](*args, **meta)
-        return
-    values = [*args, *(meta[name] for name in kernel.arg_names[len(args):])]
-    compiled[grid + (1,) * (3 - len(grid))](*values, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
 
 
 # From this many rows on, dequantize to bf16 once and call cuBLAS: the tiled kernel (eight K = 16
