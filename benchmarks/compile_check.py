@@ -3,7 +3,7 @@ and mode="reduce-overhead"), with the unquantized bf16 model as the yardstick of
 changes. Writes one JSON line per (version, mode): the largest logit difference relative to the logits'
 range and the share of positions whose argmax agrees.
 
-    PYTHONPATH=../src python compile_check.py [--out FILE]
+    PYTHONPATH=../src python compile_check.py [--versions bf16,W4A16-g128,...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def compare(model, x, mode: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "compile_check.jsonl"))
+    ap.add_argument("--versions", default="bf16,W4A16-g128,W4A16-g128 no-PDL,W8A8-dynamic,FP8,W4A8")
     args = ap.parse_args()
     head = run_header(torch.cuda.get_device_name())
     base = load_model("tinyllama-fm")
@@ -43,7 +44,7 @@ def main() -> None:
     x = torch.randint(0, 4096, (2, 64), device="cuda")
     x16 = x[:1, :16].contiguous()
     plain_config = int4_mma.mma_config
-    for version in ("bf16", "W4A16-g128", "W4A16-g128 no-PDL", "W8A8-dynamic", "FP8", "W4A8"):
+    for version in args.versions.split(","):
         q = copy.deepcopy(base)
         if version != "bf16":
             quantize_(q, version.split()[0], [], "rtn")
