@@ -123,7 +123,6 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     x is quantized per row to int8 by ``w8a8.quantize_rows`` (one read of x), then the GEMM runs."""
     import triton
 
-    from slimtorch.kernels.triton_launch import launch_tuned
     from slimtorch.kernels.w8a8 import quantize_rows
 
     k, n = x.shape[-1], packed.shape[0]
@@ -140,6 +139,6 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    launch_tuned(_kernel(), grid, (xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0),
-                                   scale.stride(0), y.stride(0)), {"GROUP": k // scale.shape[1]}, (bucket, n, k))
+    _kernel()[grid](xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0), scale.stride(0),
+                    y.stride(0), GROUP=k // scale.shape[1])
     return y.reshape(*x.shape[:-1], n)
