@@ -1,0 +1,96 @@
+"""FID against closed forms; the cache schedule's DP against exhaustive search and a hand-checked table;
+the error correction against least squares."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from slimtorch.diffusion.cache_schedule import (
+    dp_schedule,
+    drift_cost,
+    schedule_cost,
+    uniform_schedule,
+)
+from slimtorch.diffusion.error_correction import apply_affine, fit_affine
+from slimtorch.diffusion.fid import fid, frechet_distance
+from slimtorch.errors import SlimError
+
+
+def test_frechet_distance_closed_forms():
+    # commuting (diagonal) covariances: |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    v1, v2 = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
+    want = 1 + 0 + 4 + (1 - 2) ** 2 + (2 - 1) ** 2 + 0
+    assert frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2)) == pytest.approx(want, rel=1e-12)
+    # a rotation of both leaves it unchanged; identical Gaussians are at distance 0
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    rot = frechet_distance(q @ mu1.double(), q @ torch.diag(v1).double() @ q.T, q @ mu2.double(),
+                           q @ torch.diag(v2).double() @ q.T)
+    assert rot == pytest.approx(want, rel=1e-9)
+    c = q @ torch.diag(v1).double() @ q.T
+    assert frechet_distance(mu1, c, mu1, c) == pytest.approx(0, abs=1e-9)
+
+
+def test_fid_of_samples_approaches_the_population_value():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 4, generator=g, dtype=torch.float64) * 2 + 0.5
+    want = 4 * 0.25 + 4 * (2 - 1) ** 2  # 5
+    assert fid(a, b) == pytest.approx(want, rel=0.03)
+    with pytest.raises(SlimError):
+        fid(a[:1], b)
+
+
+def test_dp_schedule_hand_checked():
+    # 4 steps, 2 groups: splits [0,1)[1,4), [0,2)[2,4), [0,3)[3,4) cost 0+9, 1+1, 5+0: the middle wins
+    inf = math.inf
+    cost = torch.tensor([[inf, 0, 1, 5, 12],
+                         [inf, inf, 0, 4, 9],
+                         [inf, inf, inf, 0, 1],
+                         [inf, inf, inf, inf, 0],
+                         [inf] * 5], dtype=torch.float64)
+    assert dp_schedule(cost, 2) == [0, 2]
+    assert schedule_cost(cost, [0, 2]) == 2
+    assert dp_schedule(cost, 2, min_len=1, max_len=1 + 2) == [0, 2]
+    assert dp_schedule(cost, 4) == [0, 1, 2, 3]
+    with pytest.raises(SlimError):
+        dp_schedule(cost, 2, min_len=3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dp_schedule_is_optimal(seed):
+    g = torch.Generator().manual_seed(seed)
+    steps, groups = 9, 3
+    feats = torch.randn(steps, 6, generator=g).cumsum(0)  # a drifting feature
+    cost = drift_cost(feats, torch.rand(steps, generator=g) + 0.5)
+    got = dp_schedule(cost, groups, min_len=2, max_len=4)
+    best = min((schedule_cost(cost, [0, *c]), [0, *c]) for c in itertools.combinations(range(1, steps), groups - 1)
+               if all(2 <= n - j <= 4 for j, n in zip([0, *c], [*c, steps])))
+    assert schedule_cost(cost, got) == pytest.approx(best[0])
+    assert schedule_cost(cost, got) <= schedule_cost(cost, uniform_schedule(steps, 3)) + 1e-12
+
+
+def test_drift_cost_is_the_sum_of_l1_drifts():
+    f = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0]])
+    cost = drift_cost(f)
+    assert cost[0, 3] == 0 + 1 + 3 and cost[1, 3] == 0 + 2 and cost[0, 1] == 0
+    assert uniform_schedule(7, 3) == [0, 3, 6] and uniform_schedule(5, 1) == [0, 1, 2, 3, 4]
+
+
+def test_error_correction_is_the_least_squares_line():
+    g = torch.Generator().manual_seed(0)
+    approx = torch.randn(64, 3, 4, 4, generator=g)
+    real = approx * torch.tensor([1.7, 0.5, -1.0]).view(1, 3, 1, 1) + torch.tensor([0.3, 0.0, 2.0]).view(1, 3, 1, 1)
+    real = real + 0.05 * torch.randn(real.shape, generator=g)
+    a, b = fit_affine(approx, real)
+    for c in range(3):  # the closed form equals lstsq on [x, 1]
+        x = approx[:, c].reshape(-1, 1).double()
+        sol = torch.linalg.lstsq(torch.cat([x, torch.ones_like(x)], 1), real[:, c].reshape(-1, 1).double()).solution
+        assert float(a[c]) == pytest.approx(float(sol[0]), rel=1e-5) and float(b[c]) == pytest.approx(float(sol[1]), abs=1e-5)
+    err_before = (real - approx).pow(2).mean()
+    err_after = (real - apply_affine(approx, a, b)).pow(2).mean()
+    assert err_after < 0.01 * err_before
+    a0, b0 = fit_affine(torch.ones(8, 2), torch.full((8, 2), 3.0))  # constant input: a shift only
+    assert torch.equal(a0, torch.ones(2)) and torch.allclose(b0, torch.full((2,), 2.0))
