@@ -6,6 +6,7 @@ import torch
 
 from slimtorch.diffusion.dit import DiT, patchify, unpatchify
 from slimtorch.diffusion.unet import DDPMUNet
+from slimtorch.hooks import TemporaryHooks
 
 
 def _inputs(b: int = 2):
@@ -21,10 +22,10 @@ def test_unet_split_forward_equals_the_whole(start):
     net = DDPMUNet(ch=32, groups=8).eval()
     x, t, y = _inputs()
     seen = {}
-    hook = net.up[start].register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))  # None: args kept
     with torch.no_grad():
-        full = net(x, t, y)
-        hook.remove()
+        with TemporaryHooks() as hooks:
+            hooks.before(net.up[start], lambda m, args: seen.update(h=args[0]))  # None: the arguments are kept
+            full = net(x, t, y)
         emb = net.embed(t, y)
         k = net.num_skips - 1 - start
         skips = net.encode(x, emb, upto=k)

@@ -32,7 +32,7 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
     """The inverse of :func:`patchify`: (B, N, C p p) -> (B, C, R, R)."""
     b, n, _ = x.shape
-    g = int(round(n**0.5))
+    g = round(n**0.5)
     return x.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
 
 
