@@ -94,3 +94,22 @@ def test_error_correction_is_the_least_squares_line():
     assert err_after < 0.01 * err_before
     a0, b0 = fit_affine(torch.ones(8, 2), torch.full((8, 2), 3.0))  # constant input: a shift only
     assert torch.equal(a0, torch.ones(2)) and torch.allclose(b0, torch.full((2,), 2.0))
+
+
+def test_fid_fmnist_on_real_images():
+    """Real test images: the classifier's features classify as its recorded accuracy says, the noise floor
+    between two disjoint halves is small, and shuffled pixels are far away."""
+    from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
+    from slimtorch.zoo import load_model
+    from slimtorch.zoo.data import fashion_mnist
+
+    test = fashion_mnist("test")
+    x = to_diffusion(test.images[:2000])
+    assert x.shape == (2000, 1, 32, 32) and float(x.min()) == -1 and float(x.max()) <= 1
+    feats, logits = classifier_outputs(load_model("fmnist-cnn"), x)
+    assert feats.shape == (2000, 128) and class_accuracy(logits, test.labels[:2000]) > 0.9
+    floor = fid(feats[:1000], feats[1000:])
+    perm = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(0))
+    noise = x.flatten(1)[:, perm].reshape(x.shape)
+    far = fid(feats[:1000], classifier_outputs(load_model("fmnist-cnn"), noise[:1000])[0])
+    assert far > 20 * floor
