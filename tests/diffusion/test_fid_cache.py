@@ -99,7 +99,11 @@ def test_error_correction_is_the_least_squares_line():
 def test_fid_fmnist_on_real_images():
     """Real test images: the classifier's features classify as its recorded accuracy says, the noise floor
     between two disjoint halves is small, and shuffled pixels are far away."""
-    from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
+    from slimtorch.diffusion.quality import (
+        class_accuracy,
+        classifier_outputs,
+        to_diffusion,
+    )
     from slimtorch.zoo import load_model
     from slimtorch.zoo.data import fashion_mnist
 
