@@ -66,3 +66,22 @@ def test_dit_starts_as_zero_output_and_then_conditions():
                 torch.nn.init.normal_(m.weight, std=0.05)
         out = net(x, t, y)
         assert out.shape == x.shape and not torch.allclose(out, net(x, t, (y + 1) % 11))
+
+
+def test_load_diffusion_round_trip(tmp_path):
+    from slimtorch.diffusion.models import load_diffusion
+    from slimtorch.errors import SlimError
+    from slimtorch.io.checkpoint import save_tensors
+
+    torch.manual_seed(0)
+    cfg = {"dim": 64, "depth": 2, "heads": 2}
+    net = DiT(**cfg)
+    save_tensors(tmp_path / "fmnist-dit.safetensors", {k: v.half() for k, v in net.state_dict().items()}, {"config": cfg})
+    back = load_diffusion(tmp_path / "fmnist-dit.safetensors")
+    for k, v in net.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v.half().float())
+    save_tensors(tmp_path / "fmnist-dit-bad.safetensors", {"x": torch.zeros(1)}, {"config": cfg})
+    with pytest.raises(SlimError):
+        load_diffusion(tmp_path / "fmnist-dit-bad.safetensors")
+    with pytest.raises(SlimError):
+        load_diffusion(tmp_path / "other.safetensors")
