@@ -1,13 +1,19 @@
 """Train the Fashion-MNIST diffusion models (fmnist-ddpm-unet, fmnist-dit) on a GPU. Seeded.
 
     PYTHONPATH=src python scripts/train_diffusion.py --out DIR [unet dit] [--steps N] [--check 2000]
+    PYTHONPATH=src python scripts/train_diffusion.py --out DIR distill-unet --teacher FILE [--rounds 64,32,16,8,4]
 
 DDPM training (T = 1000 linear betas, eps prediction, uniform t), class-conditional with the label dropped
 to the "no class" id with probability 0.1 (classifier-free guidance), AdamW with warm-up and cosine decay,
 bf16 autocast, an EMA of the weights (what is saved, as float16). Images: Fashion-MNIST train, padded to
 32x32 in [-1, 1]. After training, ``--check N`` samples N class-balanced images with DDIM (50 steps,
 guidance 2) and reports FID-FMNIST against the test set and the class accuracy of the samples, as a
-GPU-side check; the shipped figures are measured by the benchmarks. One JSON line per model goes to
+GPU-side check; the shipped figures are measured by the benchmarks.
+
+``distill-unet`` / ``distill-dit``: progressive distillation (slimtorch.diffusion.distill) from the teacher
+file's model, starting at the first of ``--rounds`` DDIM steps and halving to the last, ``--round-steps``
+iterations per round (the student starts as a copy of its teacher), CFG-aware batches with probability 0.5;
+each student is saved as <name>-distilled-<steps>.safetensors and checked with its own step count. One JSON line per model goes to
 DIR/train_log.jsonl; weights to DIR/<name>.safetensors with config and record in the metadata.
 """
 
@@ -26,8 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slimtorch.diffusion.distill import distill_loss, student_grid
 from slimtorch.diffusion.dit import DiT
 from slimtorch.diffusion.fid import fid
+from slimtorch.diffusion.models import load_diffusion
 from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
 from slimtorch.diffusion.samplers import ddim, guided, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
@@ -50,7 +58,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 @torch.no_grad()
-def check(model: torch.nn.Module, n: int, device: str, guidance: float = 2.0, steps: int = 50) -> dict:
+def check(model: torch.nn.Module, n: int, device: str, guidance: float = 2.0, steps: int = 50,
+          grid: list[int] | None = None) -> dict:
     """FID-FMNIST and class accuracy of ``n`` class-balanced DDIM samples (module docstring)."""
     model.eval()
     sched = NoiseSchedule.linear()
@@ -61,7 +70,7 @@ def check(model: torch.nn.Module, n: int, device: str, guidance: float = 2.0, st
         y = labels[i:i + 500]
         x = torch.randn(len(y), 1, 32, 32, device=device, generator=g)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            out.append(ddim(guided(model, y, guidance, model.num_classes), x, sched, timesteps(1000, steps)).float())
+            out.append(ddim(guided(model, y, guidance, model.num_classes), x, sched, grid or timesteps(1000, steps)).float())
     samples = torch.cat(out).clamp(-1, 1).cpu()
     clf = load_model("fmnist-cnn")
     fake, logits = classifier_outputs(clf, samples)
@@ -119,6 +128,51 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
     return record
 
 
+def distill(which: str, teacher_file: Path, rounds: list[int], round_steps: int, batch: int, out: Path, device: str,
+            check_n: int) -> list[dict]:
+    """Progressive distillation rounds (module docstring); one record per round."""
+    name = MODELS[which][0]
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    tr = fashion_mnist("train")
+    x_all, y_all = to_diffusion(tr.images), tr.labels
+    teacher = load_diffusion(teacher_file).to(device).eval().requires_grad_(False)
+    sched = NoiseSchedule.linear()
+    grid = timesteps(1000, rounds[0])
+    records = []
+    for target in rounds[1:]:
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.0)
+        t0 = time.time()
+        for step in range(round_steps):
+            idx = torch.randint(0, len(x_all), (batch,), generator=gen)
+            y = y_all[idx].to(device)
+            y = torch.where(torch.rand(batch, generator=gen).to(device) < NULL_P, torch.full_like(y, student.num_classes), y)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = distill_loss(student, teacher, x_all[idx].to(device), y, grid, sched, student.num_classes, gen,
+                                    cfg_prob=0.5)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            if step % 500 == 0 or step == round_steps - 1:
+                print(f"{name} {len(grid)} -> {len(grid) // 2} steps: step {step}/{round_steps} loss {loss.item():.4f} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+        grid = student_grid(grid)
+        assert len(grid) == target, (len(grid), target)
+        student.eval().requires_grad_(False)
+        rec = {"model": f"{name}-distilled-{target}", "teacher": str(teacher_file), "steps": target, "grid": grid,
+               "round_steps": round_steps, "batch": batch, "train_seconds": round(time.time() - t0, 1)}
+        if check_n:
+            rec.update(check(student, check_n, device, steps=target, grid=grid))
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in student.state_dict().items()}
+        save_tensors(out / f"{name}-distilled-{target}.safetensors", sd,
+                     {"config": MODELS[which][2], "train": rec})
+        records.append(rec)
+        teacher = student
+    return records
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -134,18 +188,31 @@ def main() -> None:
     ap.add_argument("--check", type=int, default=2000, help="samples for the FID check after training (0: none)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--teacher", type=Path, help="distill-*: the teacher's weights file")
+    ap.add_argument("--rounds", default="64,32,16,8,4", help="distill-*: DDIM steps, halving")
+    ap.add_argument("--round-steps", type=int, default=4000)
     ap.add_argument("what", nargs="*", default=["unet", "dit"])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     for what in args.what:
-        rec = train(what, args.steps, args.batch, args.out, args.device, args.check, args.compile)
-        rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "git_commit": _git_commit(), "torch": torch.__version__, "command": "python " + " ".join(sys.argv), **rec}
-        with open(args.out / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps({k: v for k, v in rec.items() if k != "log"}), flush=True)
+        if what.startswith("distill-"):
+            rounds = [int(r) for r in args.rounds.split(",")]
+            recs = distill(what.removeprefix("distill-"), args.teacher, rounds, args.round_steps, args.batch, args.out,
+                           args.device, args.check)
+        else:
+            recs = [train(what, args.steps, args.batch, args.out, args.device, args.check, args.compile)]
+        for rec in recs:
+            _log(args.out, rec)
+
+
+def _log(out: Path, rec: dict) -> None:
+    rec = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "git_commit": _git_commit(), "torch": torch.__version__, "command": "python " + " ".join(sys.argv), **rec}
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps({k: v for k, v in rec.items() if k != "log"}), flush=True)
 
 
 if __name__ == "__main__":
