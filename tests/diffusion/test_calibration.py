@@ -27,15 +27,59 @@ def test_allocation_sums_and_is_proportional():
     assert sum(allocate(torch.rand(97, generator=torch.Generator().manual_seed(0)), 1024)) == 1024
     assert uniform_counts(4, 10) == [3, 3, 2, 2]
     assert allocate(torch.zeros(3), 3) == [1, 1, 1]
+    assert allocate(torch.tensor([10.0, 1.0, 1.0]), 12, cap=5) == [5, 4, 3] or \
+        allocate(torch.tensor([10.0, 1.0, 1.0]), 12, cap=5) == [5, 3, 4]
+    capped = allocate(torch.rand(50, generator=torch.Generator().manual_seed(1)) ** 4, 400, cap=9)
+    assert sum(capped) == 400 and max(capped) <= 9
+    with pytest.raises(SlimError):
+        allocate(torch.ones(3), 10, cap=3)
     with pytest.raises(SlimError):
         allocate(torch.tensor([-1.0, 2.0]), 3)
 
 
 def test_draw_takes_the_counts_without_replacement():
     traj = torch.arange(4 * 6).float().reshape(4, 6, 1)  # step i, sample j holds 6 i + j
-    x, step = draw(traj, [0, 6, 2, 1], torch.Generator().manual_seed(0))
+    x, step, row = draw(traj, [0, 6, 2, 1], torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, 0], 6 * step + row)
     assert step.tolist() == [1] * 6 + [2] * 2 + [3]
     assert sorted(x[:6, 0].tolist()) == [6, 7, 8, 9, 10, 11]
     assert all(12 <= v < 18 for v in x[6:8, 0].tolist()) and len(set(x[6:8, 0].tolist())) == 2
     with pytest.raises(SlimError):
         draw(traj, [7, 0, 0, 0])
+
+
+@pytest.mark.parametrize("method", ["tdac", "uniform"])
+def test_calibration_batches_cover_the_trajectory_and_quantize(method):
+    """Batches drawn from one FP run: inputs the model really saw at their steps, labels of their rows;
+    they calibrate a W8A8 quantization of the UNet through apply_."""
+    import copy
+
+    from slimtorch.api import apply_
+    from slimtorch.diffusion.ptq import calibration_batches, record_trajectory
+    from slimtorch.diffusion.schedule import NoiseSchedule
+    from slimtorch.diffusion.unet import DDPMUNet
+    from slimtorch.quantize import PTQConfig
+
+    torch.manual_seed(0)
+    net = DDPMUNet(ch=32, groups=8).eval()
+    batches = calibration_batches(net, samples=40, steps=10, method=method, trajectory_batch=8, batch=16,
+                                  generator=torch.Generator().manual_seed(0))
+    x = torch.cat([b[0] for b in batches])
+    t = torch.cat([b[1] for b in batches])
+    y = torch.cat([b[2] for b in batches])
+    assert len(x) == 40 and [len(b[0]) for b in batches] == [16, 16, 8]
+    run = record_trajectory(net, 8, 10, NoiseSchedule.linear(), torch.Generator().manual_seed(0))
+    for xi, ti, yi in zip(x, t, y):  # each input is a stored row at its step, with that row's label
+        i = run["t"].tolist().index(int(ti))
+        hit = (run["x"][i] == xi).flatten(1).all(1)
+        assert hit.any() and int(run["y"][hit.nonzero()[0, 0]]) == int(yi)
+    if method == "uniform":
+        assert sorted(torch.bincount(t).tolist())[-10:] == [4] * 10
+    # the static range of the first layer's input (min-max observer) spans every step's inputs
+    q = copy.deepcopy(net)
+    apply_(q, PTQConfig("W8A8", "rtn"), batches)
+    act = q.conv_in.act
+    lo, hi = float(act.scale * (-128 - act.zero)), float(act.scale * (127 - act.zero))
+    step = float(act.scale)
+    assert lo <= float(x.min()) + step and hi >= float(x.max()) - step
+    assert hi - lo <= float(x.max() - x.min()) + 2 * step

@@ -39,19 +39,31 @@ def tdac_weights(features: torch.Tensor, radius: float = 3.0, lam: float = 1.2) 
     return _minmax(density) + lam * _minmax(diversity)
 
 
-def allocate(weights: torch.Tensor, n: int) -> list[int]:
-    """Integer counts proportional to ``weights`` (S,), summing to ``n`` (largest remainders)."""
+def allocate(weights: torch.Tensor, n: int, cap: int | None = None) -> list[int]:
+    """Integer counts proportional to ``weights`` (S,), summing to ``n`` (largest remainders); with ``cap``,
+    no count exceeds it and what a capped step cannot take goes to the others in proportion."""
     if n < 0 or weights.numel() == 0 or bool((weights < 0).any()):
         raise SlimError("calibration allocation needs n >= 0 and non-negative weights")
+    if cap is not None and cap * weights.numel() < n:
+        raise SlimError(f"calibration allocation: {n} samples do not fit {weights.numel()} steps of at most {cap}")
     w = weights.double()
-    w = torch.ones_like(w) if float(w.sum()) <= 0 else w
-    exact = n * w / w.sum()
-    counts = exact.floor().long()
-    left = n - int(counts.sum())
-    if left:
-        order = torch.argsort(exact - counts, descending=True, stable=True)
-        counts[order[:left]] += 1
-    return counts.tolist()
+    counts = torch.zeros_like(w, dtype=torch.long)
+    free = torch.ones_like(w, dtype=torch.bool)
+    while True:
+        left = n - int(counts.sum())
+        ww = torch.where(free, w, torch.zeros_like(w))
+        ww = torch.where(free, torch.ones_like(w), ww) if float(ww.sum()) <= 0 else ww
+        exact = left * ww / ww.sum()
+        add = exact.floor().long()
+        rest = left - int(add.sum())
+        if rest:
+            order = torch.argsort(torch.where(free, exact - add, torch.full_like(exact, -1.0)), descending=True, stable=True)
+            add[order[:rest]] += 1
+        if cap is None or not bool((counts + add > cap).any()):
+            return (counts + add).tolist()
+        over = counts + add > cap  # fix the capped steps, share the rest again
+        counts[over] = cap
+        free &= ~over
 
 
 def uniform_counts(steps: int, n: int) -> list[int]:
@@ -59,15 +71,17 @@ def uniform_counts(steps: int, n: int) -> list[int]:
     return allocate(torch.ones(steps), n)
 
 
-def draw(trajectory: torch.Tensor, counts: list[int], generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(trajectory: torch.Tensor, counts: list[int],
+         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Calibration inputs from a stored trajectory (S, B, ...) (x_t at each step for B samples): for step i,
-    ``counts[i]`` of its B samples, without replacement. Returns (x (N, ...), step index (N,))."""
+    ``counts[i]`` of its B samples, without replacement. Returns (x (N, ...), step index (N,), sample index
+    (N,))."""
     s, b = trajectory.shape[:2]
     if len(counts) != s or max(counts, default=0) > b:
         raise SlimError(f"calibration draw: {len(counts)} counts for {s} steps, at most {b} samples a step")
-    xs, idx = [], []
+    steps, rows = [], []
     for i, c in enumerate(counts):
-        pick = torch.randperm(b, generator=generator)[:c]
-        xs.append(trajectory[i, pick])
-        idx.append(torch.full((c,), i, dtype=torch.long))
-    return torch.cat(xs), torch.cat(idx)
+        rows.append(torch.randperm(b, generator=generator)[:c])
+        steps.append(torch.full((c,), i, dtype=torch.long))
+    step, row = torch.cat(steps), torch.cat(rows)
+    return trajectory[step, row], step, row

@@ -136,7 +136,7 @@ class DDPMUNet(nn.Module):
         return len(self.down) + 1
 
     def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,), (B,) -> (B, emb)
-        return self.time(timestep_embedding(t, self.ch).to(self.conv_in.weight.dtype)) + self.label(y)
+        return self.time(timestep_embedding(t, self.ch).to(self.label.weight.dtype)) + self.label(y)
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """The skips 0..upto (all by default) of the down path; the last is the running tensor."""
