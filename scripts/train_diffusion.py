@@ -3,6 +3,9 @@
     PYTHONPATH=src python scripts/train_diffusion.py --out DIR [unet dit] [--steps N] [--check 2000]
     PYTHONPATH=src python scripts/train_diffusion.py --out DIR distill-unet --teacher FILE [--rounds 64,32,16,8,4]
 
+``lowdiff`` trains one UNet for LowDiff's two-stage cascade (slimtorch.diffusion.cascade: 16x16, then 32x32
+conditioned on it), each sample of a batch training one stage.
+
 DDPM training (T = 1000 linear betas, eps prediction, uniform t), class-conditional with the label dropped
 to the "no class" id with probability 0.1 (classifier-free guidance), AdamW with warm-up and cosine decay,
 bf16 autocast, an EMA of the weights (what is saved, as float16). Images: Fashion-MNIST train, padded to
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slimtorch.diffusion.cascade import cascade_sample, training_batch
 from slimtorch.diffusion.distill import distill_loss, student_grid
 from slimtorch.diffusion.dit import DiT
 from slimtorch.diffusion.fid import fid
@@ -47,6 +51,8 @@ from slimtorch.zoo.data import fashion_mnist
 MODELS = {
     "unet": ("fmnist-ddpm-unet", DDPMUNet, {"ch": 64, "mult": [1, 2, 2], "blocks": 2, "attn_res": [8]}, 2e-4),
     "dit": ("fmnist-dit", DiT, {"dim": 256, "depth": 6, "heads": 4, "patch": 2}, 3e-4),
+    "lowdiff": ("fmnist-lowdiff-unet", DDPMUNet,
+                {"ch": 64, "mult": [1, 2, 2], "blocks": 2, "attn_res": [8], "cond_ch": 1, "resolutions": 2}, 2e-4),
 }
 NULL_P = 0.1
 
@@ -70,6 +76,10 @@ def check(model: torch.nn.Module, n: int, device: str, guidance: float = 2.0, st
         y = labels[i:i + 500]
         x = torch.randn(len(y), 1, 32, 32, device=device, generator=g)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            if getattr(model, "cond_ch", 0):  # LowDiff: 80% of the steps at 16x16, the rest at 32x32
+                out.append(cascade_sample(model, y, sched, steps * 4 // 5, steps - steps * 4 // 5, guidance,
+                                          generator=torch.Generator().manual_seed(1234 + i))[0].float())
+                continue
             out.append(ddim(guided(model, y, guidance, model.num_classes), x, sched, grid or timesteps(1000, steps)).float())
     samples = torch.cat(out).clamp(-1, 1).cpu()
     clf = load_model("fmnist-cnn")
@@ -83,6 +93,7 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
     name, cls, cfg, peak = MODELS[which]
     torch.manual_seed(0)
     gen = torch.Generator(device=device).manual_seed(0)
+    cpu_gen = torch.Generator().manual_seed(0)
     tr = fashion_mnist("train")
     x_all, y_all = to_diffusion(tr.images).to(device), tr.labels.to(device)
     model = cls(**cfg).to(device)
@@ -104,7 +115,14 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, steps, warmup, peak)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = F.mse_loss(step_fn(sched.add_noise(x0, eps, t), t, y).float(), eps)
+            if cfg.get("cond_ch"):  # LowDiff: each sample trains one stage of the cascade
+                loss = 0.0
+                for target, cond, stage, ys in training_batch(x0, y, cpu_gen):
+                    e, tt = eps[: len(target), :, : target.shape[-2], : target.shape[-1]], t[: len(target)]
+                    pred = step_fn(sched.add_noise(target, e, tt), tt, ys, cond=cond, stage=stage)
+                    loss = loss + F.mse_loss(pred.float(), e, reduction="sum") / e[0].numel() / batch
+            else:
+                loss = F.mse_loss(step_fn(sched.add_noise(x0, eps, t), t, y).float(), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

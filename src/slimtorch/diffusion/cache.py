@@ -89,20 +89,20 @@ class _CacheHook(ModuleHook):
 
 
 class DeepCacheHook(_CacheHook):
-    def new_forward(self, module: DDPMUNet, forward, x, t, y):
+    def new_forward(self, module: DDPMUNet, forward, x, t, y, cond=None, stage=None):
         step, self.step = self.step, self.step + 1
         k = self.config.branch
         start = module.num_skips - 1 - k
-        emb = module.embed(t, y)
+        emb = module.embed(t, y, stage)
         if self.is_refresh(step):
             self.full_steps.append(step)
-            hs = module.encode(x, emb)
+            hs = module.encode(x, emb, cond=cond)
             h = module.mid(hs[-1], emb)
-            for stage in module.up[:start]:
-                h = stage(torch.cat([h, hs.pop()], dim=1), emb)
+            for block in module.up[:start]:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
             self.feature = h
             return module.decode(h, hs, emb, start=start)
-        return module.decode(self.reused(step), module.encode(x, emb, upto=k), emb, start=start)
+        return module.decode(self.reused(step), module.encode(x, emb, upto=k, cond=cond), emb, start=start)
 
 
 class BlockCacheHook(_CacheHook):

@@ -12,11 +12,11 @@ from slimtorch.diffusion.unet import DDPMUNet
 from slimtorch.errors import SlimError
 from slimtorch.io.checkpoint import load_tensors
 
-KINDS = {"fmnist-ddpm-unet": DDPMUNet, "fmnist-dit": DiT}
+KINDS = {"fmnist-ddpm-unet": DDPMUNet, "fmnist-lowdiff-unet": DDPMUNet, "fmnist-dit": DiT}
 
 
 def load_diffusion(path: Path, sha256: str | None = None) -> nn.Module:
-    """The model saved at ``path`` (its file name says which kind: fmnist-ddpm-unet or fmnist-dit), in float32
+    """The model saved at ``path`` (its file name says which kind: fmnist-ddpm-unet, fmnist-lowdiff-unet or fmnist-dit), in float32
     and eval mode."""
     path = Path(path)
     kind = next((k for k in KINDS if path.name.startswith(k)), None)

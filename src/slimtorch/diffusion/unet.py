@@ -7,6 +7,10 @@ it with one more residual block per level, each taking the concatenation of the 
 embedding with one extra row, ``num_classes``, for "no class": classifier-free guidance) are summed into
 one embedding that every residual block adds after its first convolution.
 
+For LowDiff's cascade (:mod:`slimtorch.diffusion.cascade`) one network serves two resolutions:
+``cond_ch`` extra input channels take the low-resolution result upsampled (zeros at the low-resolution
+stage) and ``resolutions`` > 1 adds a learned embedding of the stage to the time embedding.
+
 The forward is split for DeepCache-style caching (:mod:`slimtorch.diffusion.cache`): :meth:`DDPMUNet.encode`
 runs the down path up to skip ``k`` and :meth:`DDPMUNet.decode` runs the up path from the up block that
 consumes skip ``k``; the tensor that enters that up block (before the concatenation) is the feature a
@@ -92,17 +96,19 @@ class Stage(nn.ModuleList):
 
 
 class DDPMUNet(nn.Module):
-    """x (B, C, 32, 32), t (B,) steps, y (B,) class ids in 0..num_classes (num_classes: no class) -> (B, C, 32, 32)."""
+    """x (B, C, R, R), t (B,) steps, y (B,) class ids in 0..num_classes (num_classes: no class) -> (B, C, R, R);
+    R = 32 (or 16 for a cascade's first stage: the network is convolutional)."""
 
     def __init__(self, in_ch: int = 1, ch: int = 64, mult: tuple[int, ...] = (1, 2, 2), blocks: int = 2,
                  attn_res: tuple[int, ...] = (8,), num_classes: int = 10, resolution: int = 32,
-                 groups: int = 32, dropout: float = 0.1) -> None:
+                 groups: int = 32, dropout: float = 0.1, cond_ch: int = 0, resolutions: int = 1) -> None:
         super().__init__()
         self.num_classes, emb = num_classes, 4 * ch
-        self.ch = ch
+        self.ch, self.cond_ch = ch, cond_ch
         self.time = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = nn.Embedding(num_classes + 1, emb)
-        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.stage = nn.Embedding(resolutions, emb) if resolutions > 1 else None
+        self.conv_in = nn.Conv2d(in_ch + cond_ch, ch, 3, padding=1)
         self.down = nn.ModuleList()  # each stage produces one skip
         chans, c, res = [ch], ch, resolution
         for level, m in enumerate(mult):
@@ -135,12 +141,21 @@ class DDPMUNet(nn.Module):
     def num_skips(self) -> int:
         return len(self.down) + 1
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,), (B,) -> (B, emb)
-        return self.time(timestep_embedding(t, self.ch).to(self.label.weight.dtype)) + self.label(y)
+    def embed(self, t: torch.Tensor, y: torch.Tensor, stage: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,), (B,) [, (B,) stage ids] -> (B, emb)."""
+        e = self.time(timestep_embedding(t, self.ch).to(self.label.weight.dtype)) + self.label(y)
+        if self.stage is not None:
+            e = e + self.stage(torch.zeros_like(y) if stage is None else stage)
+        return e
 
-    def encode(self, x: torch.Tensor, emb: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
-        """The skips 0..upto (all by default) of the down path; the last is the running tensor."""
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, upto: int | None = None,
+               cond: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The skips 0..upto (all by default) of the down path; the last is the running tensor. ``cond``
+        (B, cond_ch, H, W): the extra input channels (zeros when None)."""
         upto = self.num_skips - 1 if upto is None else upto
+        if self.cond_ch:
+            cond = x.new_zeros(x.shape[0], self.cond_ch, *x.shape[2:]) if cond is None else cond.to(x.dtype)
+            x = torch.cat([x, cond], dim=1)
         hs = [self.conv_in(x)]
         for stage in self.down[:upto]:
             hs.append(stage(hs[-1], emb))
@@ -153,7 +168,8 @@ class DDPMUNet(nn.Module):
             h = stage(torch.cat([h, skips.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(t, y)
-        hs = self.encode(x, emb)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond: torch.Tensor | None = None,
+                stage: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, y, stage)
+        hs = self.encode(x, emb, cond=cond)
         return self.decode(self.mid(hs[-1], emb), hs, emb)
