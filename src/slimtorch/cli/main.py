@@ -12,15 +12,22 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from slimtorch.calib.data import check_data_path
 from slimtorch.cli import args
+from slimtorch.cli.diffusion import register as register_diffusion
 from slimtorch.cli.signals import Terminated, on_sigterm
+from slimtorch.cost.hardware import HARDWARE
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
-from slimtorch.cost.hardware import HARDWARE
 from slimtorch.qat.methods import QAT_METHODS
 from slimtorch.quant.recipe import PRESETS
 from slimtorch.quantize import METHODS
@@ -436,6 +443,9 @@ def cost_cmd(
         out.print(f"wrote {plot}")
 
 
+register_diffusion(app, progress_bar)
+
+
 def main(argv: list[str] | None = None, release=None) -> None:
     """The command line: every failure is one line on stderr. A user mistake (SlimError, a usage error)
     exits 2; Ctrl-C 130 and SIGTERM 143, after the job removed what it had staged; a bug in slimtorch
@@ -472,7 +482,7 @@ def main(argv: list[str] | None = None, release=None) -> None:
     except BrokenPipeError:  # the reader of stdout went away (`slimtorch --help | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
         raise SystemExit(141) from None
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
+    except Exception as exc:
         if os.environ.get("SLIMTORCH_DEBUG"):
             raise
         fail(f"internal error (a bug in slimtorch; SLIMTORCH_DEBUG=1 shows the traceback): "
@@ -480,7 +490,7 @@ def main(argv: list[str] | None = None, release=None) -> None:
 
 
 def app_commands() -> list[str]:
-    return [c.name or c.callback.__name__ for c in app.registered_commands]
+    return [c.name or c.callback.__name__ for c in app.registered_commands] + [g.name for g in app.registered_groups]
 
 
 def _click_kinds(name: str, modules: tuple[str, ...]) -> tuple[type[Exception], ...]:
