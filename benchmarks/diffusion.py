@@ -8,7 +8,8 @@ images, class accuracy of the conditional samples, and samples/s, per sampler, s
 * fp: the full-precision model at 100 DDIM steps (the baseline), two noise seeds.
 * front: DDIM and DPM-Solver++(2M) at 5..100 steps (the FID vs samples/s front that any acceleration must beat).
 * cache: 100 DDIM steps with DeepCache (UNet) or block reuse (DiT) at intervals 2..5, the adaptive criterion
-  (DiT), and CacheQuant's DP schedule at the same number of full steps as interval 5.
+  (DiT), and CacheQuant's DP schedule at the same number of full steps as interval 5, with and without its
+  per-step error correction (fitted on one calibration run), and interval 5 with the correction.
 Samples are class-balanced, guidance 2, the same x_T for every setting of one seed (paired comparisons).
 Samples/s is the wall-clock of the whole generation after one warm-up batch, with CUDA synchronisation.
 """
@@ -24,8 +25,9 @@ import torch
 from records import run_header
 
 from slimtorch.api import apply_
-from slimtorch.diffusion.cache import CacheConfig, cache_hook, reset
+from slimtorch.diffusion.cache import CacheConfig, cache_hook, reset, set_correction
 from slimtorch.diffusion.cache_schedule import dp_schedule, drift_cost, uniform_schedule
+from slimtorch.diffusion.error_correction import fit_cache_correction
 from slimtorch.diffusion.fid import fid
 from slimtorch.diffusion.models import load_diffusion
 from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
@@ -65,8 +67,9 @@ def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, s
     return torch.cat(out).clamp(-1, 1).cpu(), labels, secs
 
 
-def dp_refresh_steps(model, device: str, steps: int, groups: int, batch: int = 64) -> list[int]:
-    """CacheQuant's DP schedule from the cached feature's drift along one calibration run of ``steps``."""
+def dp_refresh_steps(model, device: str, steps: int, groups: int, batch: int = 64) -> tuple[list[int], torch.Tensor]:
+    """CacheQuant's DP schedule from the cached feature's drift along one calibration run of ``steps``, and
+    the features of that run (S, 2 batch, ...) for the error correction."""
     feats = []
     apply_(model, CacheConfig(interval=1))
     hook = cache_hook(model)
@@ -81,8 +84,9 @@ def dp_refresh_steps(model, device: str, steps: int, groups: int, batch: int = 6
     with torch.no_grad():
         sample("ddim", capture, x, SCHED, timesteps(1000, steps))
     detach(model, "cache")
-    return dp_schedule(drift_cost(torch.stack(feats)), groups, min_len=max(1, steps // groups // 2),
-                       max_len=2 * -(-steps // groups))
+    feats = torch.stack(feats)
+    return dp_schedule(drift_cost(feats), groups, min_len=max(1, steps // groups // 2),
+                       max_len=2 * -(-steps // groups)), feats
 
 
 def main() -> None:
@@ -143,9 +147,16 @@ def main() -> None:
                     apply_(model, CacheConfig(method="adaptive", threshold=thr))
                     measure(model, name, "ddim", 100, cache=f"adaptive-{thr}")
                     detach(model, "cache")
-            refresh = dp_refresh_steps(model, dev, 100, 20)
+            refresh, feats = dp_refresh_steps(model, dev, 100, 20)
             apply_(model, CacheConfig(schedule=tuple(refresh)))
             measure(model, name, "ddim", 100, cache="dp-20", full_steps=len(refresh), schedule=refresh)
+            set_correction(model, {i: (a.to(dev), b.to(dev)) for i, (a, b) in fit_cache_correction(feats, refresh).items()})
+            measure(model, name, "ddim", 100, cache="dp-20+correction", full_steps=len(refresh))
+            detach(model, "cache")
+            uniform = uniform_schedule(100, 5)
+            apply_(model, CacheConfig(interval=5))
+            set_correction(model, {i: (a.to(dev), b.to(dev)) for i, (a, b) in fit_cache_correction(feats, uniform).items()})
+            measure(model, name, "ddim", 100, cache="uniform-5+correction", full_steps=len(uniform))
             detach(model, "cache")
 
 

@@ -117,3 +117,20 @@ def test_fid_fmnist_on_real_images():
     noise = x.flatten(1)[:, perm].reshape(x.shape)
     far = fid(feats[:1000], classifier_outputs(load_model("fmnist-cnn"), noise[:1000])[0])
     assert far > 20 * floor
+
+
+def test_cache_correction_fits_each_reused_step():
+    from slimtorch.diffusion.error_correction import fit_cache_correction
+
+    g = torch.Generator().manual_seed(0)
+    f0 = torch.randn(16, 3, 4, 4, generator=g)
+    gains = torch.tensor([1.5, 0.5, 2.0]).view(1, 3, 1, 1)
+    feats = torch.stack([f0, f0 * gains + 0.2, f0 * gains**2, torch.randn(16, 3, 4, 4, generator=g)])
+    tables = fit_cache_correction(feats, [0, 3])
+    assert sorted(tables) == [1, 2]
+    a, b = tables[1]
+    assert torch.allclose(a, gains.flatten(), atol=1e-5) and torch.allclose(b, torch.full((3,), 0.2), atol=1e-5)
+    a, b = tables[2]
+    assert torch.allclose(apply_affine(feats[0], a, b), feats[2], atol=1e-5)
+    with pytest.raises(SlimError):
+        fit_cache_correction(feats, [1, 2])

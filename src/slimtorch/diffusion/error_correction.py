@@ -36,3 +36,21 @@ def apply_affine(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, channel_dim:
     shape = [1] * t.dim()
     shape[channel_dim] = -1
     return t * a.to(t.dtype).view(shape) + b.to(t.dtype).view(shape)
+
+
+def fit_cache_correction(features: torch.Tensor, refresh: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-step corrections of a cached feature, from the features (S, B, C, ...) that a full run computes at
+    every step: at a step i that reuses the feature of its last refresh j, fit ``F_i ≈ a F_j + b`` per channel
+    (least squares over samples and positions). Refresh steps get no entry (their feature is fresh)."""
+    if features.dim() < 3:
+        raise SlimError(f"cache correction needs features (steps, batch, channels, ...); got {tuple(features.shape)}")
+    fresh = set(refresh)
+    if 0 not in fresh:
+        raise SlimError("a cache schedule refreshes at step 0")
+    tables, last = {}, 0
+    for i in range(features.shape[0]):
+        if i in fresh:
+            last = i
+            continue
+        tables[i] = fit_affine(features[last], features[i], channel_dim=1)
+    return tables
