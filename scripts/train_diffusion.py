@@ -27,13 +27,13 @@ import copy
 import datetime
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from train_zoo import _git_commit  # scripts/ is on the path of a script run from it
 
 from slimtorch.diffusion.cascade import cascade_sample, training_batch
 from slimtorch.diffusion.distill import distill_loss, student_grid
@@ -189,13 +189,6 @@ def distill(which: str, teacher_file: Path, rounds: list[int], round_steps: int,
         records.append(rec)
         teacher = student
     return records
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:
