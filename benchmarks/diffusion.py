@@ -2,11 +2,15 @@
 images, class accuracy of the conditional samples, and samples/s, per sampler, step count and cache setting.
 
     PYTHONPATH=../src python diffusion.py --weights DIR [--models unet,dit] [--samples 10000] [--batch 1000]
-        [--parts floor,fp,front,cache] [--device cuda] [--out FILE]
+        [--parts floor,fp,front,ptq,cache] [--device cuda] [--out FILE]
 
 * floor: FID-FMNIST of real against real (two disjoint halves of the test set; 10k train against the test set).
 * fp: the full-precision model at 100 DDIM steps (the baseline), two noise seeds.
 * front: DDIM and DPM-Solver++(2M) at 5..100 steps (the FID vs samples/s front that any acceleration must beat).
+* ptq: W8A8 and W4A8 (RTN weights, static activations) calibrated across the trajectory (TDAC, uniform per
+  step) or naively (pure noise at random steps, off the trajectory); bf16 weights and inputs, so that the
+  DiT's linears run on our GPU kernels (its speed-up is measured against the bf16 model in the same run; the
+  UNet's convolutions have no kernel and run the reference: quality only).
 * cache: 100 DDIM steps with DeepCache (UNet) or block reuse (DiT) at intervals 2..5, the adaptive criterion
   (DiT), and CacheQuant's DP schedule at the same number of full steps as interval 5, with and without its
   per-step error correction (fitted on one calibration run), and interval 5 with the correction.
@@ -17,6 +21,7 @@ Samples/s is the wall-clock of the whole generation after one warm-up batch, wit
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -30,10 +35,12 @@ from slimtorch.diffusion.cache_schedule import dp_schedule, drift_cost, uniform_
 from slimtorch.diffusion.error_correction import fit_cache_correction
 from slimtorch.diffusion.fid import fid
 from slimtorch.diffusion.models import load_diffusion
+from slimtorch.diffusion.ptq import calibration_batches
 from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
 from slimtorch.diffusion.samplers import guided, sample, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
 from slimtorch.hooks import attached, detach
+from slimtorch.quantize import PTQConfig
 from slimtorch.zoo import load_model
 from slimtorch.zoo.data import fashion_mnist
 
@@ -42,8 +49,10 @@ SCHED = NoiseSchedule.linear()
 
 
 def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, seed: int = 0,
-             guidance: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(samples (n, 1, 32, 32) on the CPU, labels, seconds of generation)."""
+             guidance: float = 2.0, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(samples (n, 1, 32, 32) on the CPU, labels, seconds of generation). ``bf16``: the model's weights are
+    bf16 and it gets bf16 inputs (what our GPU kernels take), the sampler's state stays float32; otherwise
+    bf16 autocast on CUDA."""
     labels = torch.arange(n) % 10
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 1, 32, 32, generator=g)
@@ -53,8 +62,9 @@ def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, s
         if "cache" in attached(model):
             reset(model)  # each batch is a fresh trajectory
         y = labels[i:i + batch].to(device)
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            return sample(sampler, guided(model, y, guidance, 10), noise[i:i + batch].to(device), SCHED, ts).float()
+        net = (lambda x, t, yy: model(x.to(torch.bfloat16), t, yy).float()) if bf16 else model
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" and not bf16):
+            return sample(sampler, guided(net, y, guidance, 10), noise[i:i + batch].to(device), SCHED, ts).float()
 
     run(0)  # warm-up (kernels, autotuning)
     if device == "cuda":
@@ -95,7 +105,7 @@ def main() -> None:
     ap.add_argument("--models", default="unet,dit")
     ap.add_argument("--samples", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--parts", default="floor,fp,front,cache")
+    ap.add_argument("--parts", default="floor,fp,front,ptq,cache")
     ap.add_argument("--front-steps", default="5,8,10,15,20,30,50,100")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion.jsonl")
@@ -117,8 +127,8 @@ def main() -> None:
         record({"what": "noise floor", "fid_test_half_vs_half": fid(real[:5000], real[5000:]),
                 "fid_train10k_vs_test": fid(train, real)})
 
-    def measure(model, name: str, sampler: str, steps: int, seed: int = 0, **extra) -> None:
-        x, labels, secs = generate(model, args.samples, args.batch, sampler, steps, dev, seed)
+    def measure(model, name: str, sampler: str, steps: int, seed: int = 0, bf16: bool = False, **extra) -> None:
+        x, labels, secs = generate(model, args.samples, args.batch, sampler, steps, dev, seed, bf16=bf16)
         if "cache" in attached(model):  # the full steps of the last batch's trajectory
             extra["full_steps_last_batch"] = len(cache_hook(model).full_steps)
         feats, logits = classifier_outputs(clf, x)
@@ -137,6 +147,24 @@ def main() -> None:
             for sampler in ("ddim", "dpmpp-2m"):
                 for steps in (int(s) for s in args.front_steps.split(",")):
                     measure(model, name, sampler, steps, cache="none")
+        if "ptq" in parts:
+            base = copy.deepcopy(model).to(torch.bfloat16)
+            measure(base, name, "ddim", 100, bf16=True, cache="none", quant="bf16")
+            del base
+            for preset in ("W8A8", "W4A8"):
+                for calib in ("tdac", "uniform", "naive"):
+                    q = copy.deepcopy(model)
+                    if calib == "naive":
+                        g = torch.Generator().manual_seed(5)
+                        batches = [(torch.randn(64, 1, 32, 32, generator=g), torch.randint(0, 1000, (64,), generator=g),
+                                    torch.arange(64) % 10) for _ in range(8)]
+                    else:
+                        batches = calibration_batches(q, samples=512, steps=100, method=calib, trajectory_batch=64,
+                                                      generator=torch.Generator().manual_seed(5))
+                    notes = apply_(q, PTQConfig(preset, "rtn"), [tuple(t.to(dev) for t in b) for b in batches]).notes
+                    measure(q.to(torch.bfloat16), name, "ddim", 100, bf16=True, cache="none", quant=preset,
+                            calibration=calib, notes=notes[:3])
+                    del q
         if "cache" in parts:
             for interval in (2, 3, 4, 5):
                 apply_(model, CacheConfig(interval=interval))
