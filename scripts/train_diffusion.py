@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from train_zoo import _git_commit  # scripts/ is on the path of a script run from it
 
-from slimtorch.diffusion.cascade import cascade_sample, training_batch
+from slimtorch.diffusion.cascade import cascade_sample, stage_steps, training_batch
 from slimtorch.diffusion.distill import distill_loss, student_grid
 from slimtorch.diffusion.dit import DiT
 from slimtorch.diffusion.fid import fid
@@ -76,8 +76,8 @@ def check(model: torch.nn.Module, n: int, device: str, guidance: float = 2.0, st
         y = labels[i:i + 500]
         x = torch.randn(len(y), 1, 32, 32, device=device, generator=g)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            if getattr(model, "cond_ch", 0):  # LowDiff: 80% of the steps at 16x16, the rest at 32x32
-                out.append(cascade_sample(model, y, sched, steps * 4 // 5, steps - steps * 4 // 5, guidance,
+            if getattr(model, "cond_ch", 0):  # LowDiff: most steps at 16x16 (stage_steps), the rest at 32x32
+                out.append(cascade_sample(model, y, sched, *stage_steps(steps), guidance,
                                           generator=torch.Generator().manual_seed(1234 + i))[0].float())
                 continue
             out.append(ddim(guided(model, y, guidance, model.num_classes), x, sched, grid or timesteps(1000, steps)).float())

@@ -55,3 +55,9 @@ def test_cascade_sampling_conditions_the_second_stage_on_the_first():
     assert all(torch.equal(s[2], torch.zeros_like(s[2])) for s in seen[:4])
     cond = seen[-1][2]
     assert cond.shape == (6, 1, 32, 32) and torch.equal(cond[:3], upsample(low)) and torch.equal(cond[3:], upsample(low))
+
+
+def test_stage_steps_split_the_budget():
+    from slimtorch.diffusion.cascade import stage_steps
+
+    assert stage_steps(50) == (40, 10) and stage_steps(100) == (80, 20) and stage_steps(1) == (1, 1)

@@ -12,22 +12,16 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from slimtorch.calib.data import check_data_path
 from slimtorch.cli import args
 from slimtorch.cli.diffusion import register as register_diffusion
 from slimtorch.cli.signals import Terminated, on_sigterm
-from slimtorch.cost.hardware import HARDWARE
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
+from slimtorch.cost.hardware import HARDWARE
 from slimtorch.qat.methods import QAT_METHODS
 from slimtorch.quant.recipe import PRESETS
 from slimtorch.quantize import METHODS
@@ -482,7 +476,7 @@ def main(argv: list[str] | None = None, release=None) -> None:
     except BrokenPipeError:  # the reader of stdout went away (`slimtorch --help | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
         raise SystemExit(141) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
         if os.environ.get("SLIMTORCH_DEBUG"):
             raise
         fail(f"internal error (a bug in slimtorch; SLIMTORCH_DEBUG=1 shows the traceback): "

@@ -48,6 +48,12 @@ def training_batch(x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     return out
 
 
+def stage_steps(total: int) -> tuple[int, int]:
+    """How a budget of ``total`` sampling steps splits between the stages: 80% at 16x16, at least one each."""
+    low = max(1, total * 4 // 5)
+    return low, max(1, total - low)
+
+
 def _stage_net(model: nn.Module, cond: torch.Tensor, stage: int):
     """``net(x, t, y)`` for one stage; the condition follows the batch when guidance doubles it."""
 

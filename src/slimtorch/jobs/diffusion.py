@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from slimtorch.api import apply_
-from slimtorch.diffusion.cache import CacheConfig
-from slimtorch.diffusion.cascade import cascade_sample
+from slimtorch.diffusion.cache import CacheConfig, reset
+from slimtorch.diffusion.cascade import cascade_sample, stage_steps
 from slimtorch.diffusion.models import load_diffusion
 from slimtorch.diffusion.samplers import SAMPLERS, guided, sample, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
@@ -91,14 +91,11 @@ def run_diffusion(weights: Path, out_dir: Path, samples: int = 100, steps: int =
     t0 = time.perf_counter()
     for i in progress(range(0, samples, batch), "sampling"):
         if cache is not None:
-            from slimtorch.diffusion.cache import reset
-
             reset(model)
         y = labels[i:i + batch].to(dev)
         with torch.no_grad():
-            if cascade:  # LowDiff: 80% of the steps at 16x16
-                low = max(1, steps * 4 // 5)
-                x = cascade_sample(model, y, SCHEDULE, low, max(1, steps - low), guidance, sampler,
+            if cascade:  # LowDiff: most steps at 16x16
+                x = cascade_sample(model, y, SCHEDULE, *stage_steps(steps), guidance, sampler,
                                    torch.Generator().manual_seed(seed + i))[0]
             else:
                 x = sample(sampler, guided(model, y, guidance, model.num_classes), noise[i:i + batch].to(dev),

@@ -230,7 +230,7 @@ class Int4Eager:
     launches. Why: at one row the kernel takes about 10 us of GPU time, so a launcher that rebuilt its
     arguments each call (about 20 us of Python) made the eager decode step of a 7B-shaped model slower than
     bf16's (benchmarks/results/decode.jsonl). More than :data:`MAX_M` rows go to ``large(x, w)`` (the
-dispatcher passes its ``int4_linear``, which picks the GEMM for that many rows)."""
+    dispatcher passes its ``int4_linear``, which picks the GEMM for that many rows)."""
 
     def __init__(self, w: Int4MMAWeight, large: Callable[[torch.Tensor, Int4MMAWeight], torch.Tensor]) -> None:
         self.w, self.k, self.n, self.large = w, w.k, w.n, large
