@@ -8,7 +8,8 @@ images, class accuracy of the conditional samples, and samples/s, per sampler, s
 * fp: the full-precision model at 100 DDIM steps (the baseline), two noise seeds.
 * front: DDIM and DPM-Solver++(2M) at 5..100 steps (the FID vs samples/s front that any acceleration must beat).
 * ptq: W8A8 and W4A8 (RTN weights, static activations) calibrated across the trajectory (TDAC, uniform per
-  step) or naively (pure noise at random steps, off the trajectory); bf16 weights and inputs, so that the
+  step), TDAC with per-timestep-group ranges (4 groups) and shortcut splitting (``tdac+ranges``), or naively
+  (pure noise at random steps, off the trajectory); bf16 weights and inputs, so that the
   DiT's linears run on our GPU kernels (its speed-up is measured against the bf16 model in the same run; the
   UNet's convolutions have no kernel and run the reference: quality only).
 * cache: 100 DDIM steps with DeepCache (UNet) or block reuse (DiT) at intervals 2..5, the adaptive criterion
@@ -30,6 +31,7 @@ import torch
 from records import run_header
 
 from slimtorch.api import apply_
+from slimtorch.diffusion.act_ranges import refine_activation_ranges_
 from slimtorch.diffusion.cache import CacheConfig, cache_hook, reset, set_correction
 from slimtorch.diffusion.cache_schedule import dp_schedule, drift_cost, uniform_schedule
 from slimtorch.diffusion.error_correction import fit_cache_correction
@@ -152,18 +154,24 @@ def main() -> None:
             measure(base, name, "ddim", 100, bf16=True, cache="none", quant="bf16")
             del base
             for preset in ("W8A8", "W4A8"):
-                for calib in ("tdac", "uniform", "naive"):
+                for calib in ("tdac", "tdac+ranges", "uniform", "naive"):
                     q = copy.deepcopy(model)
                     if calib == "naive":
                         g = torch.Generator().manual_seed(5)
                         batches = [(torch.randn(64, 1, 32, 32, generator=g), torch.randint(0, 1000, (64,), generator=g),
                                     torch.arange(64) % 10) for _ in range(8)]
                     else:
-                        batches = calibration_batches(q, samples=512, steps=100, method=calib, trajectory_batch=64,
-                                                      generator=torch.Generator().manual_seed(5))
-                    notes = apply_(q, PTQConfig(preset, "rtn"), [tuple(t.to(dev) for t in b) for b in batches]).notes
+                        batches = calibration_batches(q, samples=512, steps=100, method=calib.split("+")[0],
+                                                      trajectory_batch=64, generator=torch.Generator().manual_seed(5))
+                    batches = [tuple(t.to(dev) for t in b) for b in batches]
+                    notes = apply_(q, PTQConfig(preset, "rtn"), batches).notes
+                    extra = {}
+                    if calib.endswith("+ranges"):
+                        info = refine_activation_ranges_(q, batches, groups=4, split=True)
+                        extra = {"range_groups": 4, "split_layers": info["split_layers"],
+                                 "max_range_spread": max(info["range_spread"].values(), default=1.0)}
                     measure(q.to(torch.bfloat16), name, "ddim", 100, bf16=True, cache="none", quant=preset,
-                            calibration=calib, notes=notes[:3])
+                            calibration=calib, notes=notes[:3], **extra)
                     del q
         if "cache" in parts:
             for interval in (2, 3, 4, 5):

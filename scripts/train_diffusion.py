@@ -89,7 +89,10 @@ def check(model: torch.nn.Module, n: int, device: str, guidance: float = 2.0, st
             "fid_fmnist": fid(fake, real), "class_accuracy": class_accuracy(logits, labels.cpu())}
 
 
-def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: int, compile_: bool) -> dict:
+def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: int, compile_: bool,
+          seconds: float = 0.0) -> dict:
+    """Train one model; with ``seconds`` > 0 the step count is cut, from the speed of steps 20..60, to what
+    fits that many seconds of training (the cosine decay then ends there, so a short run is a finished run)."""
     name, cls, cfg, peak = MODELS[which]
     torch.manual_seed(0)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -106,7 +109,16 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
     step_fn = torch.compile(model) if compile_ else model
     ema_decay, warmup, log, t0 = 0.9995, min(500, steps // 10 + 1), [], time.time()
     model.train()
-    for step in range(steps):
+    step = 0
+    while step < steps:
+        if seconds and step in (20, 60) and device == "cuda":
+            torch.cuda.synchronize()
+        if seconds and step == 20:
+            t20 = time.time()
+        if seconds and step == 60:
+            per_step = (time.time() - t20) / 40
+            steps = min(steps, max(61, int((seconds - (time.time() - t0)) / per_step) + 60))
+            print(f"{name}: {per_step * 1e3:.1f} ms/step, training {steps} steps", flush=True)
         idx = torch.randint(0, len(x_all), (batch,), device=device, generator=gen)
         x0, y = x_all[idx], y_all[idx]
         y = torch.where(torch.rand(batch, device=device, generator=gen) < NULL_P, torch.full_like(y, model.num_classes), y)
@@ -129,11 +141,11 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
         opt.step()
         with torch.no_grad():
             d = min(ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
         if step % 500 == 0 or step == steps - 1:
             log.append({"step": step, "loss": round(loss.item(), 5), "seconds": round(time.time() - t0, 1)})
             print(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        step += 1
     secs = time.time() - t0
     record = {"model": name, "config": cfg, "steps": steps, "batch": batch, "lr": peak, "ema": ema_decay,
               "prediction": "eps", "schedule": "linear 1e-4..0.02, T=1000", "null_label_p": NULL_P,
@@ -147,8 +159,9 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
 
 
 def distill(which: str, teacher_file: Path, rounds: list[int], round_steps: int, batch: int, out: Path, device: str,
-            check_n: int) -> list[dict]:
-    """Progressive distillation rounds (module docstring); one record per round."""
+            check_n: int, seconds: float = 0.0) -> list[dict]:
+    """Progressive distillation rounds (module docstring); one record per round. ``seconds`` > 0 caps each
+    round's training time (its iterations then stop early; the record says how many ran)."""
     name = MODELS[which][0]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -162,7 +175,11 @@ def distill(which: str, teacher_file: Path, rounds: list[int], round_steps: int,
         student = copy.deepcopy(teacher).train().requires_grad_(True)
         opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.0)
         t0 = time.time()
+        ran = 0
         for step in range(round_steps):
+            if seconds and time.time() - t0 > seconds:
+                break
+            ran = step + 1
             idx = torch.randint(0, len(x_all), (batch,), generator=gen)
             y = y_all[idx].to(device)
             y = torch.where(torch.rand(batch, generator=gen).to(device) < NULL_P, torch.full_like(y, student.num_classes), y)
@@ -180,7 +197,7 @@ def distill(which: str, teacher_file: Path, rounds: list[int], round_steps: int,
         assert len(grid) == target, (len(grid), target)
         student.eval().requires_grad_(False)
         rec = {"model": f"{name}-distilled-{target}", "teacher": str(teacher_file), "steps": target, "grid": grid,
-               "round_steps": round_steps, "batch": batch, "train_seconds": round(time.time() - t0, 1)}
+               "round_steps": ran, "batch": batch, "train_seconds": round(time.time() - t0, 1)}
         if check_n:
             rec.update(check(student, check_n, device, steps=target, grid=grid))
         sd = {k: v.half() if v.is_floating_point() else v for k, v in student.state_dict().items()}
@@ -202,6 +219,8 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, help="distill-*: the teacher's weights file")
     ap.add_argument("--rounds", default="64,32,16,8,4", help="distill-*: DDIM steps, halving")
     ap.add_argument("--round-steps", type=int, default=4000)
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="training-time cap: per model (its step count is cut to fit), or per distillation round")
     ap.add_argument("what", nargs="*", default=["unet", "dit"])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,9 +230,10 @@ def main() -> None:
         if what.startswith("distill-"):
             rounds = [int(r) for r in args.rounds.split(",")]
             recs = distill(what.removeprefix("distill-"), args.teacher, rounds, args.round_steps, args.batch, args.out,
-                           args.device, args.check)
+                           args.device, args.check, args.seconds)
         else:
-            recs = [train(what, args.steps, args.batch, args.out, args.device, args.check, args.compile)]
+            recs = [train(what, args.steps, args.batch, args.out, args.device, args.check, args.compile,
+                           args.seconds)]
         for rec in recs:
             _log(args.out, rec)
 

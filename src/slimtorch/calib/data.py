@@ -158,15 +158,16 @@ def calibration_set(name: str, n: int | None = None, seed: int = 0, model=None,
 
 def check_calibration(batches: list[Batch]) -> None:
     """SlimError if any floating tensor in the calibration set holds NaN or Inf, or if an input is the
-    same value everywhere in the set (zero variance: it would calibrate every range to a point)."""
+    same value everywhere in the set (zero variance: it would calibrate every range to a point). Entries
+    that are not tensors (a ``None`` for an optional argument) pass through unchecked."""
     for i, batch in enumerate(batches):
         for t in batch:
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
                 raise SlimError(f"calibration batch {i} holds NaN or Inf values; clean the calibration data")
     if not batches:
         return
     for j, t in enumerate(batches[0]):
-        if t.is_floating_point() and t.numel() > 1:
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel() > 1:
             first = t.reshape(-1)[0]
             if all(bool((b[j] == first).all()) for b in batches):
                 raise SlimError(f"calibration input {j} has zero variance (every value is {first.item():g}); "

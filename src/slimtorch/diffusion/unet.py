@@ -127,7 +127,9 @@ class DDPMUNet(nn.Module):
         self.up = nn.ModuleList()  # up[j] consumes skip len(chans) - 1 - j
         for level, m in reversed(list(enumerate(mult))):
             for i in range(blocks + 1):
-                stage = Stage([ResBlock(c + chans.pop(), ch * m, emb, groups, dropout)])
+                block = ResBlock(c + chans.pop(), ch * m, emb, groups, dropout)
+                block.concat_split = c  # its input is cat([h, skip]): h's channels (shortcut-split quantization)
+                stage = Stage([block])
                 c = ch * m
                 if res in attn_res:
                     stage.append(Attention(c, groups))
