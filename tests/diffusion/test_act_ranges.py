@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 from slimtorch.api import apply_
-from slimtorch.diffusion.act_ranges import (GroupedActQuant, SplitActQuant, TimestepGroups,
-                                            refine_activation_ranges_, shortcut_splits)
+from slimtorch.diffusion.act_ranges import (
+    GroupedActQuant,
+    SplitActQuant,
+    TimestepGroups,
+    refine_activation_ranges_,
+    shortcut_splits,
+)
 from slimtorch.diffusion.unet import DDPMUNet
 from slimtorch.errors import SlimError
 from slimtorch.quant.modules import ActQuant
