@@ -26,6 +26,8 @@ def test_sample_and_eval(tmp_path):
     assert (tmp_path / "s" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rep = json.loads((tmp_path / "s" / "report.json").read_text())
     assert rep["samples"] == 12 and rep["cache_interval"] == 2 and rep["samples_per_s"] > 0
+    cost = rep["modelled_cost"]  # traced from one cached run: fewer layer calls than steps x all layers
+    assert "not a measurement" in cost["note"] and cost["flops"] > 0 and cost["layer_calls_per_sample"] > 0
     r = run("diffusion", "eval", str(w), "--out", str(tmp_path / "e"), "--samples", "20", "--steps", "2",
             "--sampler", "dpmpp-2m", "--json")
     assert r.returncode == 0, r.stderr

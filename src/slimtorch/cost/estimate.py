@@ -49,10 +49,16 @@ def lm_attention_shape(model: nn.Module) -> tuple[int, int, int, int] | None:
     return None
 
 
-@torch.no_grad()
 def _probe(model: nn.Module, example: tuple) -> tuple[list[tuple[str, nn.Module, tuple, tuple]], list[tuple]]:
     """Each Linear/Conv2d (float or quantized) with its input and output shapes, and each attention's
     (Q shape, K shape) from its q_in/k_in points, from one forward pass."""
+    return trace(model, lambda: model.eval()(*example))
+
+
+@torch.no_grad()
+def trace(model: nn.Module, run) -> tuple[list[tuple[str, nn.Module, tuple, tuple]], list[tuple]]:
+    """What :func:`_probe` records, over every call that ``run()`` makes of ``model``'s layers (a sampling
+    loop calls each many times, a cached step only some)."""
     from slimtorch.quant.modules import QuantConv2d, QuantLinear
 
     seen, qk = [], {}
@@ -64,12 +70,12 @@ def _probe(model: nn.Module, example: tuple) -> tuple[list[tuple[str, nn.Module,
             elif isinstance(m, MatmulInput) and name.endswith(("q_in", "k_in")):
                 parent = name.rsplit(".", 1)[0]
                 hooks.after(m, lambda mod, a, o, key=(parent, name[-4:]): qk.__setitem__(key, tuple(o.shape)))
-        model.eval()(*example)
+        run()
     attn = [(p, qk[(p, "q_in")], qk[(p, "k_in")]) for p, kind in qk if kind == "q_in" and (p, "k_in") in qk]
     return seen, attn
 
 
-def _layer_costs(seen, plan: Plan, rows_scale: float) -> list[LayerCost]:
+def layer_costs(seen, plan: Plan, rows_scale: float) -> list[LayerCost]:
     out = []
     for name, mod, ishape, oshape in seen:
         p = plan.get(name)
@@ -96,7 +102,7 @@ def estimate(model: nn.Module, plan: Plan, example: tuple, hw: Hardware, batch: 
     seen, attn = _probe(model, example)
     lm = lm_attention_shape(model)
     if lm is None:
-        layers = _layer_costs(seen, plan, batch / example[0].shape[0])
+        layers = layer_costs(seen, plan, batch / example[0].shape[0])
         for parent, q, k in attn:  # (B, H, Tq, D), (B, KV, Tk, D)
             layers.append(attention_cost(f"{parent}.sdpa", batch, q[1], k[1], q[-1], q[2], k[2], causal=False))
         notes = [] if attn else ["no attention points (MatmulInput) found: any attention matmul is not counted"]
@@ -105,7 +111,7 @@ def estimate(model: nn.Module, plan: Plan, example: tuple, hw: Hardware, batch: 
     t0 = example[0].shape[1]
     phases = []
     for phase, rows, q_len in (("prefill", batch * tokens, tokens), ("decode", batch, 1)):
-        layers = _layer_costs(seen, plan, rows / (example[0].shape[0] * t0))
+        layers = layer_costs(seen, plan, rows / (example[0].shape[0] * t0))
         kv_len = tokens if phase == "prefill" else context
         layers += [attention_cost(f"layers.{i}.sdpa", batch, heads, kv, hd, q_len, kv_len) for i in range(n_layers)]
         cache = kv_cache_bytes(n_layers, batch, kv, hd, tokens if phase == "prefill" else context)

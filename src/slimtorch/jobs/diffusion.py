@@ -1,6 +1,8 @@
 """The diffusion jobs (``slimtorch diffusion sample|eval WEIGHTS``): load a model written by
 ``scripts/train_diffusion.py``, optionally quantize it (timestep-aware calibration) and cache features,
-sample class-balanced images with a progress bar, and write an image grid and a report.
+sample class-balanced images with a progress bar, and write an image grid and a report. The report's
+``modelled_cost`` is the roofline model's figure for a batch on an H100 (:mod:`slimtorch.diffusion.cost`),
+labelled as such: never a measurement.
 
 ``eval`` also measures FID-FMNIST against the 10,000 test images and the class accuracy of the samples
 (the zoo's fmnist-cnn; :mod:`slimtorch.diffusion.quality`). Samples/s is the wall-clock of the sampling
@@ -18,6 +20,7 @@ import torch
 from slimtorch.api import apply_
 from slimtorch.diffusion.cache import CacheConfig, reset
 from slimtorch.diffusion.cascade import cascade_sample, stage_steps
+from slimtorch.diffusion.cost import sampling_cost
 from slimtorch.diffusion.models import load_diffusion
 from slimtorch.diffusion.samplers import SAMPLERS, guided, sample, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
@@ -86,21 +89,23 @@ def run_diffusion(weights: Path, out_dir: Path, samples: int = 100, steps: int =
         notes += apply_(model, CacheConfig(interval=cache)).notes
     labels = torch.arange(samples) % model.num_classes
     noise = torch.randn(samples, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
-    cascade = bool(getattr(model, "cond_ch", 0))
+
+    def run(i: int, n: int) -> torch.Tensor:
+        """Samples i .. i + n (a fresh trajectory: the cache is reset)."""
+        if cache is not None:
+            reset(model)
+        y = labels[i:i + n].to(dev)
+        with torch.no_grad():
+            if getattr(model, "cond_ch", 0):  # LowDiff: most steps at 16x16
+                return cascade_sample(model, y, SCHEDULE, *stage_steps(steps), guidance, sampler,
+                                      torch.Generator().manual_seed(seed + i))[0]
+            return sample(sampler, guided(model, y, guidance, model.num_classes), noise[i:i + n].to(dev),
+                          SCHEDULE, timesteps(SCHEDULE.steps, steps))
+
     outs = []
     t0 = time.perf_counter()
     for i in progress(range(0, samples, batch), "sampling"):
-        if cache is not None:
-            reset(model)
-        y = labels[i:i + batch].to(dev)
-        with torch.no_grad():
-            if cascade:  # LowDiff: most steps at 16x16
-                x = cascade_sample(model, y, SCHEDULE, *stage_steps(steps), guidance, sampler,
-                                   torch.Generator().manual_seed(seed + i))[0]
-            else:
-                x = sample(sampler, guided(model, y, guidance, model.num_classes), noise[i:i + batch].to(dev),
-                           SCHEDULE, timesteps(SCHEDULE.steps, steps))
-        outs.append(x.float().clamp(-1, 1).cpu())
+        outs.append(run(i, batch).float().clamp(-1, 1).cpu())
     if dev == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
@@ -108,7 +113,7 @@ def run_diffusion(weights: Path, out_dir: Path, samples: int = 100, steps: int =
     report = {"weights": str(weights), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
               "samples": samples, "steps": steps, "sampler": sampler, "guidance": guidance, "cache_interval": cache,
               "preset": preset, "seed": seed, "seconds": round(secs, 3), "samples_per_s": samples / secs,
-              "notes": notes}
+              "modelled_cost": sampling_cost(model, lambda: run(0, 1), min(batch, samples)), "notes": notes}
     if evaluate:
         from slimtorch.diffusion.fid import fid
         from slimtorch.diffusion.quality import (
