@@ -85,3 +85,26 @@ def test_load_diffusion_round_trip(tmp_path):
         load_diffusion(tmp_path / "fmnist-dit-bad.safetensors")
     with pytest.raises(SlimError):
         load_diffusion(tmp_path / "other.safetensors")
+
+
+def test_zoo_name_loads_shipped_weights_checked_by_sha256(tmp_path, monkeypatch):
+    import hashlib
+
+    import slimtorch.zoo.registry as registry
+    from slimtorch.diffusion.models import load_diffusion
+    from slimtorch.errors import SlimError
+    from slimtorch.io.checkpoint import save_tensors
+
+    cfg = {"dim": 64, "depth": 1, "heads": 2}
+    net = DiT(**cfg)
+    path = tmp_path / "fmnist-dit.safetensors"
+    save_tensors(path, {k: v.half() for k, v in net.state_dict().items()}, {"config": cfg})
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(SlimError, match="not shipped"):  # no manifest row
+        monkeypatch.setattr(registry, "manifest", lambda: {})
+        load_diffusion("fmnist-dit")
+    monkeypatch.setattr(registry, "manifest", lambda: {"fmnist-dit": {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}})
+    assert isinstance(load_diffusion("fmnist-dit"), DiT)
+    monkeypatch.setattr(registry, "manifest", lambda: {"fmnist-dit": {"sha256": "0" * 64}})
+    with pytest.raises(SlimError):
+        load_diffusion("fmnist-dit")

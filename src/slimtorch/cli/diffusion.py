@@ -20,6 +20,10 @@ def register(parent: typer.Typer, progress_bar: Progress) -> None:
     parent.add_typer(app, name="diffusion")
 
 
+WEIGHTS_HELP = ("A zoo name (fmnist-ddpm-unet, fmnist-dit, fmnist-lowdiff-unet) or a .safetensors file written by "
+                "scripts/train_diffusion.py.")
+
+
 def _run(weights: Path, out: Path, samples: int, steps: int, sampler: str, guidance: float, cache: int | None,
          preset: str | None, seed: int, as_json: bool, evaluate: bool) -> None:
     from slimtorch.jobs.diffusion import run_diffusion
@@ -50,7 +54,7 @@ OPTS = {
 
 
 @app.command("sample")
-def sample_cmd(weights: Path = typer.Argument(..., help="A .safetensors file written by scripts/train_diffusion.py."),
+def sample_cmd(weights: Path = typer.Argument(..., help=WEIGHTS_HELP),
                out: Path = OPTS["out"], samples: int = typer.Option(100, "--samples"), steps: int = OPTS["steps"],
                sampler: str = OPTS["sampler"], guidance: float = OPTS["guidance"], cache: int | None = OPTS["cache"],
                preset: str | None = OPTS["preset"], seed: int = OPTS["seed"], as_json: bool = OPTS["json"]) -> None:
@@ -59,7 +63,7 @@ def sample_cmd(weights: Path = typer.Argument(..., help="A .safetensors file wri
 
 
 @app.command("eval")
-def eval_cmd(weights: Path = typer.Argument(..., help="A .safetensors file written by scripts/train_diffusion.py."),
+def eval_cmd(weights: Path = typer.Argument(..., help=WEIGHTS_HELP),
              out: Path = OPTS["out"], samples: int = typer.Option(10000, "--samples"), steps: int = OPTS["steps"],
              sampler: str = OPTS["sampler"], guidance: float = OPTS["guidance"], cache: int | None = OPTS["cache"],
              preset: str | None = OPTS["preset"], seed: int = OPTS["seed"], as_json: bool = OPTS["json"]) -> None:

@@ -15,9 +15,23 @@ from slimtorch.io.checkpoint import load_tensors
 KINDS = {"fmnist-ddpm-unet": DDPMUNet, "fmnist-lowdiff-unet": DDPMUNet, "fmnist-dit": DiT}
 
 
-def load_diffusion(path: Path, sha256: str | None = None) -> nn.Module:
-    """The model saved at ``path`` (its file name says which kind: fmnist-ddpm-unet, fmnist-lowdiff-unet or fmnist-dit), in float32
-    and eval mode."""
+def zoo_weights(name: str) -> tuple[Path, str]:
+    """The shipped weights file of zoo diffusion model ``name`` and its manifest sha256."""
+    from slimtorch.zoo.registry import WEIGHTS_DIR, manifest
+
+    path, row = WEIGHTS_DIR / f"{name}.safetensors", manifest().get(name)
+    if row is None or not path.is_file():
+        raise SlimError(f"the diffusion model {name!r} is not shipped in this checkout (no weights file or manifest "
+                        f"row); give a weights file written by scripts/train_diffusion.py")
+    return path, row["sha256"]
+
+
+def load_diffusion(path: Path | str, sha256: str | None = None) -> nn.Module:
+    """The model saved at ``path`` (its file name says which kind: fmnist-ddpm-unet, fmnist-lowdiff-unet or
+    fmnist-dit), in float32 and eval mode. A bare zoo name (``fmnist-ddpm-unet``) loads the shipped weights,
+    checked against the manifest's sha256."""
+    if isinstance(path, str) and path in KINDS or (not Path(path).exists() and str(path) in KINDS):
+        path, sha256 = zoo_weights(str(path))
     path = Path(path)
     kind = next((k for k in KINDS if path.name.startswith(k)), None)
     if kind is None:
