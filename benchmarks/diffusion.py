@@ -34,6 +34,7 @@ from slimtorch.api import apply_
 from slimtorch.diffusion.act_ranges import refine_activation_ranges_
 from slimtorch.diffusion.cache import CacheConfig, cache_hook, reset, set_correction
 from slimtorch.diffusion.cache_schedule import dp_schedule, drift_cost, uniform_schedule
+from slimtorch.diffusion.cascade import sample_model
 from slimtorch.diffusion.error_correction import fit_cache_correction
 from slimtorch.diffusion.fid import fid
 from slimtorch.diffusion.models import load_diffusion
@@ -58,7 +59,6 @@ def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, s
     labels = torch.arange(n) % 10
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 1, 32, 32, generator=g)
-    ts = timesteps(1000, steps)
 
     def run(i: int) -> torch.Tensor:
         if "cache" in attached(model):
@@ -66,7 +66,8 @@ def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, s
         y = labels[i:i + batch].to(device)
         net = (lambda x, t, yy: model(x.to(torch.bfloat16), t, yy).float()) if bf16 else model
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" and not bf16):
-            return sample(sampler, guided(net, y, guidance, 10), noise[i:i + batch].to(device), SCHED, ts).float()
+            return sample_model(model, y, noise[i:i + batch].to(device), SCHED, steps, guidance, sampler,
+                                torch.Generator().manual_seed(seed + i), net=net).float()
 
     run(0)  # warm-up (kernels, autotuning)
     if device == "cuda":

@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from train_zoo import _git_commit  # scripts/ is on the path of a script run from it
 
-from slimtorch.diffusion.cascade import cascade_sample, stage_steps, training_batch
+from slimtorch.diffusion.cascade import sample_model, training_batch
 from slimtorch.diffusion.distill import distill_loss, student_grid
 from slimtorch.diffusion.dit import DiT
 from slimtorch.diffusion.fid import fid
 from slimtorch.diffusion.models import load_diffusion
 from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
-from slimtorch.diffusion.samplers import ddim, guided, timesteps
+from slimtorch.diffusion.samplers import timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
 from slimtorch.diffusion.unet import DDPMUNet
 from slimtorch.io.checkpoint import save_tensors
@@ -81,11 +81,8 @@ def check(model: torch.nn.Module, n: int, device: str, guidance: float = 2.0, st
         y = labels[i:i + 500]
         x = torch.randn(len(y), 1, 32, 32, device=device, generator=g)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            if getattr(model, "cond_ch", 0):  # LowDiff: most steps at 16x16 (stage_steps), the rest at 32x32
-                out.append(cascade_sample(model, y, sched, *stage_steps(steps), guidance,
-                                          generator=torch.Generator().manual_seed(1234 + i))[0].float())
-                continue
-            out.append(ddim(guided(model, y, guidance, model.num_classes), x, sched, grid or timesteps(1000, steps)).float())
+            out.append(sample_model(model, y, x, sched, steps, guidance, "ddim",
+                                    torch.Generator().manual_seed(1234 + i), grid).float())
     samples = torch.cat(out).clamp(-1, 1).cpu()
     clf = load_model("fmnist-cnn")
     fake, logits = classifier_outputs(clf, samples)

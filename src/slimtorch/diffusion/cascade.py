@@ -80,3 +80,17 @@ def cascade_sample(model: nn.Module, labels: torch.Tensor, schedule: NoiseSchedu
     high = sample(sampler, guided(_stage_net(model, upsample(low), 1), labels, guidance, model.num_classes), x,
                   schedule, timesteps(schedule.steps, steps_high), progress=progress)
     return high, low
+
+
+def sample_model(model: nn.Module, labels: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule, steps: int,
+                 guidance: float = 2.0, sampler: str = "ddim", generator: torch.Generator | None = None,
+                 grid: list[int] | None = None, net=None) -> torch.Tensor:
+    """One batch of class-conditional samples of one of our models, the way each is sampled: a LowDiff
+    model (``cond_ch``) through :func:`cascade_sample` (its noise drawn from ``generator``, most steps at
+    16x16: :func:`stage_steps`), any other through ``sampler`` from ``noise`` with guidance, on ``grid`` (a
+    distilled student's steps) or ``steps`` evenly spaced. ``net``: what to call in place of ``model``
+    (a wrapper that casts inputs, say)."""
+    if getattr(model, "cond_ch", 0):
+        return cascade_sample(model, labels, schedule, *stage_steps(steps), guidance, sampler, generator)[0]
+    return sample(sampler, guided(net or model, labels, guidance, model.num_classes), noise, schedule,
+                  grid or timesteps(schedule.steps, steps))

@@ -19,10 +19,10 @@ import torch
 
 from slimtorch.api import apply_
 from slimtorch.diffusion.cache import CacheConfig, reset
-from slimtorch.diffusion.cascade import cascade_sample, stage_steps
+from slimtorch.diffusion.cascade import sample_model
 from slimtorch.diffusion.cost import sampling_cost
 from slimtorch.diffusion.models import load_diffusion
-from slimtorch.diffusion.samplers import SAMPLERS, guided, sample, timesteps
+from slimtorch.diffusion.samplers import SAMPLERS
 from slimtorch.diffusion.schedule import NoiseSchedule
 from slimtorch.errors import SlimError
 from slimtorch.io.checkpoint import atomic_write_bytes
@@ -96,11 +96,8 @@ def run_diffusion(weights: Path, out_dir: Path, samples: int = 100, steps: int =
             reset(model)
         y = labels[i:i + n].to(dev)
         with torch.no_grad():
-            if getattr(model, "cond_ch", 0):  # LowDiff: most steps at 16x16
-                return cascade_sample(model, y, SCHEDULE, *stage_steps(steps), guidance, sampler,
-                                      torch.Generator().manual_seed(seed + i))[0]
-            return sample(sampler, guided(model, y, guidance, model.num_classes), noise[i:i + n].to(dev),
-                          SCHEDULE, timesteps(SCHEDULE.steps, steps))
+            return sample_model(model, y, noise[i:i + n].to(dev), SCHEDULE, steps, guidance, sampler,
+                                torch.Generator().manual_seed(seed + i))
 
     outs = []
     t0 = time.perf_counter()
