@@ -148,6 +148,21 @@ def _weight_maps(w: Int4MMAWeight) -> tuple:
     return maps
 
 
+def _workspace(dev: torch.device, *shapes: tuple[int, torch.dtype]) -> list[torch.Tensor]:
+    """Zeroed tensors that live as long as a cached launch. Made on a side stream (then waited for), so that a
+    CUDA-graph memory pool that owns the current stream's allocations (torch.compile's reduce-overhead mode
+    warms up and records in one) does not own them: cudagraph trees refuse a pool holding tensors that are not
+    graph outputs. Inside a stream capture, where waiting on another stream is not allowed, they are made on
+    the current stream."""
+    if torch.cuda.is_current_stream_capturing():
+        return [torch.zeros(n, device=dev, dtype=dt) for n, dt in shapes]
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        out = [torch.zeros(n, device=dev, dtype=dt) for n, dt in shapes]
+    side.synchronize()
+    return out
+
+
 class _GemmLaunch:
     """The launch of one (device, stream, M, K, N, config, cluster): its ctypes objects, the schedule, the
     counters and the float32 workspace, made once; a call re-encodes x's descriptor and sets two pointers."""
@@ -166,8 +181,8 @@ class _GemmLaunch:
         whole, tail, sk = schedule(tiles, units, clusters) if stream_k else (tiles, 0, 0)
         # partial sums: two slots per stream-K block; a counter per tail tile and block (each launch leaves them
         # at zero)
-        self.part_sums = torch.empty(max(1, 2 * sk * cl * nt * 128), device=dev, dtype=torch.float32)
-        self.counters = torch.zeros(max(1, tail * cl), device=dev, dtype=torch.int32)
+        self.part_sums, self.counters = _workspace(dev, (max(1, 2 * sk * cl * nt * 128), torch.float32),
+                                                   (max(1, tail * cl), torch.int32))
         self.xbuf, self.xmap = tensor_map_buffer()
         self.xdims = (ctypes.c_uint64 * 2)(k, m)
         self.xstride = (ctypes.c_uint64 * 1)(0)
