@@ -1,0 +1,1 @@
+"""Sparsity: mask patterns and scores (masks.py), SparseGPT (sparsegpt.py)."""
