@@ -1,0 +1,69 @@
+"""Pruning accuracy: zoo models x methods x patterns, FP baseline from the same run (the Wanda paper's table
+shape: dense, magnitude, Wanda, SparseGPT at 50% unstructured and 2:4).
+
+    PYTHONPATH=src python benchmarks/sparsity_accuracy.py --models tinyllama-fm fmnist-vit \
+        [--methods magnitude wanda sparsegpt] [--patterns unstructured 2:4] [--sparsity 0.5] [--limit N]
+
+Appends one JSON line per (model, method, pattern) to benchmarks/results/sparsity_accuracy.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from records import run_header
+
+from slimtorch.api import apply_
+from slimtorch.calib.data import calibration_set
+from slimtorch.eval import evaluate
+from slimtorch.sparsity.prune import PruneConfig
+from slimtorch.zoo import load_model
+
+RESULTS = Path(__file__).parent / "results" / "sparsity_accuracy.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", required=True)
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    common = {**run_header(f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", commit),
+              "limit": args.limit}
+    for name in args.models:
+        fp = load_model(name)
+        fp_res = evaluate(name, model=fp, limit=args.limit, latency=False)
+        calib = calibration_set(name, model=fp)
+        for pattern in args.patterns:
+            for method in args.methods:
+                m = copy.deepcopy(fp)
+                t0 = time.perf_counter()
+                rep = apply_(m, PruneConfig(method=method, sparsity=args.sparsity, pattern=pattern), calib)
+                secs = time.perf_counter() - t0
+                res = evaluate(name, model=m, limit=args.limit, latency=False)
+                rec = {**common, "model": name, "method": method, "pattern": pattern,
+                       "target_sparsity": args.sparsity, "sparsity": rep.sparsity, "dataset": res.dataset,
+                       "fp": {x.name: x.value for x in fp_res.metrics},
+                       "pruned": {x.name: x.value for x in res.metrics}, "pruned_layers": len(rep.layers),
+                       "calib_samples": rep.calib_samples, "prune_seconds": round(secs, 1), "notes": rep.notes}
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                first = res.metrics[0]
+                print(f"{name} {pattern} {method}: {first.name} {first.value:.3f} (fp {fp_res.metrics[0].value:.3f}) "
+                      f"sparsity {rep.sparsity:.3f} {secs:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
