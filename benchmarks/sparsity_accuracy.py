@@ -32,13 +32,13 @@ RESULTS = Path(__file__).parent / "results" / "sparsity_accuracy.jsonl"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", required=True)
-    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "wanda-layer", "sparsegpt"])
     ap.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip() or None
     common = {**run_header(f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", commit),
               "limit": args.limit}
     for name in args.models:
@@ -49,7 +49,11 @@ def main() -> None:
             for method in args.methods:
                 m = copy.deepcopy(fp)
                 t0 = time.perf_counter()
-                rep = apply_(m, PruneConfig(method=method, sparsity=args.sparsity, pattern=pattern), calib)
+                if method == "wanda-layer" and pattern != "unstructured":
+                    continue  # the comparison group matters for unstructured masks only
+                config = PruneConfig(method=method.removesuffix("-layer"), sparsity=args.sparsity, pattern=pattern,
+                                     comparison="layer" if method.endswith("-layer") else "row")
+                rep = apply_(m, config, calib)
                 secs = time.perf_counter() - t0
                 res = evaluate(name, model=m, limit=args.limit, latency=False)
                 rec = {**common, "model": name, "method": method, "pattern": pattern,

@@ -87,3 +87,13 @@ def test_bad_configs_are_one_clear_error(kw):
 def test_data_methods_need_calibration():
     with pytest.raises(SlimError, match="calibration"):
         apply_(_mlp(), PruneConfig(method="wanda"), [])
+
+
+def test_wanda_layer_comparison_removes_the_lowest_scores_of_the_layer():
+    model = _mlp()
+    calib = _calib()
+    w0 = model[0].weight.detach().clone()
+    score = w0.abs() * torch.cat([b[0] for b in calib]).norm(dim=0)
+    apply_(model, PruneConfig(method="wanda", sparsity=0.25, comparison="layer"), calib)
+    kept = model[0].weight != 0
+    assert int((~kept).sum()) == w0.numel() // 4 and score[kept].min() >= score[~kept].max()
