@@ -1,0 +1,34 @@
+"""``slimtorch prune``: FP and pruned measured side by side, a compressed file that loads back to the same
+outputs, every bad input one line, exit 2."""
+
+import json
+
+import torch
+
+from slimtorch.calib.data import calibration_set
+from slimtorch.export.pruned import load_pruned
+from tests.integration.clitools import one_line_error, run
+
+
+def test_prune_writes_a_smaller_file_that_loads_back(tmp_path):
+    r = run("prune", "fmnist-cnn", "--method", "magnitude", "--pattern", "2:4", "--limit", "200",
+            "--out", str(tmp_path / "p"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["sparsity"] == 0.5 and rep["metrics"][0]["name"] == "top1_accuracy"
+    assert rep["size"]["file_bytes"] < 0.6 * rep["size"]["dense_bytes"]
+    assert any("kept dense" in n for n in rep["notes"])  # the 9-input stem
+    model, meta = load_pruned(tmp_path / "p" / "model.safetensors")
+    assert meta["prune"]["pattern"] == "2:4"
+    w = dict(model.named_modules())[next(iter(rep["layers"]))].weight
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    with torch.no_grad():
+        assert torch.isfinite(model(calibration_set("fmnist-cnn", 4)[0][0])).all()
+
+
+def test_bad_options_are_one_line(tmp_path):
+    one_line_error(run("prune", "fmnist-cnn", "--method", "obs", "--out", str(tmp_path / "a")), "obs")
+    one_line_error(run("prune", "fmnist-cnn", "--sparsity", "1.5", "--out", str(tmp_path / "b")), "sparsity")
+    one_line_error(run("prune", "fmnist-cnn", "--pattern", "4:2", "--out", str(tmp_path / "c")), "4:2")
+    one_line_error(run("prune", "no-such-model", "--out", str(tmp_path / "d")), "no-such-model")
+    assert not any((tmp_path / x).exists() for x in "abcd")
