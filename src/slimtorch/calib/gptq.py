@@ -52,6 +52,17 @@ class Hessian:
         self.H += r.T @ r
 
 
+def inverse_hessian_factor(H: torch.Tensor, damp: float, method: str) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (H is damped in place): the rows
+    that GPTQ's and SparseGPT's column passes read their updates from."""
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise SlimError(f"{method}: the layer's Hessian is not positive definite even after damping; "
+                        "raise the damping or use more calibration samples") from None
+
+
 def _column_spec(spec: QuantSpec) -> QuantSpec:
     return replace(spec, granularity=PerChannel(0))
 
@@ -97,12 +108,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise SlimError("GPTQ: the layer's Hessian is not positive definite even after damping; "
-                        "raise the damping or use more calibration samples") from None
+    Hinv = inverse_hessian_factor(H, damp, "GPTQ")
 
     colspec = _column_spec(spec)
     Q = torch.zeros_like(W)

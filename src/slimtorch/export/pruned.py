@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from slimtorch.errors import SlimError, shown
-from slimtorch.io.checkpoint import load_tensors, nonfinite_tensor, save_tensors
+from slimtorch.io.checkpoint import check_loaded, load_tensors, save_tensors
 from slimtorch.sparsity.storage import compress, decompress, worth_compressing
 
 FORMAT = "slimtorch-pruned"
@@ -69,10 +69,5 @@ def load_pruned(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Mod
         missing, unexpected = base_model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:
         raise SlimError(f"{path} does not match its base model: {shown(exc)}") from None
-    if missing or unexpected:
-        raise SlimError(f"{path} does not match its base model {shown(meta.get('base'))}: missing {shown(missing[:2])}, "
-                        f"unexpected {shown(unexpected[:2])}")
-    bad = nonfinite_tensor(base_model.state_dict())
-    if bad is not None:
-        raise SlimError(f"{path}: tensor {shown(bad)} holds NaN or Inf")
+    check_loaded(base_model, missing, unexpected, path, meta.get("base"))
     return base_model.eval(), meta

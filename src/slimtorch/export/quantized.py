@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError, shown
-from slimtorch.io.checkpoint import FLOAT_VALUES, load_tensors, nonfinite_tensor, save_tensors
+from slimtorch.io.checkpoint import FLOAT_VALUES, check_loaded, load_tensors, save_tensors
 from slimtorch import packing
 from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, QuantWeight
 from slimtorch.sequential import set_module
@@ -190,10 +190,5 @@ def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, pat
         set_module(model, name, point)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith(".qweight")]
-    if missing or unexpected:
-        raise SlimError(f"{path} does not match its base model {shown(meta['base'])}: missing {shown(missing)} "
-                        f"{shown(missing[:2])}, unexpected {shown(unexpected[:2])}")
-    bad = nonfinite_tensor(model.state_dict())
-    if bad is not None:
-        raise SlimError(f"{path}: tensor {shown(bad)} holds NaN or Inf")
+    check_loaded(model, missing, unexpected, path, meta["base"])
     return model

@@ -125,3 +125,14 @@ def load_tensors(path: Path, sha256: str | None = None,
     if digest is not None and digest != tensors_digest(tensors, meta_json):
         raise SlimError(f"{path} fails its checksum: its tensors or metadata were changed after it was written")
     return tensors, meta
+
+
+def check_loaded(model, missing: list[str], unexpected: list[str], path: Path, base) -> None:
+    """After ``load_state_dict(strict=False)`` of a saved compressed model: SlimError if the file's tensors
+    did not match the base model's, or if the result holds NaN or Inf."""
+    if missing or unexpected:
+        raise SlimError(f"{path} does not match its base model {shown(base)}: missing {shown(missing[:2])}, "
+                        f"unexpected {shown(unexpected[:2])}")
+    bad = nonfinite_tensor(model.state_dict())
+    if bad is not None:
+        raise SlimError(f"{path}: tensor {shown(bad)} holds NaN or Inf")

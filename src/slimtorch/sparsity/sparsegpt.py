@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from slimtorch.calib.gptq import inverse_hessian_factor
 from slimtorch.errors import SlimError
 from slimtorch.quant import primitives as P
 from slimtorch.spec import QuantSpec
@@ -51,12 +52,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise SlimError("SparseGPT: the layer's Hessian is not positive definite even after damping; "
-                        "raise the damping or use more calibration samples") from None
+    Hinv = inverse_hessian_factor(H, damp, "SparseGPT")
     pruned = torch.zeros(out_f, in_f, dtype=torch.bool)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
