@@ -37,9 +37,12 @@ class QuantReport(Report):
 
 
 def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> list[str]:
-    """Round-to-nearest: each planned layer's weight quantized on its own with its observer."""
+    """Round-to-nearest: each planned layer's weight quantized on its own with its observer (a layer that is
+    quantized already, by a joint sparsity + quantization pass, is left as it is)."""
     for name in progress(_weight_layers(plan), "rtn"):
         layer = model.get_submodule(name)
+        if isinstance(layer, QuantWeight):
+            continue
         set_module(model, name, quant_type_for(layer).from_float(layer, plan[name].weight, None))
     return []
 

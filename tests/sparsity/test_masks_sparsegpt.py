@@ -70,7 +70,7 @@ def test_sparsegpt_one_pruned_weight_is_the_obs_closed_form():
     X[:, 1:] += 0.8 * X[:, :1]  # correlated inputs, so the update is not trivial
     H = 2 / 200 * X.T @ X
     w = torch.tensor([[0.01, 1.0, -0.7, 0.9, 0.5]], dtype=torch.float64)  # column 0: the lowest saliency
-    got, keep = sparsegpt_prune(w, H, sparsity=0.2, damp=0.0)
+    got, keep, _ = sparsegpt_prune(w, H, sparsity=0.2, damp=0.0)
     Hinv = torch.linalg.inv(H)
     expect = w - (w[0, 0] / Hinv[0, 0]) * Hinv[0:1, :]
     assert keep.tolist() == [[False, True, True, True, True]]
@@ -80,12 +80,12 @@ def test_sparsegpt_one_pruned_weight_is_the_obs_closed_form():
 def test_sparsegpt_with_identity_hessian_is_blockwise_magnitude():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(8, 32, generator=g)
-    got, keep = sparsegpt_prune(w, torch.eye(32), sparsity=0.5, block_size=16, damp=0.0)
+    got, keep, _ = sparsegpt_prune(w, torch.eye(32), sparsity=0.5, block_size=16, damp=0.0)
     for c in (0, 16):  # the mask is chosen per block of columns
         blk = w[:, c:c + 16]
         assert torch.equal(keep[:, c:c + 16], unstructured_mask(blk.abs(), 0.5))
     assert torch.equal(got, w * keep)  # no update: uncorrelated inputs
-    got24, keep24 = sparsegpt_prune(w, torch.eye(32), nm=(2, 4), block_size=16, damp=0.0)
+    got24, keep24, _ = sparsegpt_prune(w, torch.eye(32), nm=(2, 4), block_size=16, damp=0.0)
     assert torch.equal(keep24, nm_mask(w.abs(), 2, 4)) and torch.equal(got24, w * keep24)
 
 
@@ -96,7 +96,7 @@ def test_sparsegpt_beats_magnitude_on_correlated_inputs():
     w = torch.randn(16, 64, generator=g)
     H = 2 / 512 * X.T @ X
     for nm in (None, (2, 4)):
-        got, keep = sparsegpt_prune(w, H, sparsity=0.5, nm=nm)
+        got, keep, _ = sparsegpt_prune(w, H, sparsity=0.5, nm=nm)
         assert (~keep).float().mean() == 0.5
         mag_keep = nm_mask(w.abs(), 2, 4) if nm else unstructured_mask(w.abs(), 0.5)
         err = (X @ (w - got).T).norm()
@@ -107,7 +107,7 @@ def test_sparsegpt_beats_magnitude_on_correlated_inputs():
 def test_sparsegpt_joint_quantization_puts_kept_weights_on_the_grid():
     from slimtorch.quant import primitives as P
     from slimtorch.quant.observers import make_observer
-    from slimtorch.spec import PerChannel, QuantSpec
+    from slimtorch.spec import PerChannel, PerGroup, QuantSpec
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(4, 16, generator=g)
@@ -115,9 +115,14 @@ def test_sparsegpt_joint_quantization_puts_kept_weights_on_the_grid():
     obs = make_observer(spec)
     obs.update(w)
     scale, zero = obs.qparams()
-    got, keep = sparsegpt_prune(w, torch.eye(16), sparsity=0.5, damp=0.0, quant=(spec, scale, zero))
+    got, keep, (codes, s, z) = sparsegpt_prune(w, torch.eye(16), sparsity=0.5, damp=0.0, quant=spec)
     rtn = P.dequantize(P.quantize(w, scale, zero, spec), scale, zero, spec)
     # identity Hessian: the error of one column does not move the others, so the kept weights are RTN's
     assert torch.allclose(got[keep], rtn[keep]) and (got[~keep] == 0).all()
-    codes = got / scale
-    assert torch.allclose(codes, codes.round(), atol=1e-5)
+    assert torch.equal(P.dequantize(codes, s, z, spec), got)  # the codes are the returned weight
+    # per group, asymmetric: a pruned weight is the zero-point's code, which dequantizes to exactly 0
+    gspec = QuantSpec(dtype="uint4", granularity=PerGroup(8), symmetric=False)
+    H = torch.eye(16) + 0.3
+    got, keep, (codes, s, z) = sparsegpt_prune(w, H, sparsity=0.5, damp=0.01, quant=gspec, block_size=8)
+    assert s.shape == (4, 2, 1) and torch.equal(P.dequantize(codes, s, z, gspec), got)
+    assert (got[~keep] == 0).all() and int((~keep).sum()) == 32

@@ -97,3 +97,35 @@ def test_wanda_layer_comparison_removes_the_lowest_scores_of_the_layer():
     apply_(model, PruneConfig(method="wanda", sparsity=0.25, comparison="layer"), calib)
     kept = model[0].weight != 0
     assert int((~kept).sum()) == w0.numel() // 4 and score[kept].min() >= score[~kept].max()
+
+
+def test_sparse_and_quantized_in_one_config():
+    """Magnitude + quantize is pruning, then RTN (bit for bit); SparseGPT's joint pass beats it."""
+    import copy
+
+    from slimtorch.quant.modules import QuantLinear
+    from slimtorch.quantize import quantize_
+
+    calib = _calib()
+    x = calib[0][0]
+    fp = _mlp()
+    with torch.no_grad():
+        ref = fp(x)
+    two_step = copy.deepcopy(fp)
+    apply_(two_step, PruneConfig(method="magnitude", pattern="2:4", ignore=()), calib)
+    quantize_(two_step, "W8A8-dynamic", calib)
+    err = {}
+    for method in ("magnitude", "sparsegpt"):
+        model = copy.deepcopy(fp)
+        rep = apply_(model, PruneConfig(method=method, pattern="2:4", quantize="W8A8-dynamic", ignore=()), calib)
+        assert rep.quantized == "W8A8-dynamic" and rep.sparsity == pytest.approx(0.5) and rep.bits_per_weight < 12
+        for lin in (model[0], model[2]):
+            assert isinstance(lin, QuantLinear)
+            w = lin.weight()
+            assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()  # 2:4 survives quantization
+        with torch.no_grad():
+            out = model(x)
+            if method == "magnitude":
+                assert torch.equal(out, two_step(x))
+        err[method] = float((out - ref).norm() / ref.norm())
+    assert err["sparsegpt"] < err["magnitude"], err

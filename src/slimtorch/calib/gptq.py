@@ -67,6 +67,26 @@ def _column_spec(spec: QuantSpec) -> QuantSpec:
     return replace(spec, granularity=PerChannel(0))
 
 
+def fit_columns(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, 1) scale and zero-point for the columns ``w`` (out, k) under ``spec``'s observer: per output row,
+    or one for all rows with a per-tensor spec (what a column pass quantizes a column, or a group, with)."""
+    obs = make_observer(_column_spec(spec) if not isinstance(spec.granularity, PerTensor) else spec)
+    obs.update(w.float())
+    s, z = obs.qparams()
+    rows = w.shape[0]
+    return s.expand(rows, 1) if s.ndim == 0 else s, z.expand(rows, 1) if z.ndim == 0 else z
+
+
+def column_qparams(scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column (out, in) parameters of a column pass, in the scale shapes of primitives.py for ``spec``."""
+    gran = spec.granularity
+    if isinstance(gran, PerGroup):
+        return scales[:, ::gran.size].unsqueeze(-1).contiguous(), zeros[:, ::gran.size].unsqueeze(-1).contiguous()
+    if isinstance(gran, PerTensor):
+        return scales[0, 0], zeros[0, 0]
+    return scales[:, :1].contiguous(), zeros[:, :1].contiguous()
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ for one weight.
@@ -94,11 +114,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
     if isinstance(gran, PerChannel) and gran.axis % 2 != 0:
         raise SlimError("GPTQ needs per-channel weight scales on axis 0 (output channels)")
 
-    def fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # w (out, k) -> (out, 1) params
-        obs = make_observer(_column_spec(spec) if not isinstance(gran, PerTensor) else spec)
-        obs.update(w.float())
-        s, z = obs.qparams()
-        return s.expand(out_f, 1) if s.ndim == 0 else s, z.expand(out_f, 1) if z.ndim == 0 else z
+    def fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fit_columns(w, spec)
 
     if group is None:
         col_scale, col_zero = fit(W)
@@ -135,10 +152,5 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
 
     inv = torch.argsort(perm)
     Q = Q[:, inv].float()
-    if group is not None:
-        scale, zero = scales[:, ::group].unsqueeze(-1).contiguous(), zeros[:, ::group].unsqueeze(-1).contiguous()
-    elif isinstance(gran, PerTensor):
-        scale, zero = scales[0, 0], zeros[0, 0]
-    else:
-        scale, zero = scales[:, :1].contiguous(), zeros[:, :1].contiguous()
+    scale, zero = column_qparams(scales, zeros, spec)
     return P.quantize(Q, scale, zero, spec), scale, zero

@@ -5,7 +5,10 @@ per output row as in the paper's LLM setting, or per layer with ``comparison="la
 gathered block by block through the already-pruned model; on our small vision models per row is much worse:
 fmnist-vit 67.1% against 81.6% per layer at 50%, benchmarks/results/sparsity_accuracy.jsonl)
 and ``sparsegpt`` (:mod:`slimtorch.sparsity.sparsegpt`, on GPTQ's Hessians, block by block). Patterns:
-``unstructured``, ``N:M`` (``"2:4"``) and ``block:RxC`` (``"block:4x4"``).
+``unstructured``, ``N:M`` (``"2:4"``) and ``block:RxC`` (``"block:4x4"``). With ``quantize`` (a preset or
+recipe) the model is also quantized: SparseGPT quantizes the kept weights in its own column pass (joint
+sparsity + quantization, as in the paper); after the other methods the recipe runs as RTN, which keeps every
+zero (it quantizes to the zero-point and back to exactly 0).
 
 The pruned weights are zeros in the layers' own ``weight`` tensors; the report gives each layer's achieved
 sparsity. Grouped (depthwise) convolutions have no single input Hessian: wanda and sparsegpt prune them by
@@ -24,6 +27,9 @@ from slimtorch.api import Report, handler
 from slimtorch.calib.gptq import Hessian
 from slimtorch.errors import SlimError
 from slimtorch.progress import Progress
+from slimtorch.quant.modules import quant_type_for
+from slimtorch.quant.recipe import build_plan
+from slimtorch.quantize import quantize_plan_, resolve_recipe, weight_bits
 from slimtorch.sequential import Batch, per_layer, sequential
 from slimtorch.sparsity.masks import (
     block_mask,
@@ -51,6 +57,7 @@ class PruneConfig:
     targets: tuple[str, ...] = ("Linear", "Conv2d")
     ignore: tuple[str, ...] = ("lm_head",)
     comparison: str = "row"  # wanda, unstructured: compare scores per output row (the paper's LLM setting) or per layer
+    quantize: str | None = None  # a preset or recipe: quantize too (sparsegpt: in the same pass; others: RTN after)
 
     def __post_init__(self) -> None:
         if self.comparison not in ("row", "layer"):
@@ -91,6 +98,8 @@ class PruneReport(Report):
     target_sparsity: float
     sparsity: float  # achieved, over the pruned layers' weights
     layers: dict[str, float]  # layer -> achieved sparsity
+    quantized: str | None = None  # the recipe also applied
+    bits_per_weight: float = 32.0  # stored bits per weight (quantize.weight_bits), zeros counted as stored
 
 
 class InputNorms(Hessian):
@@ -135,6 +144,10 @@ def _set(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
 def _apply_prune(model: nn.Module, config: PruneConfig, calib: list[Batch], progress: Progress) -> PruneReport:
     layers = _layers(model, config)
     notes: list[str] = []
+    plan = {}
+    if config.quantize is not None:
+        plan, _ = build_plan(model, resolve_recipe(config.quantize))
+    sparse_counts: dict[str, int] = {}  # layers quantized in the pass: their removed weights
     kind, arg = parse_pattern(config.pattern)
     if kind != "unstructured":  # a layer the pattern does not tile stays dense
         rows_cols = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in layers.items()}
@@ -172,14 +185,23 @@ def _apply_prune(model: nn.Module, config: PruneConfig, calib: list[Batch], prog
         def solve_sparsegpt(name: str, layer: nn.Module, stats: Hessian) -> nn.Module:
             w2 = layer.weight.detach().reshape(layer.weight.shape[0], -1)
             block = 128 if config.nm is None else (128 - 128 % config.nm[1]) or config.nm[1]
-            return _set(layer, sparsegpt_prune(w2, stats.H, config.sparsity, config.nm, block_size=block)[0])
+            wspec = plan[name].weight if name in plan else None
+            new, keep, qparams = sparsegpt_prune(w2, stats.H, config.sparsity, config.nm, block_size=block, quant=wspec)
+            sparse_counts[name] = int((~keep).sum())
+            if qparams is None:
+                return _set(layer, new)
+            return quant_type_for(layer).from_float(layer, wspec, None, qparams)
 
         dense = [n for n in layers if n not in grouped]
         if dense:
             stats, solve = (InputNorms, solve_wanda) if config.method == "wanda" else (Hessian, solve_sparsegpt)
             sequential(model, dense, calib, per_layer(stats, solve), progress)
-    achieved = {n: float((layers[n].weight == 0).float().mean()) for n in layers}
+    achieved = {n: float((layers[n].weight == 0).float().mean()) if n not in sparse_counts
+                else sparse_counts[n] / layers[n].weight.numel() for n in layers}
     total = sum(layers[n].weight.numel() for n in layers)
     overall = sum(achieved[n] * layers[n].weight.numel() for n in layers) / total
+    if plan:  # the rest of the plan by RTN (zeros stay zeros: 0 quantizes to the zero-point), activations calibrated
+        notes += quantize_plan_(model, plan, calib, "rtn", progress)
     return PruneReport(method=config.method, pattern=config.pattern, target_sparsity=config.sparsity,
-                       sparsity=overall, layers=achieved, notes=notes)
+                       sparsity=overall, layers=achieved, notes=notes, quantized=config.quantize,
+                       bits_per_weight=weight_bits(model))

@@ -12,17 +12,19 @@ block's columns, at the target sparsity) or per run of M columns (N:M), from the
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from slimtorch.calib.gptq import inverse_hessian_factor
+from slimtorch.calib.gptq import column_qparams, fit_columns, inverse_hessian_factor
 from slimtorch.errors import SlimError
 from slimtorch.quant import primitives as P
-from slimtorch.spec import QuantSpec
+from slimtorch.spec import PerChannel, PerGroup, QuantSpec
 
 
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
                     block_size: int = 128, damp: float = 0.01,
-                    quant: tuple[QuantSpec, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    quant: QuantSpec | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """SparseGPT for one weight.
 
     Args:
@@ -32,11 +34,12 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5
         nm: (N, M): keep N of every M consecutive inputs of each row.
         block_size: columns per lazy batch update (and per unstructured mask choice).
         damp: fraction of the mean Hessian diagonal added to its diagonal.
-        quant: (spec, scale, zero) to quantize the kept weights in the same pass (per-channel params of shape
-            (out, 1), or a per-tensor scale); the result then holds dequantized values on that grid.
+        quant: a weight spec to quantize the kept weights with in the same pass (per tensor, per channel or
+            per group; a group's parameters are fitted when the pass reaches it, as GPTQ does).
 
     Returns:
-        (new weight (out, in) float32 with zeros at removed positions, keep mask (out, in) bool).
+        (new weight (out, in) float32 with zeros at removed positions, keep mask (out, in) bool, and with
+        ``quant`` the (codes, scale, zero) of the new weight in primitives.py's shapes, else None).
     """
     W = weight.detach().double().clone()
     out_f, in_f = W.shape
@@ -53,6 +56,13 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     Hinv = inverse_hessian_factor(H, damp, "SparseGPT")
+    group = quant.granularity.size if quant is not None and isinstance(quant.granularity, PerGroup) else None
+    if quant is not None:
+        colspec = replace(quant, granularity=PerChannel(0))
+        scales = torch.zeros(out_f, in_f, dtype=torch.float32)
+        zeros = torch.zeros(out_f, in_f, dtype=torch.float32)
+        if group is None:
+            scale, zero = fit_columns(W, quant)
     pruned = torch.zeros(out_f, in_f, dtype=torch.bool)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -74,10 +84,13 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5
             q = w.clone()
             q[mask1[:, i]] = 0.0
             if quant is not None:
-                spec, scale, zero = quant
-                kept = ~mask1[:, i]
-                qq = P.dequantize(P.quantize(q.float().reshape(-1, 1), scale, zero, spec), scale, zero, spec)
-                q = torch.where(kept, qq.reshape(-1).double(), q)
+                col = i1 + i
+                if group is not None and col % group == 0:
+                    scale, zero = fit_columns(W1[:, i:i + group] if i + group <= W1.shape[1]
+                                              else torch.cat([W1[:, i:], W[:, i2:col + group]], 1), quant)
+                scales[:, col], zeros[:, col] = scale[:, 0], zero[:, 0]
+                qq = P.dequantize(P.quantize(q.float().reshape(-1, 1), scale, zero, colspec), scale, zero, colspec)
+                q = torch.where(mask1[:, i], q, qq.reshape(-1).double())
             Q1[:, i] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -85,4 +98,8 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W.float(), ~pruned
+    W = W.float()
+    if quant is None:
+        return W, ~pruned, None
+    scale, zero = column_qparams(scales, zeros, quant)
+    return W, ~pruned, (P.quantize(W, scale, zero, quant), scale, zero)
