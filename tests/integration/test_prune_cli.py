@@ -26,9 +26,24 @@ def test_prune_writes_a_smaller_file_that_loads_back(tmp_path):
         assert torch.isfinite(model(calibration_set("fmnist-cnn", 4)[0][0])).all()
 
 
+def test_prune_and_quantize_writes_a_quantized_file(tmp_path):
+    from slimtorch.export.quantized import load_quantized
+
+    r = run("prune", "fmnist-cnn", "--method", "sparsegpt", "--pattern", "2:4", "--quantize", "W8A8-dynamic",
+            "--limit", "200", "--calib-samples", "128", "--out", str(tmp_path / "q"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["quantized"] == "W8A8-dynamic" and rep["bits_per_weight"] < 12 and rep["sparsity"] == 0.5
+    model, meta = load_quantized(tmp_path / "q" / "model.safetensors")
+    assert meta["prune"]["pattern"] == "2:4"
+    w = dict(model.named_modules())[next(iter(rep["layers"]))].weight()
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
 def test_bad_options_are_one_line(tmp_path):
     one_line_error(run("prune", "fmnist-cnn", "--method", "obs", "--out", str(tmp_path / "a")), "obs")
     one_line_error(run("prune", "fmnist-cnn", "--sparsity", "1.5", "--out", str(tmp_path / "b")), "sparsity")
     one_line_error(run("prune", "fmnist-cnn", "--pattern", "4:2", "--out", str(tmp_path / "c")), "4:2")
     one_line_error(run("prune", "no-such-model", "--out", str(tmp_path / "d")), "no-such-model")
-    assert not any((tmp_path / x).exists() for x in "abcd")
+    one_line_error(run("prune", "fmnist-cnn", "--quantize", "W5", "--out", str(tmp_path / "e")), "W5")
+    assert not any((tmp_path / x).exists() for x in "abcde")

@@ -24,6 +24,8 @@ def prune_cmd(
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured | N:M (2:4) | block:RxC."),
     scope: str = typer.Option("layer", "--scope", help="layer | global (one threshold; magnitude only)."),
     comparison: str = typer.Option("row", "--comparison", help="Wanda's comparison group: row | layer."),
+    quantize: str = typer.Option(None, "--quantize", help="Also quantize with this preset (SparseGPT: in the same "
+                                 "pass; the others: RTN after pruning)."),
     out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
     calib_samples: int = typer.Option(None, "--calib-samples", help="Calibration samples (default per task)."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
@@ -42,7 +44,12 @@ def prune_cmd(
     args.count("--calib-samples", calib_samples, 1 << 16)
     args.count("--limit", limit)
     args.seed(seed)
-    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, scope=scope, comparison=comparison)
+    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, scope=scope, comparison=comparison,
+                         quantize=quantize)
+    if quantize is not None:
+        from slimtorch.quantize import resolve_recipe
+
+        resolve_recipe(quantize)  # an unknown preset fails before any work
     get_entry(model)  # unknown names fail before any work
     stage = StagedOutput(out_dir, overwrite)
     stage.check()

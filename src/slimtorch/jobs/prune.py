@@ -16,6 +16,7 @@ from slimtorch.api import apply_
 from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
 from slimtorch.export.pruned import save_pruned
+from slimtorch.export.quantized import save_quantized
 from slimtorch.jobs.compare import write_report
 from slimtorch.sparsity.prune import PruneConfig
 from slimtorch.zoo import get_entry, load_model
@@ -33,11 +34,17 @@ def run_prune(model: str, config: PruneConfig, out: Path, calib_samples: int | N
     fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
     res = evaluate(model, model=pruned, limit=limit, latency=False, **kw)
     extra = {"prune": {"method": config.method, "pattern": config.pattern, "sparsity": report.sparsity}}
-    size = save_pruned(pruned, out / "model.safetensors", model, extra)
+    if config.quantize is None:
+        size = save_pruned(pruned, out / "model.safetensors", model, extra)
+    else:  # a quantized file (export/quantized.py): its codes are stored packed, zeros included, not compressed
+        save_quantized(pruned, out / "model.safetensors", model, {"recipe": config.quantize, **extra})
+        size = {"bytes": (out / "model.safetensors").stat().st_size, "compressed_tensors": 0,
+                "dense_bytes": sum(t.numel() * t.element_size() for t in fp.state_dict().values())}
     fp_metrics = {m.name: m.value for m in fp_res.metrics}
     result = {
         "model": model, "method": config.method, "pattern": config.pattern, "scope": config.scope,
         "comparison": config.comparison, "target_sparsity": config.sparsity, "sparsity": report.sparsity,
+        "quantized": config.quantize, "bits_per_weight": report.bits_per_weight,
         "dataset": res.dataset,
         "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "pruned": m.value} for m in res.metrics],
         "size": {"dense_bytes": size["dense_bytes"], "file_bytes": size["bytes"],
