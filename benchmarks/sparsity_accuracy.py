@@ -4,6 +4,8 @@ shape: dense, magnitude, Wanda, SparseGPT at 50% unstructured and 2:4).
     PYTHONPATH=src python benchmarks/sparsity_accuracy.py --models tinyllama-fm fmnist-vit \
         [--methods magnitude wanda sparsegpt] [--patterns unstructured 2:4] [--sparsity 0.5] [--limit N]
 
+Methods ``width-magnitude`` / ``width-activation`` narrow the MLPs instead (pruning/structured.py, ratio =
+--sparsity of their neurons; "sparsity" in the record is then the fraction of all parameters removed).
 Appends one JSON line per (model, method, pattern) to benchmarks/results/sparsity_accuracy.jsonl.
 """
 
@@ -23,6 +25,7 @@ from records import run_header
 from slimtorch.api import apply_
 from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
+from slimtorch.pruning.structured import StructuredConfig
 from slimtorch.sparsity.prune import PruneConfig
 from slimtorch.zoo import load_model
 
@@ -51,22 +54,30 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if method == "wanda-layer" and pattern != "unstructured":
                     continue  # the comparison group matters for unstructured masks only
-                config = PruneConfig(method=method.removesuffix("-layer"), sparsity=args.sparsity, pattern=pattern,
-                                     comparison="layer" if method.endswith("-layer") else "row")
+                kind = pattern
+                if method.startswith("width-"):  # structured: the MLPs narrowed by --sparsity of their neurons
+                    if pattern != "unstructured":
+                        continue
+                    kind = "mlp-width"
+                    config = StructuredConfig(ratio=args.sparsity, importance=method.removeprefix("width-"))
+                else:
+                    config = PruneConfig(method=method.removesuffix("-layer"), sparsity=args.sparsity,
+                                         pattern=pattern, comparison="layer" if method.endswith("-layer") else "row")
                 rep = apply_(m, config, calib)
                 secs = time.perf_counter() - t0
                 res = evaluate(name, model=m, limit=args.limit, latency=False)
-                rec = {**common, "model": name, "method": method, "pattern": pattern,
-                       "target_sparsity": args.sparsity, "sparsity": rep.sparsity, "dataset": res.dataset,
+                sparsity = rep.sparsity if hasattr(rep, "sparsity") else 1 - rep.params_after / rep.params_before
+                rec = {**common, "model": name, "method": method, "pattern": kind,
+                       "target_sparsity": args.sparsity, "sparsity": sparsity, "dataset": res.dataset,
                        "fp": {x.name: x.value for x in fp_res.metrics},
-                       "pruned": {x.name: x.value for x in res.metrics}, "pruned_layers": len(rep.layers),
+                       "pruned": {x.name: x.value for x in res.metrics}, "pruned_layers": len(rep.layers if hasattr(rep, "layers") else rep.groups),
                        "calib_samples": rep.calib_samples, "prune_seconds": round(secs, 1), "notes": rep.notes}
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 first = res.metrics[0]
-                print(f"{name} {pattern} {method}: {first.name} {first.value:.3f} (fp {fp_res.metrics[0].value:.3f}) "
-                      f"sparsity {rep.sparsity:.3f} {secs:.0f}s", flush=True)
+                print(f"{name} {kind} {method}: {first.name} {first.value:.3f} (fp {fp_res.metrics[0].value:.3f}) "
+                      f"sparsity {sparsity:.3f} {secs:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,2 @@
+"""Structured pruning: remove whole neurons so that the model becomes a smaller dense model (graph.py finds
+the coupled layers, structured.py removes them)."""
