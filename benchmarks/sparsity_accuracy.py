@@ -5,7 +5,8 @@ shape: dense, magnitude, Wanda, SparseGPT at 50% unstructured and 2:4).
         [--methods magnitude wanda sparsegpt] [--patterns unstructured 2:4] [--sparsity 0.5] [--limit N]
 
 Methods ``width-magnitude`` / ``width-activation`` narrow the MLPs instead (pruning/structured.py, ratio =
---sparsity of their neurons; "sparsity" in the record is then the fraction of all parameters removed).
+--sparsity of their neurons; "sparsity" in the record is then the fraction of all parameters removed), and with
+``--recover STEPS`` are then distilled from the dense model on the calibration set (pruning/recovery.py).
 Appends one JSON line per (model, method, pattern) to benchmarks/results/sparsity_accuracy.jsonl.
 """
 
@@ -25,6 +26,7 @@ from records import run_header
 from slimtorch.api import apply_
 from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
+from slimtorch.pruning.recovery import recover_
 from slimtorch.pruning.structured import StructuredConfig
 from slimtorch.sparsity.prune import PruneConfig
 from slimtorch.zoo import load_model
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--recover", type=int, default=0, help="width methods: KD recovery steps on the calibration set")
+    ap.add_argument("--recover-lr", type=float, default=1e-4)
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip() or None
     common = {**run_header(f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", commit),
@@ -65,13 +69,20 @@ def main() -> None:
                                          pattern=pattern, comparison="layer" if method.endswith("-layer") else "row")
                 rep = apply_(m, config, calib)
                 secs = time.perf_counter() - t0
+                recovered = None
+                if args.recover and method.startswith("width-"):  # logit distillation from the dense model
+                    t1 = time.perf_counter()
+                    losses = recover_(m, fp, calib, steps=args.recover, lr=args.recover_lr)
+                    recovered = {"steps": args.recover, "lr": args.recover_lr, "first_loss": losses[0],
+                                 "last_loss": losses[-1], "seconds": round(time.perf_counter() - t1, 1)}
                 res = evaluate(name, model=m, limit=args.limit, latency=False)
                 sparsity = rep.sparsity if hasattr(rep, "sparsity") else 1 - rep.params_after / rep.params_before
                 rec = {**common, "model": name, "method": method, "pattern": kind,
                        "target_sparsity": args.sparsity, "sparsity": sparsity, "dataset": res.dataset,
                        "fp": {x.name: x.value for x in fp_res.metrics},
                        "pruned": {x.name: x.value for x in res.metrics}, "pruned_layers": len(rep.layers if hasattr(rep, "layers") else rep.groups),
-                       "calib_samples": rep.calib_samples, "prune_seconds": round(secs, 1), "notes": rep.notes}
+                       "calib_samples": rep.calib_samples, "prune_seconds": round(secs, 1), "notes": rep.notes,
+                       "recovery": recovered}
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")

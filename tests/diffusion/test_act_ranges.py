@@ -16,6 +16,7 @@ from slimtorch.diffusion.act_ranges import (
 )
 from slimtorch.diffusion.unet import DDPMUNet
 from slimtorch.errors import SlimError
+from slimtorch.hooks import TemporaryHooks
 from slimtorch.quant.modules import ActQuant
 from slimtorch.quantize import PTQConfig
 
@@ -81,11 +82,12 @@ def test_grouped_forward_uses_each_samples_own_range():
     refine_activation_ranges_(model, batches, groups=3, split=False)
     x, t, _ = batches[0]
     out = []
-    model.lin.act.register_forward_hook(lambda m, a, o: out.append(o))
-    model(x, t)
-    for i in range(len(t)):
-        model(x[i:i + 1], t[i:i + 1])
-        assert torch.equal(out[0][i:i + 1], out[-1])
+    with TemporaryHooks() as hooks:
+        hooks.after(model.lin.act, lambda m, a, o: out.append(o))
+        model(x, t)
+        for i in range(len(t)):
+            model(x[i:i + 1], t[i:i + 1])
+            assert torch.equal(out[0][i:i + 1], out[-1])
     # and a sample's output changes with its group's range: the coarse range of a late step quantizes
     # an early step's input differently
     late_scale = model.lin.act.scale[-1]
@@ -106,12 +108,11 @@ def test_unet_shortcut_split_ranges_per_part():
         v = a[0].transpose(0, 1).reshape(a[0].shape[1], -1)
         seen[n] = torch.cat([seen[n], v], 1) if n in seen else v
 
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: keep(n, a)) for n in splits]
-    with torch.no_grad():
+    with TemporaryHooks() as hooks, torch.no_grad():
+        for n in splits:
+            hooks.before(model.get_submodule(n), lambda m, a, n=n: keep(n, a))
         for b in batches:
             model(*b)
-    for h in hooks:
-        h.remove()
     apply_(model, PTQConfig("W8A8", "rtn"), batches)
     info = refine_activation_ranges_(model, batches, groups=1, split=True)
     assert info["split_layers"] == len(splits)

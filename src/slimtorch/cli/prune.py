@@ -35,7 +35,6 @@ def prune_cmd(
 ) -> None:
     """Prune a model (magnitude, Wanda or SparseGPT), evaluate FP and pruned side by side, save the sparse file."""
     from slimtorch.cli import args
-    from slimtorch.cli.main import out
     from slimtorch.io.outdir import StagedOutput
     from slimtorch.jobs.prune import run_prune
     from slimtorch.sparsity.prune import PruneConfig
@@ -60,10 +59,10 @@ def prune_cmd(
         typer.echo(json.dumps(res))
         return
     for m in res["metrics"]:
-        out.print(f"{m['name']}: FP {m['fp']:.4g}, pruned {m['pruned']:.4g}")
+        typer.echo(f"{m['name']}: FP {m['fp']:.4g}, pruned {m['pruned']:.4g}")
     size = res["size"]
-    out.print(f"sparsity {res['sparsity']:.3f} ({res['pattern']}, {res['method']}); file {size['file_bytes'] / 2**20:.2f} MiB "
+    typer.echo(f"sparsity {res['sparsity']:.3f} ({res['pattern']}, {res['method']}); file {size['file_bytes'] / 2**20:.2f} MiB "
               f"against {size['dense_bytes'] / 2**20:.2f} MiB dense")
     for note in res["notes"]:
-        out.print(f"note: {note}")
-    out.print(f"wrote {stage.out / 'model.safetensors'} and {stage.out / 'report.json'}")
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {stage.out / 'model.safetensors'} and {stage.out / 'report.json'}")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError
+from slimtorch.hooks import ModuleHook, attach, attached, detach
 from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import ActQuant, QuantConv2d, QuantWeight
 from slimtorch.spec import QuantSpec
@@ -41,17 +42,29 @@ class TimestepGroups:
         """(B,) steps -> (B,) group ids (long, on t's device)."""
         return torch.bucketize(t.float(), self.bounds.to(t.device), right=True)
 
-    def attach(self, model: nn.Module):
-        """Register the pre-hook that reads ``t`` (the model's second argument, or ``t=``); returns its handle."""
+    def attach(self, model: nn.Module) -> None:
+        """Attach the pre-hook that reads ``t`` (the model's second argument, or ``t=``) to ``model``,
+        replacing one attached before."""
+        if _TimestepHook.name in attached(model):
+            detach(model, _TimestepHook.name)
+        attach(model, _TimestepHook(self))
 
-        def hook(module, args, kwargs):
-            t = args[1] if len(args) > 1 else kwargs.get("t")
-            if t is None:
-                raise SlimError("timestep-group activation ranges need the model called as model(x, t, ...)")
-            t = torch.as_tensor(t, device=args[0].device)
-            self.ids = self.of(t.expand(args[0].shape[0]) if t.ndim == 0 else t)
 
-        return model.register_forward_pre_hook(hook, with_kwargs=True)
+class _TimestepHook(ModuleHook):
+    """Stores the group ids of each call's timesteps in its :class:`TimestepGroups`."""
+
+    name = "timestep-groups"
+
+    def __init__(self, groups: TimestepGroups) -> None:
+        self.groups = groups
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        t = args[1] if len(args) > 1 else kwargs.get("t")
+        if t is None:
+            raise SlimError("timestep-group activation ranges need the model called as model(x, t, ...)")
+        t = torch.as_tensor(t, device=args[0].device)
+        self.groups.ids = self.groups.of(t.expand(args[0].shape[0]) if t.ndim == 0 else t)
+        return args, kwargs
 
 
 class GroupedActQuant(nn.Module):
