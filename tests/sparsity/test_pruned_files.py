@@ -67,3 +67,28 @@ def test_damaged_files_are_one_clear_error(pruned, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(SlimError):
         load_pruned(tmp_path / "foreign.safetensors")
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
+    """safetensors refuses shared tensors; before, a tied model (tinyllama-fm's embeddings) failed to save."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.mid, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.mid(self.emb(ids)))
+
+    m = Tied()
+    apply_(m, PruneConfig(sparsity=0.5, targets=("Linear",), ignore=("head",)), [])
+    save_pruned(m, tmp_path / "t.safetensors", "unused")
+    back, meta = load_pruned(tmp_path / "t.safetensors", base_model=Tied())
+    assert meta["aliases"] == {"head.weight": "emb.weight"}
+    assert back.head.weight is back.emb.weight
+    ids = torch.arange(16).reshape(2, 8)
+    with torch.no_grad():
+        assert torch.equal(back(ids), m(ids))

@@ -3,7 +3,8 @@ their nonzero values (:mod:`slimtorch.sparsity.storage`) where that is smaller t
 
 File layout (one safetensors file): ``<key>`` for a dense tensor, ``<key>.bitmask`` + ``<key>.values`` for a
 compressed one; metadata ``slimtorch``: format ``slimtorch-pruned``, the base model (zoo name or local
-folder), ``sparse`` {key: shape}, and the pruning record (method, pattern, per-layer sparsity). Loading
+folder), ``sparse`` {key: shape}, ``aliases`` {key: key stored} for tensors sharing storage (tied
+embeddings, stored once), and the pruning record (method, pattern, per-layer sparsity). Loading
 builds the base model and loads the tensors back: outputs are bit-identical to the model that was saved.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from slimtorch.errors import SlimError, shown
-from slimtorch.io.checkpoint import check_loaded, load_tensors, save_tensors
+from slimtorch.io.checkpoint import check_loaded, load_tensors, restore_shared, save_tensors, store_shared_once
 from slimtorch.sparsity.storage import compress, decompress, worth_compressing
 
 FORMAT = "slimtorch-pruned"
@@ -23,8 +24,10 @@ FORMAT_VERSION = 1
 
 def save_pruned(model: nn.Module, path: Path, base: str, extra: dict | None = None) -> dict:
     """Atomically write ``model`` to ``path``; returns {"bytes", "dense_bytes", "compressed_tensors"}."""
+    state = dict(model.state_dict())
+    aliases = store_shared_once(state)  # tied embeddings: stored once
     tensors, sparse, dense_bytes = {}, {}, 0
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         dense_bytes += t.numel() * t.element_size()
         if t.dim() >= 2 and t.is_floating_point() and worth_compressing(t):
             bits, vals = compress(t)
@@ -32,7 +35,8 @@ def save_pruned(model: nn.Module, path: Path, base: str, extra: dict | None = No
             sparse[key] = list(t.shape)
         else:
             tensors[key] = t
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "base": base, "sparse": sparse, **(extra or {})}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "base": base, "sparse": sparse, "aliases": aliases,
+            **(extra or {})}
     save_tensors(path, tensors, meta)
     return {"bytes": Path(path).stat().st_size, "dense_bytes": dense_bytes, "compressed_tensors": len(sparse)}
 
@@ -55,6 +59,10 @@ def load_pruned(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Mod
         if not isinstance(meta.get("base"), str):
             raise SlimError(f"{path} names no base model")
         base_model = load_model(meta["base"])
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or any(not isinstance(v, str) or v not in tensors and v not in sparse
+                                            for v in aliases.values()):
+        raise SlimError(f"{path}: its aliases do not name stored tensors")
     want = base_model.state_dict()
     for key, shape in sparse.items():
         if key not in want or not isinstance(shape, list) or [*want[key].shape] != shape:
@@ -65,6 +73,7 @@ def load_pruned(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Mod
         if vals.dtype != want[key].dtype:
             raise SlimError(f"{path}: {shown(key)} values are {vals.dtype}; the base model holds {want[key].dtype}")
         tensors[key] = decompress(bits, vals, tuple(shape), f"{path}: {key}")
+    restore_shared(tensors, aliases)
     try:
         missing, unexpected = base_model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:

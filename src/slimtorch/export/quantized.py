@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError, shown
-from slimtorch.io.checkpoint import FLOAT_VALUES, check_loaded, load_tensors, save_tensors
+from slimtorch.io.checkpoint import (FLOAT_VALUES, check_loaded, load_tensors, restore_shared, save_tensors,
+                                     store_shared_once)
 from slimtorch import packing
 from slimtorch.quant.modules import ActQuant, MatmulInput, QuantConv2d, QuantLinear, QuantWeight
 from slimtorch.sequential import set_module
@@ -69,16 +70,7 @@ def save_quantized(model: nn.Module, path: Path, base: str, extra: dict | None =
         if owner in qnames and leaf in ("qweight",):
             continue
         tensors[key] = t
-    # store shared storages once
-    aliases, seen = {}, {}
-    for key in list(tensors):
-        t = tensors[key]
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and ident in seen:
-            aliases[key] = seen[ident]
-            del tensors[key]
-        else:
-            seen[ident] = key
+    aliases = store_shared_once(tensors)
     meta = {"format": "slimtorch-quantized", "version": FORMAT_VERSION, "base": base, "layers": layers,
             "points": points, "aliases": aliases, **(extra or {})}
     save_tensors(path, tensors, meta)
@@ -142,8 +134,7 @@ def _check_against_base(old: nn.Module, name: str, info: dict, shape: tuple[int,
 
 
 def _rebuild(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> nn.Module:
-    for key, target in meta.get("aliases", {}).items():
-        tensors[key] = tensors[target]
+    restore_shared(tensors, meta.get("aliases", {}))
     for name, info in meta["layers"].items():
         wspec, aspec = spec_from_dict(info["weight"], "weight"), spec_from_dict(info["act"], "act")
         if wspec is None or info["kind"] not in ("linear", "conv2d"):

@@ -136,3 +136,25 @@ def check_loaded(model, missing: list[str], unexpected: list[str], path: Path, b
     bad = nonfinite_tensor(model.state_dict())
     if bad is not None:
         raise SlimError(f"{path}: tensor {shown(bad)} holds NaN or Inf")
+
+
+def store_shared_once(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Drop from ``tensors`` (in place) every tensor that is a view of the same storage, offset, shape and dtype
+    as one kept before it (tied embeddings); returns {dropped key: kept key}, for :func:`restore_shared`.
+    safetensors refuses to write shared tensors."""
+    aliases, seen = {}, {}
+    for key in list(tensors):
+        t = tensors[key]
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            del tensors[key]
+        else:
+            seen[ident] = key
+    return aliases
+
+
+def restore_shared(tensors: dict[str, torch.Tensor], aliases: dict) -> None:
+    """Put back (in place) the keys :func:`store_shared_once` dropped, each naming its kept tensor."""
+    for key, target in aliases.items():
+        tensors[key] = tensors[target]
