@@ -114,9 +114,12 @@ def run_batches(model: nn.Module, calib: list[Batch], progress: Progress, descri
         model(*batch)
 
 
-def calibrate_activations(model: nn.Module, calib: list[Batch], progress: Progress = no_progress) -> int:
-    """Observe every static ActQuant over ``calib``, then freeze them. Returns how many were calibrated."""
-    static = [m for m in model.modules() if isinstance(m, ActQuant) and not m.spec.dynamic]
+def calibrate_activations(model: nn.Module, calib: list[Batch], progress: Progress = no_progress,
+                          quantizers: list[ActQuant] | None = None) -> int:
+    """Observe every static ActQuant (or those of ``quantizers``) over ``calib``, then freeze them. Returns how
+    many were calibrated."""
+    static = [m for m in (model.modules() if quantizers is None else quantizers)
+              if isinstance(m, ActQuant) and not m.spec.dynamic]
     if not static:
         return 0
     if not calib:

@@ -63,14 +63,15 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, method: str) -> torch.T
                         "raise the damping or use more calibration samples") from None
 
 
-def _column_spec(spec: QuantSpec) -> QuantSpec:
+def column_spec(spec: QuantSpec) -> QuantSpec:
+    """``spec`` per output channel: how a column pass quantizes one column with its (out, 1) parameters."""
     return replace(spec, granularity=PerChannel(0))
 
 
 def fit_columns(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, 1) scale and zero-point for the columns ``w`` (out, k) under ``spec``'s observer: per output row,
     or one for all rows with a per-tensor spec (what a column pass quantizes a column, or a group, with)."""
-    obs = make_observer(_column_spec(spec) if not isinstance(spec.granularity, PerTensor) else spec)
+    obs = make_observer(column_spec(spec) if not isinstance(spec.granularity, PerTensor) else spec)
     obs.update(w.float())
     s, z = obs.qparams()
     rows = w.shape[0]
@@ -127,7 +128,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_hessian_factor(H, damp, "GPTQ")
 
-    colspec = _column_spec(spec)
+    colspec = column_spec(spec)
     Q = torch.zeros_like(W)
     scales = torch.zeros(out_f, in_f, dtype=torch.float32)
     zeros = torch.zeros(out_f, in_f, dtype=torch.float32)

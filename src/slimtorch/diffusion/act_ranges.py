@@ -24,6 +24,7 @@ from slimtorch.errors import SlimError
 from slimtorch.hooks import ModuleHook, attach, attached, detach
 from slimtorch.quant import primitives as P
 from slimtorch.quant.modules import ActQuant, QuantConv2d, QuantWeight
+from slimtorch.quantize import calibrate_activations
 from slimtorch.spec import QuantSpec
 
 
@@ -117,16 +118,6 @@ def _static_layers(model: nn.Module) -> dict[str, QuantWeight]:
             if isinstance(m, QuantWeight) and isinstance(m.act, ActQuant) and not m.act.spec.dynamic}
 
 
-@torch.no_grad()
-def _calibrate(model: nn.Module, quantizers: list[ActQuant], batches: list[tuple]) -> None:
-    for q in quantizers:
-        q.start_observing()
-    for b in batches:
-        model(*b)
-    for q in quantizers:
-        q.freeze()
-
-
 def _by_group(batches: list[tuple], groups: TimestepGroups) -> list[list[tuple]]:
     """The (x_t, t, y, ...) batches split by the group of each sample's t."""
     out: list[list[tuple]] = [[] for _ in range(groups.groups)]
@@ -157,32 +148,28 @@ def refine_activation_ranges_(model: nn.Module, batches: list[tuple], groups: in
     splits = shortcut_splits(model) if split else {}
     spec_of = {n: m.act.spec for n, m in layers.items()}
     parts = {n: (2 if n in splits else 1) for n in layers}
-    # (layer, part) -> per-group (scale, zero)
+    # (layer, part) -> per-group (scale, zero); each group calibrates fresh quantizers (with one group, those
+    # are the result)
     found: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for g, gb in enumerate(per_group):
+    for gb in per_group:
         fresh = {}
         for n, m in layers.items():
             qs = [ActQuant(spec_of[n]).to(m.qweight.device) for _ in range(parts[n])]
             m.act = SplitActQuant(qs[0], qs[1], splits[n]) if parts[n] == 2 else qs[0]
             fresh[n] = qs
-        _calibrate(model, [q for qs in fresh.values() for q in qs], gb)
+        calibrate_activations(model, gb, quantizers=[q for qs in fresh.values() for q in qs])
         for n, qs in fresh.items():
             for i, q in enumerate(qs):
                 found.setdefault((n, i), []).append((q.scale, q.zero))
+    spread = {}
     if groups > 1:
         tg.attach(model)
-    spread = {}
-    for n, m in layers.items():
-        qs = []
-        for i in range(parts[n]):
-            if groups == 1:
-                q = ActQuant(spec_of[n]).to(m.qweight.device)
-                q.scale, q.zero = found[(n, i)][0]
-            else:
+        for n, m in layers.items():
+            qs = []
+            for i in range(parts[n]):
                 s = torch.stack([sz[0].reshape(()) for sz in found[(n, i)]])
                 z = torch.stack([sz[1].reshape(()) for sz in found[(n, i)]])
-                q = GroupedActQuant(spec_of[n], tg, s, z).to(m.qweight.device)
+                qs.append(GroupedActQuant(spec_of[n], tg, s, z).to(m.qweight.device))
                 spread[n if parts[n] == 1 else f"{n}[{i}]"] = float(s.max() / s.min())
-            qs.append(q)
-        m.act = SplitActQuant(qs[0], qs[1], splits[n]) if parts[n] == 2 else qs[0]
+            m.act = SplitActQuant(qs[0], qs[1], splits[n]) if parts[n] == 2 else qs[0]
     return {"groups": groups, "split_layers": len(splits), "layers": len(layers), "range_spread": spread}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from slimtorch.hooks import TemporaryHooks
+from slimtorch.sequential import first_tensor
 
 # autograd nodes that act element by element on one channel-carrying input (others may be constants)
 ELEMENTWISE = {"GeluBackward0", "SiluBackward0", "ReluBackward0", "MulBackward0", "TanhBackward0",
@@ -68,8 +69,7 @@ def neuron_groups(model: nn.Module, example: tuple) -> list[NeuronGroup]:
         finally:
             for p, r in was.items():
                 p.requires_grad_(r)
-    out = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
-    uses = _consumers(out.grad_fn)
+    uses = _consumers(first_tensor(out).grad_fn)
     groups = []
     for consumer, node in in_node.items():
         producers, ok, stack, seen = [], node is not None, [node], set()

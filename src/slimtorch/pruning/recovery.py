@@ -15,10 +15,7 @@ from torch import nn
 from slimtorch.distill.losses import kd_loss
 from slimtorch.errors import SlimError
 from slimtorch.progress import Progress, no_progress
-
-
-def _logits(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
+from slimtorch.sequential import first_tensor
 
 
 def recover_(student: nn.Module, teacher: nn.Module, batches: list[tuple], steps: int = 200, lr: float = 1e-4,
@@ -41,8 +38,8 @@ def recover_(student: nn.Module, teacher: nn.Module, batches: list[tuple], steps
     for i in progress(range(steps), "recovery"):
         batch = batches[int(order[i])]
         with torch.no_grad():
-            target = _logits(teacher(*batch))
-        loss = kd_loss(_logits(student(*batch)), target, temperature)
+            target = first_tensor(teacher(*batch))
+        loss = kd_loss(first_tensor(student(*batch)), target, temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

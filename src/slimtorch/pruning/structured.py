@@ -21,10 +21,9 @@ from torch import nn
 
 from slimtorch.api import Report, handler
 from slimtorch.errors import SlimError
-from slimtorch.hooks import TemporaryHooks
 from slimtorch.progress import Progress
 from slimtorch.pruning.graph import NeuronGroup, neuron_groups
-from slimtorch.sequential import Batch, set_module
+from slimtorch.sequential import Batch, collect, set_module
 
 IMPORTANCE = ("magnitude", "activation")
 
@@ -81,22 +80,25 @@ def _narrow(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
-@torch.no_grad()
-def _input_mean_abs(model: nn.Module, groups: list[NeuronGroup], calib: list[Batch]) -> dict[str, torch.Tensor]:
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+class _MeanAbs:
+    """Mean |x_j| of each input feature over the rows a layer sees (a ``sequential.collect`` statistic)."""
 
-    def add(name: str, x: torch.Tensor) -> None:
+    def __init__(self, layer: nn.Module) -> None:
+        self.sum, self.rows = 0, 0
+
+    def add(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
-        sums[name] = sums.get(name, 0) + x.abs().sum(0)
-        counts[name] = counts.get(name, 0) + x.shape[0]
+        self.sum, self.rows = self.sum + x.abs().sum(0), self.rows + x.shape[0]
 
-    with TemporaryHooks() as hooks:
-        for g in groups:
-            hooks.before(model.get_submodule(g.consumer), lambda m, a, name=g.consumer: add(name, a[0]))
-        for batch in calib:
-            model(*batch)
-    return {n: sums[n] / counts[n] for n in sums}
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.rows
+
+
+def _input_mean_abs(model: nn.Module, groups: list[NeuronGroup], calib: list[Batch]) -> dict[str, torch.Tensor]:
+    stats = collect({g.consumer: model.get_submodule(g.consumer) for g in groups}, _MeanAbs,
+                    lambda: [model(*batch) for batch in calib])
+    return {n: st.mean for n, st in stats.items()}
 
 
 @handler(StructuredConfig, "structured")

@@ -103,16 +103,16 @@ class PruneReport(Report):
 
 
 class InputNorms(Hessian):
-    """Sum of squares of each input feature over the rows a layer sees (Wanda's ||x_j||^2)."""
+    """Sum of squares of each input feature over the rows a layer sees (Wanda's ||x_j||^2): Hessian's input
+    rows (conv inputs unfolded), without its (in, in) matrix. Grouped convolutions never get here (pruned by
+    magnitude)."""
 
     def __init__(self, layer: nn.Module) -> None:
-        super().__init__(layer)
-        self.sq = None if self.H is None else torch.zeros(layer.weight[0].numel(), dtype=torch.float64)
-        self.H = None  # not needed
+        self.layer = layer
+        self.sq = torch.zeros(layer.weight[0].numel(), dtype=torch.float64)
 
     def add(self, x: torch.Tensor) -> None:
-        if self.sq is not None:
-            self.sq += (self.rows(x.detach()).double() ** 2).sum(0)
+        self.sq += (self.rows(x.detach()).double() ** 2).sum(0)
 
 
 def _mask(score: torch.Tensor, config: PruneConfig, per_row: bool = False) -> torch.Tensor:
@@ -150,9 +150,8 @@ def _apply_prune(model: nn.Module, config: PruneConfig, calib: list[Batch], prog
     sparse_counts: dict[str, int] = {}  # layers quantized in the pass: their removed weights
     kind, arg = parse_pattern(config.pattern)
     if kind != "unstructured":  # a layer the pattern does not tile stays dense
-        rows_cols = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in layers.items()}
-        misfit = [n for n, (r, c) in rows_cols.items()
-                  if c % arg[1] or (kind == "block" and r % arg[0])]
+        misfit = [n for n, m in layers.items()
+                  if m.weight[0].numel() % arg[1] or (kind == "block" and m.weight.shape[0] % arg[0])]
         for n in misfit:
             del layers[n]
         if misfit:
@@ -172,7 +171,7 @@ def _apply_prune(model: nn.Module, config: PruneConfig, calib: list[Batch], prog
     else:
         if not calib:
             raise SlimError(f"{config.method} needs calibration data")
-        if config.method == "sparsegpt" and parse_pattern(config.pattern)[0] == "block":
+        if config.method == "sparsegpt" and kind == "block":
             raise SlimError("sparsegpt prunes unstructured or N:M; for blocks use magnitude or wanda")
         for n in grouped:
             _set(layers[n], layers[n].weight * _mask(magnitude(layers[n].weight), config))

@@ -12,14 +12,12 @@ block's columns, at the target sparsity) or per run of M columns (N:M), from the
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from slimtorch.calib.gptq import column_qparams, fit_columns, inverse_hessian_factor
+from slimtorch.calib.gptq import column_qparams, column_spec, fit_columns, inverse_hessian_factor
 from slimtorch.errors import SlimError
 from slimtorch.quant import primitives as P
-from slimtorch.spec import PerChannel, PerGroup, QuantSpec
+from slimtorch.spec import PerGroup, QuantSpec
 
 
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
@@ -58,7 +56,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5
     Hinv = inverse_hessian_factor(H, damp, "SparseGPT")
     group = quant.granularity.size if quant is not None and isinstance(quant.granularity, PerGroup) else None
     if quant is not None:
-        colspec = replace(quant, granularity=PerChannel(0))
+        colspec = column_spec(quant)
         scales = torch.zeros(out_f, in_f, dtype=torch.float32)
         zeros = torch.zeros(out_f, in_f, dtype=torch.float32)
         if group is None:
