@@ -15,7 +15,13 @@ from pathlib import Path
 from torch import nn
 
 from slimtorch.errors import SlimError, shown
-from slimtorch.io.checkpoint import check_loaded, load_tensors, restore_shared, save_tensors, store_shared_once
+from slimtorch.io.checkpoint import (
+    check_loaded,
+    load_tensors,
+    restore_shared,
+    save_tensors,
+    store_shared_once,
+)
 from slimtorch.sparsity.storage import compress, decompress, worth_compressing
 
 FORMAT = "slimtorch-pruned"

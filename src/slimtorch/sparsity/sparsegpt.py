@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from slimtorch.calib.gptq import column_qparams, column_spec, fit_columns, inverse_hessian_factor
+from slimtorch.calib.gptq import (
+    column_qparams,
+    column_spec,
+    fit_columns,
+    inverse_hessian_factor,
+)
 from slimtorch.errors import SlimError
 from slimtorch.quant import primitives as P
 from slimtorch.spec import PerGroup, QuantSpec
