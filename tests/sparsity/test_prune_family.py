@@ -129,3 +129,8 @@ def test_sparse_and_quantized_in_one_config():
                 assert torch.equal(out, two_step(x))
         err[method] = float((out - ref).norm() / ref.norm())
     assert err["sparsegpt"] < err["magnitude"], err
+
+
+def test_an_unknown_quantize_preset_fails_when_the_config_is_made():
+    with pytest.raises(SlimError, match="W5"):
+        PruneConfig(quantize="W5")

@@ -45,10 +45,6 @@ def prune_cmd(
     args.seed(seed)
     config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, scope=scope, comparison=comparison,
                          quantize=quantize)
-    if quantize is not None:
-        from slimtorch.quantize import resolve_recipe
-
-        resolve_recipe(quantize)  # an unknown preset fails before any work
     get_entry(model)  # unknown names fail before any work
     stage = StagedOutput(out_dir, overwrite)
     stage.check()

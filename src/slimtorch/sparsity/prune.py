@@ -71,6 +71,8 @@ class PruneConfig:
         parse_pattern(self.pattern)
         if not 0.0 <= self.sparsity < 1.0:
             raise SlimError(f"sparsity must be in [0, 1); got {self.sparsity}")
+        if self.quantize is not None:
+            resolve_recipe(self.quantize)  # an unknown preset or a bad recipe fails here, before any work
 
     @property
     def nm(self) -> tuple[int, int] | None:
