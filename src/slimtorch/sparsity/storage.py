@@ -20,7 +20,7 @@ def compress(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = t.detach().reshape(-1)
     nz = flat != 0
     bits = torch.nn.functional.pad(nz.to(torch.uint8), (0, -flat.numel() % 8)).reshape(-1, 8)
-    return (bits * _BITS).sum(1, dtype=torch.uint8), flat[nz].clone()
+    return (bits * _BITS).sum(1, dtype=torch.uint8), flat[nz]  # boolean indexing copies
 
 
 def decompress(bitmask: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...], what: str = "tensor") -> torch.Tensor:
