@@ -155,10 +155,16 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
               "prediction": "eps", "schedule": "linear 1e-4..0.02, T=1000", "null_label_p": NULL_P,
               "train_seconds": round(secs, 1), "params": sum(p.numel() for p in model.parameters()),
               "device": torch.cuda.get_device_name() if device == "cuda" else device, "log": log}
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
+
+    def save() -> None:
+        save_tensors(out / f"{name}.safetensors", sd, {"config": cfg, "train": {k: v for k, v in record.items()
+                                                                                   if k != "log"}})
+
+    save()  # before the check too, so that a run cut short during the check still leaves its weights
     if check_n:
         record.update(check(ema, check_n, device))
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
-    save_tensors(out / f"{name}.safetensors", sd, {"config": cfg, "train": {k: v for k, v in record.items() if k != "log"}})
+        save()
     return record
 
 
