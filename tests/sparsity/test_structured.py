@@ -1,5 +1,6 @@
-"""Width pruning of neuron groups: the groups found from the autograd graph, dead neurons removed without
-changing the output, exact parameter counts on the zoo's transformers."""
+"""Width pruning of channel groups: the groups found from the autograd graph (MLPs, CNN blocks and residual
+stages), dead channels removed without changing the output, the pruned model equal to the masked original,
+exact parameter and FLOP counts, budgets met."""
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from torch import nn
 from slimtorch.api import apply_
 from slimtorch.calib.data import calibration_set
 from slimtorch.errors import SlimError
-from slimtorch.pruning.graph import neuron_groups
-from slimtorch.pruning.structured import StructuredConfig, kept_width
+from slimtorch.pruning.graph import channel_groups
+from slimtorch.pruning.structured import StructuredConfig, kept_width, prune_group_
 from slimtorch.zoo import load_model
 
 
@@ -32,7 +33,7 @@ class Net(nn.Module):
 
 
 def test_groups_are_the_mlps_only():
-    groups = {g.consumer: g for g in neuron_groups(Net(), (torch.randn(2, 8),))}
+    groups = {g.name: g for g in channel_groups(Net(), (torch.randn(2, 8),))}
     assert set(groups) == {"fc2", "down"}
     assert groups["fc2"].producers == ("fc1",) and groups["down"].producers == ("gate", "up")
     assert groups["down"].width == 16
@@ -41,7 +42,7 @@ def test_groups_are_the_mlps_only():
 def test_zoo_transformers_mlps_are_found():
     for name, n, producers in (("tinyllama-fm", 6, 2), ("fmnist-vit", 6, 1)):
         m = load_model(name)
-        groups = neuron_groups(m, tuple(t[:1] for t in calibration_set(name, 1, model=m)[0]))
+        groups = channel_groups(m, tuple(t[:1] for t in calibration_set(name, 1, model=m)[0]))
         assert len(groups) == n and all(len(g.producers) == producers for g in groups)
 
 
@@ -80,8 +81,80 @@ def test_tinyllama_width_pruning_removes_exact_parameters():
 
 def test_kept_width_and_bad_configs():
     assert kept_width(896, 0.25, 8) == 672 and kept_width(10, 0.9, 8) == 8 and kept_width(4, 0.5, 8) == 4
-    for kw in ({"ratio": 1.0}, {"importance": "taylor2"}, {"align": 0}):
+    for kw in ({"ratio": 1.0}, {"importance": "taylor2"}, {"align": 0}, {"budget": 0.0}, {"measure": "bytes"}):
         with pytest.raises(SlimError):
             StructuredConfig(**kw)
-    with pytest.raises(SlimError, match="no neuron groups"):
+    with pytest.raises(SlimError, match="no channel groups"):
         apply_(nn.Sequential(nn.Linear(4, 4)), StructuredConfig(), [(torch.randn(2, 4),)])
+
+
+def test_cnn_groups_follow_batchnorm_and_residual_stages():
+    m = load_model("fmnist-cnn")
+    groups = {g.name: g for g in channel_groups(m, (torch.randn(1, 1, 28, 28),))}
+    assert len(groups) == 6
+    stage1 = groups["layer1.conv1.0"]  # stem and layer1 write the stage-1 residual stream; three layers read it
+    assert stage1.producers == ("layer1.conv2", "stem.0") and stage1.members == ("layer1.bn2", "stem.1")
+    assert stage1.consumers == ("layer1.conv1.0", "layer2.conv1.0", "layer2.shortcut.0") and stage1.width == 32
+    last = groups["fc"]  # through the global pool and the flatten into the classifier
+    assert last.producers == ("layer3.conv2", "layer3.shortcut.0") and last.width == 128
+    assert groups["layer2.conv2"].producers == ("layer2.conv1.0",) and groups["layer2.conv2"].width == 64
+
+
+def _mask_(model, group, idx):
+    """Zero the channels of ``group`` outside ``idx`` where they are made (the BN after a conv, else the
+    producer's rows), leaving every shape as it is."""
+    drop = torch.ones(group.width, dtype=torch.bool)
+    drop[idx] = False
+    with torch.no_grad():
+        for name in group.members or group.producers:
+            mod = model.get_submodule(name)
+            mod.weight[drop] = 0.0
+            if mod.bias is not None:
+                mod.bias[drop] = 0.0
+
+
+def test_pruned_cnn_equals_the_masked_original():
+    m = load_model("fmnist-cnn").eval()
+    x = torch.randn(4, 1, 28, 28)
+    groups = channel_groups(m, (x[:1],))
+    gen = torch.Generator().manual_seed(0)
+    keep = {g.name: torch.sort(torch.randperm(g.width, generator=gen)[: g.width // 2]).values for g in groups}
+    for g in groups:
+        _mask_(m, g, keep[g.name])
+    with torch.no_grad():
+        ref = m(x)
+    for g in groups:
+        prune_group_(m, g, keep[g.name])
+    assert m.layer2.conv1[0].in_channels == 16 and m.layer2.conv1[0].out_channels == 32 and m.fc.in_features == 64
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("measure,budget", [("flops", 0.5), ("params", 0.4)])
+def test_budget_is_met_and_counts_are_exact(measure, budget):
+    m = load_model("fmnist-cnn")
+    calib = calibration_set("fmnist-cnn", 2, model=m)
+    rep = apply_(m, StructuredConfig(budget=budget, measure=measure, importance="magnitude", align=1), calib)
+    kept = (rep.flops_after / rep.flops_before) if measure == "flops" else rep.params_after / rep.params_before
+    assert budget - 0.05 < kept <= budget
+    assert rep.params_after == sum(p.numel() for p in m.parameters())
+    # closed form for one conv: out x in x 9 x 28 x 28 per image (layer1.conv2 keeps all its MACs' factors)
+    c1 = m.layer1.conv1[0]
+    assert (c1.out_channels, c1.in_channels) == (rep.groups["layer1.conv2"][1], rep.groups["layer1.conv1.0"][1])
+    with torch.no_grad():
+        assert m(calib[0][0]).shape == (calib[0][0].shape[0], 10)
+
+
+def test_taylor_importance_ranks_a_dead_channel_last():
+    net = Net()
+    with torch.no_grad():
+        net.fc2.weight[:, 3] = 0.0  # neuron 3 of fc1/fc2 never reaches the output: zero gradient and w*g
+        net.fc1.weight[3] = 0.0
+        net.fc1.bias[3] = 0.0
+    x = torch.randn(32, 8)
+    from slimtorch.pruning.structured import _taylor_grads, importance
+
+    groups = {g.name: g for g in channel_groups(net, (x[:1],))}
+    grads = _taylor_grads(net, list(groups.values()), [(x,)])
+    score = importance(net, groups["fc2"], "taylor", grads=grads)
+    assert score[3] == 0.0 and (score[torch.arange(32) != 3] > 0).all()
