@@ -158,3 +158,38 @@ def test_taylor_importance_ranks_a_dead_channel_last():
     grads = _taylor_grads(net, list(groups.values()), [(x,)])
     score = importance(net, groups["fc2"], "taylor", grads=grads)
     assert score[3] == 0.0 and (score[torch.arange(32) != 3] > 0).all()
+
+
+@pytest.mark.parametrize("name,unit,q_per_kv", [("fmnist-vit", 3, 1), ("tinyllama-fm", 2, 3)])
+def test_head_pruning_equals_the_masked_original(name, unit, q_per_kv):
+    from slimtorch.pruning.heads import head_groups
+
+    m = load_model(name).eval()
+    groups = head_groups(m)
+    assert len(groups) == 6 and all(g.width == unit and g.q_per_kv == q_per_kv for g in groups)
+    x = calibration_set(name, 1, model=m)[0][0][:2]
+    keep = torch.tensor([1])  # unit 1 of every layer stays (one head, or one KV head with its 3 query heads)
+    with torch.no_grad():
+        for g in groups:  # mask: the output projection ignores the other units' channels
+            cols = torch.ones(m.get_submodule(g.consumers[0]).in_features, dtype=torch.bool)
+            cols[g.channels(g.consumers[0], keep)] = False
+            m.get_submodule(g.consumers[0]).weight[:, cols] = 0.0
+        ref = m(x)
+    for g in groups:
+        prune_group_(m, g, keep)
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref, atol=1e-5)
+    g = groups[0]
+    q = m.get_submodule(g.producers[0])
+    assert q.out_features == (3 if g.fused else q_per_kv) * g.head_dim
+
+
+def test_vit_at_a_parameter_budget_with_heads():
+    m = load_model("fmnist-vit")
+    calib = calibration_set("fmnist-vit", 2, model=m)
+    rep = apply_(m, StructuredConfig(budget=0.6, measure="params", heads=True, importance="magnitude"), calib)
+    assert 0.55 < rep.params_after / rep.params_before <= 0.6
+    assert rep.params_after == sum(p.numel() for p in m.parameters())
+    assert any(v[1] < v[0] for k, v in rep.groups.items() if k.endswith("attn"))
+    with torch.no_grad():
+        assert torch.isfinite(m(calib[0][0])).all()

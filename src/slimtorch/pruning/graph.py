@@ -62,6 +62,13 @@ class ChannelGroup:
     def name(self) -> str:
         return self.consumers[0]
 
+    def channels(self, layer: str, units: torch.Tensor) -> torch.Tensor:
+        """The channels of ``layer`` that ``units`` own: here a unit is one channel."""
+        return units
+
+    def per_unit(self, layer: str, per_channel: torch.Tensor) -> torch.Tensor:
+        return per_channel
+
 
 def _is_dense(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups == 1)

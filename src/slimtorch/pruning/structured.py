@@ -11,6 +11,10 @@ Importance of channel j of a group (producers P, consumers C, per-channel member
   the loss change when the channel goes, as in Molchanov et al. 2019 and torch-pruning's group Taylor), with
   the gradient of the cross-entropy against the model's own predictions, so no labels are needed.
 
+With ``heads=True`` attention heads are pruned too (pruning/heads.py: a unit is a KV head with its query
+heads), by the same ratio (rounded to the nearest whole head, at least one) and the same importance summed
+over each head's channels.
+
 ``budget`` instead of ``ratio``: the fraction of the model's FLOPs (``measure="flops"``, multiply-adds of its
 Linear/Conv calls on the calibration batch) or parameters to keep; the one ratio for every group that meets
 it is found by bisection on the exact counts, computed without pruning.
@@ -34,6 +38,7 @@ from slimtorch.errors import SlimError
 from slimtorch.hooks import TemporaryHooks
 from slimtorch.progress import Progress
 from slimtorch.pruning.graph import ChannelGroup, channel_groups
+from slimtorch.pruning.heads import HeadGroup, head_groups, set_heads_
 from slimtorch.sequential import Batch, collect, first_tensor
 
 IMPORTANCE = ("magnitude", "activation", "taylor")
@@ -50,6 +55,7 @@ class StructuredConfig:
     align: int = 8
     budget: float | None = None
     measure: str = "flops"
+    heads: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -91,24 +97,24 @@ def _in_columns(m: nn.Module) -> torch.Tensor:
     return w.transpose(0, 1).reshape(w.shape[1], -1)
 
 
-def importance(model: nn.Module, group: ChannelGroup, kind: str, input_mean_abs: dict | None = None,
+def importance(model: nn.Module, group: ChannelGroup | HeadGroup, kind: str, input_mean_abs: dict | None = None,
                grads: dict | None = None) -> torch.Tensor:
-    """(width,) importance of each channel of ``group`` (module docstring)."""
+    """(width,) importance of each unit (channel, or head) of ``group`` (module docstring)."""
     get = model.get_submodule
     if kind == "activation":
-        return sum(input_mean_abs[c].float() * _in_columns(get(c)).norm(dim=1) for c in group.consumers)
+        return sum(group.per_unit(c, input_mean_abs[c].float() * _in_columns(get(c)).norm(dim=1))
+                   for c in group.consumers)
     if kind == "magnitude":
-        rows = sum(_dense_weight(get(p)).flatten(1).pow(2).sum(1) for p in group.producers)
-        return (rows + sum(_in_columns(get(c)).pow(2).sum(1) for c in group.consumers)).sqrt()
+        rows = sum(group.per_unit(p, _dense_weight(get(p)).flatten(1).pow(2).sum(1)) for p in group.producers)
+        return (rows + sum(group.per_unit(c, _in_columns(get(c)).pow(2).sum(1)) for c in group.consumers)).sqrt()
     score = 0
     for name in group.producers + group.consumers + group.members:
-        mod = get(name)
-        for pname, p in mod.named_parameters(recurse=False):
+        for pname, p in get(name).named_parameters(recurse=False):
             wg = (p.detach().float() * grads[f"{name}.{pname}"]).abs()
             if name in group.consumers and pname == "weight":
-                score = score + wg.transpose(0, 1).reshape(wg.shape[1], -1).sum(1)
+                score = score + group.per_unit(name, wg.transpose(0, 1).reshape(wg.shape[1], -1).sum(1))
             elif not (name in group.consumers and pname == "bias"):
-                score = score + wg.reshape(wg.shape[0], -1).sum(1)
+                score = score + group.per_unit(name, wg.reshape(wg.shape[0], -1).sum(1))
     return score
 
 
@@ -176,7 +182,7 @@ def _dense_macs(model: nn.Module, example: Batch) -> dict[str, int]:
     return macs
 
 
-def _counts(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, int], macs: dict[str, int]
+def _counts(model: nn.Module, groups: list, keep: dict[str, int], macs: dict[str, int]
             ) -> tuple[int, int]:
     """(params, multiply-adds) of ``model`` once each group keeps ``keep[group.name]`` channels."""
     fo: dict[str, float] = {}
@@ -197,8 +203,9 @@ def _counts(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, int], 
     return round(params), round(flops)
 
 
-def _keep_all(groups: list[ChannelGroup], ratio: float, align: int) -> dict[str, int]:
-    return {g.name: kept_width(g.width, ratio, align) for g in groups}
+def _keep_all(groups: list, ratio: float, align: int) -> dict[str, int]:
+    return {g.name: (max(1, round(g.width * (1.0 - ratio))) if isinstance(g, HeadGroup)
+                     else kept_width(g.width, ratio, align)) for g in groups}
 
 
 def _ratio_for_budget(model, groups, macs, config: StructuredConfig) -> float:
@@ -258,14 +265,16 @@ def _narrow_(mod: nn.Module, idx: torch.Tensor, role: str) -> None:
             mod.in_channels = mod.groups = k
 
 
-def prune_group_(model: nn.Module, group: ChannelGroup, idx: torch.Tensor) -> None:
-    """Keep channels ``idx`` (sorted) of every layer of ``group``."""
+def prune_group_(model: nn.Module, group: ChannelGroup | HeadGroup, idx: torch.Tensor) -> None:
+    """Keep units ``idx`` (sorted channels, or heads) of every layer of ``group``."""
     for p in group.producers:
-        _narrow_(model.get_submodule(p), idx, "producer")
+        _narrow_(model.get_submodule(p), group.channels(p, idx), "producer")
     for m in group.members:
-        _narrow_(model.get_submodule(m), idx, "member")
+        _narrow_(model.get_submodule(m), group.channels(m, idx), "member")
     for c in group.consumers:
-        _narrow_(model.get_submodule(c), idx, "consumer")
+        _narrow_(model.get_submodule(c), group.channels(c, idx), "consumer")
+    if isinstance(group, HeadGroup):
+        set_heads_(model, group, len(idx))
 
 
 @handler(StructuredConfig, "structured")
@@ -274,7 +283,10 @@ def _apply_structured(model: nn.Module, config: StructuredConfig, calib: list[Ba
     if not calib:
         raise SlimError("structured pruning needs calibration data (one batch traces the model)")
     model.eval()
-    groups = channel_groups(model, tuple(t[:1] if torch.is_tensor(t) else t for t in calib[0]))
+    groups: list = channel_groups(model, tuple(t[:1] if torch.is_tensor(t) else t for t in calib[0]))
+    if config.heads:
+        taken = {n for g in groups for n in g.producers + g.consumers}
+        groups += [h for h in head_groups(model) if not taken & set(h.producers + h.consumers)]
     if not groups:
         raise SlimError("no channel groups found (layers joined only by channel-wise operations, with nothing "
                         "else reading the channels): this model has nothing width pruning can narrow")

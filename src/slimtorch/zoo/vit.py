@@ -26,7 +26,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, D)
         q, k, v = self.q_in(q), self.k_in(k), self.v_in(v)
         att = self.probs(torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim**-0.5, dim=-1))  # (B, H, T, T)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, t, c))
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, -1))  # -1: heads may be pruned
 
 
 class Block(nn.Module):
