@@ -22,7 +22,7 @@ class Attention(nn.Module):
         self.q_in, self.k_in, self.v_in, self.probs = MatmulInput(), MatmulInput(), MatmulInput(), MatmulInput()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        b, t, c = x.shape
+        b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, D)
         q, k, v = self.q_in(q), self.k_in(k), self.v_in(v)
         att = self.probs(torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim**-0.5, dim=-1))  # (B, H, T, T)
