@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Callable
+
 from slimtorch.distill.losses import kd_loss
 from slimtorch.errors import SlimError
 from slimtorch.progress import Progress, no_progress
@@ -19,9 +21,11 @@ from slimtorch.sequential import first_tensor
 
 
 def recover_(student: nn.Module, teacher: nn.Module, batches: list[tuple], steps: int = 200, lr: float = 1e-4,
-             temperature: float = 1.0, seed: int = 0, progress: Progress = no_progress) -> list[float]:
+             temperature: float = 1.0, seed: int = 0, progress: Progress = no_progress,
+             augment: Callable[[tuple], tuple] | None = None) -> list[float]:
     """Train ``student`` in place for ``steps`` AdamW steps (cosine decay) of KD(teacher || student) on
-    ``batches`` (forward arguments, drawn in a seeded order). Returns the loss of each step."""
+    ``batches`` (forward arguments, drawn in a seeded order; ``augment`` maps each drawn batch to the one
+    both models see, e.g. random shifts of images). Returns the loss of each step."""
     if not batches:
         raise SlimError("recovery needs data: batches of forward arguments")
     if steps < 1:
@@ -37,6 +41,8 @@ def recover_(student: nn.Module, teacher: nn.Module, batches: list[tuple], steps
     losses = []
     for i in progress(range(steps), "recovery"):
         batch = batches[int(order[i])]
+        if augment is not None:
+            batch = augment(batch)
         with torch.no_grad():
             target = first_tensor(teacher(*batch))
         loss = kd_loss(first_tensor(student(*batch)), target, temperature)
