@@ -47,3 +47,32 @@ def test_bad_options_are_one_line(tmp_path):
     one_line_error(run("prune", "no-such-model", "--out", str(tmp_path / "d")), "no-such-model")
     one_line_error(run("prune", "fmnist-cnn", "--quantize", "W5", "--out", str(tmp_path / "e")), "W5")
     assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_structured_prune_makes_a_smaller_model_that_loads_back(tmp_path):
+    from slimtorch.eval import evaluate
+
+    r = run("prune", "fmnist-vit", "--method", "structured", "--budget", "0.6", "--measure", "params", "--heads",
+            "--importance", "taylor", "--recover", "3", "--limit", "200", "--calib-samples", "64",
+            "--out", str(tmp_path / "s"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert 0.55 < rep["params"]["after"] / rep["params"]["before"] <= 0.6 and rep["recovery"]["steps"] == 3
+    assert rep["size"]["file_bytes"] < 0.65 * rep["size"]["dense_bytes"]
+    model, meta = load_pruned(tmp_path / "s" / "model.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == rep["params"]["after"]
+    assert meta["structured"]["heads"] is True and model.blocks[0].attn.heads == rep["groups"]["blocks.0.attn"][1]
+    res = evaluate("fmnist-vit", model=model, limit=200, latency=False)
+    assert res.metrics[0].value == rep["metrics"][0]["pruned"]  # the reloaded model is the one measured
+
+
+def test_structured_bad_options_are_one_line(tmp_path):
+    one_line_error(run("prune", "fmnist-cnn", "--method", "structured", "--quantize", "W8A8",
+                       "--out", str(tmp_path / "a")), "--quantize")
+    one_line_error(run("prune", "fmnist-cnn", "--method", "structured", "--budget", "0.001",
+                       "--out", str(tmp_path / "b")), "budget")
+    one_line_error(run("prune", "fmnist-cnn", "--method", "wanda", "--heads", "--out", str(tmp_path / "c")),
+                   "--heads")
+    one_line_error(run("prune", "fmnist-cnn", "--method", "structured", "--importance", "fisher",
+                       "--out", str(tmp_path / "d")), "fisher")
+    assert not any((tmp_path / x).exists() for x in "abcd")

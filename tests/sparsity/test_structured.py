@@ -193,3 +193,17 @@ def test_vit_at_a_parameter_budget_with_heads():
     assert any(v[1] < v[0] for k, v in rep.groups.items() if k.endswith("attn"))
     with torch.no_grad():
         assert torch.isfinite(m(calib[0][0])).all()
+
+
+def test_narrow_to_rejects_widths_of_another_model():
+    from slimtorch.pruning.structured import narrow_to_
+
+    m = load_model("fmnist-cnn")
+    x = (torch.randn(1, 1, 28, 28),)
+    widths = {g.name: g.width // 2 for g in channel_groups(m, x)}
+    with pytest.raises(SlimError, match="not a pruning of this model"):
+        narrow_to_(m, {**widths, "blocks.0.mlp.2": 8}, False, x)
+    with pytest.raises(SlimError, match="keeps"):
+        narrow_to_(m, {**widths, "fc": 129}, False, x)
+    narrow_to_(m, widths, False, x)
+    assert m.fc.in_features == 64

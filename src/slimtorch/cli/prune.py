@@ -19,13 +19,23 @@ def register(parent: typer.Typer, progress_bar: Progress) -> None:
 
 def prune_cmd(
     model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a transformers folder."),
-    method: str = typer.Option("sparsegpt", "--method", help="magnitude | wanda | sparsegpt."),
-    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of weights removed (N:M fixes it at 1 - N/M)."),
+    method: str = typer.Option("sparsegpt", "--method", help="magnitude | wanda | sparsegpt | structured."),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of weights removed (N:M fixes it at 1 - N/M); "
+                                   "structured: fraction of each group's channels removed."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured | N:M (2:4) | block:RxC."),
     scope: str = typer.Option("layer", "--scope", help="layer | global (one threshold; magnitude only)."),
     comparison: str = typer.Option("row", "--comparison", help="Wanda's comparison group: row | layer."),
     quantize: str = typer.Option(None, "--quantize", help="Also quantize with this preset (SparseGPT: in the same "
                                  "pass; the others: RTN after pruning)."),
+    budget: float = typer.Option(None, "--budget", help="structured: fraction of FLOPs (or --measure params) kept, "
+                                 "instead of --sparsity."),
+    measure: str = typer.Option("flops", "--measure", help="structured: what --budget counts: flops | params."),
+    importance: str = typer.Option("activation", "--importance",
+                                   help="structured: activation | magnitude | taylor."),
+    heads: bool = typer.Option(False, "--heads", help="structured: prune attention heads too."),
+    recover: int = typer.Option(0, "--recover", help="structured: distillation steps from the original after "
+                                "pruning, on the calibration data."),
+    recover_lr: float = typer.Option(1e-4, "--recover-lr", help="structured: learning rate of --recover."),
     out_dir: str = typer.Option(..., "--out", help="Folder for model.safetensors and report.json."),
     calib_samples: int = typer.Option(None, "--calib-samples", help="Calibration samples (default per task)."),
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
@@ -33,30 +43,48 @@ def prune_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists and is not empty."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Prune a model (magnitude, Wanda or SparseGPT), evaluate FP and pruned side by side, save the sparse file."""
+    """Prune a model (magnitude, Wanda or SparseGPT masks, or structured width pruning into a smaller dense
+    model), evaluate FP and pruned side by side, save the file."""
     from slimtorch.cli import args
+    from slimtorch.errors import SlimError
     from slimtorch.io.outdir import StagedOutput
     from slimtorch.jobs.prune import run_prune
+    from slimtorch.pruning.structured import StructuredConfig
     from slimtorch.sparsity.prune import PruneConfig
     from slimtorch.zoo import get_entry
 
     args.count("--calib-samples", calib_samples, 1 << 16)
     args.count("--limit", limit)
+    args.count("--recover", recover or None, 1 << 20)
     args.seed(seed)
-    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, scope=scope, comparison=comparison,
-                         quantize=quantize)
+    if method == "structured":
+        if quantize is not None or pattern != "unstructured":
+            raise SlimError("--quantize and --pattern apply to masks; structured pruning makes a smaller dense model")
+        config = StructuredConfig(ratio=sparsity, importance=importance, budget=budget, measure=measure, heads=heads)
+    else:
+        if recover or budget is not None or heads:
+            raise SlimError("--budget, --heads and --recover apply to --method structured")
+        config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, scope=scope, comparison=comparison,
+                             quantize=quantize)
     get_entry(model)  # unknown names fail before any work
     stage = StagedOutput(out_dir, overwrite)
     stage.check()
     with stage as folder:
         res = run_prune(model, config, folder, calib_samples, limit, seed,
-                        progress=no_progress if as_json or not _BAR else _BAR[0])
+                        progress=no_progress if as_json or not _BAR else _BAR[0], recover_steps=recover,
+                        recover_lr=recover_lr)
     if as_json:
         typer.echo(json.dumps(res))
         return
     for m in res["metrics"]:
         typer.echo(f"{m['name']}: FP {m['fp']:.4g}, pruned {m['pruned']:.4g}")
     size = res["size"]
+    if method == "structured":
+        p, f = res["params"], res["flops"]
+        typer.echo(f"parameters {p['after']:,} of {p['before']:,} ({p['after'] / p['before']:.1%}); FLOPs "
+                   f"{f['after'] / f['before']:.1%}; file {size['file_bytes'] / 2**20:.2f} MiB")
+        typer.echo(f"wrote {stage.out / 'model.safetensors'} and {stage.out / 'report.json'}")
+        return
     typer.echo(f"sparsity {res['sparsity']:.3f} ({res['pattern']}, {res['method']}); file {size['file_bytes'] / 2**20:.2f} MiB "
               f"against {size['dense_bytes'] / 2**20:.2f} MiB dense")
     for note in res["notes"]:

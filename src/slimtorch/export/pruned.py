@@ -4,8 +4,10 @@ their nonzero values (:mod:`slimtorch.sparsity.storage`) where that is smaller t
 File layout (one safetensors file): ``<key>`` for a dense tensor, ``<key>.bitmask`` + ``<key>.values`` for a
 compressed one; metadata ``slimtorch``: format ``slimtorch-pruned``, the base model (zoo name or local
 folder), ``sparse`` {key: shape}, ``aliases`` {key: key stored} for tensors sharing storage (tied
-embeddings, stored once), and the pruning record (method, pattern, per-layer sparsity). Loading
-builds the base model and loads the tensors back: outputs are bit-identical to the model that was saved.
+embeddings, stored once), and the pruning record (method, pattern, per-layer sparsity; for a structured
+pruning ``structured`` {widths: {group: units kept}, heads}). Loading builds the base model, narrows it to the
+recorded widths (pruning/structured.narrow_to_) and loads the tensors back: outputs are bit-identical to the
+model that was saved.
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ def load_pruned(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Mod
         if not isinstance(meta.get("base"), str):
             raise SlimError(f"{path} names no base model")
         base_model = load_model(meta["base"])
+    structured = meta.get("structured")
+    if structured is not None:  # width-pruned: give the base model the pruned shapes first
+        from slimtorch.calib.data import calibration_set
+        from slimtorch.pruning.structured import narrow_to_
+
+        if not isinstance(meta.get("base"), str):
+            raise SlimError(f"{path} names no base model")
+        if not isinstance(structured, dict) or not isinstance(structured.get("widths"), dict):
+            raise SlimError(f"{path}: its structured-pruning record is not a mapping of group widths")
+        example = calibration_set(meta["base"], 1, model=base_model)[0]
+        narrow_to_(base_model, structured["widths"], bool(structured.get("heads")), example, f"{path}")
     aliases = meta.get("aliases", {})
     if not isinstance(aliases, dict) or any(not isinstance(v, str) or v not in tensors and v not in sparse
                                             for v in aliases.values()):

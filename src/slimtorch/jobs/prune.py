@@ -1,5 +1,6 @@
-"""The prune job (``slimtorch prune``): calibrate, prune, evaluate FP vs pruned, write DIR/model.safetensors
-(sparse tensors compressed: export/pruned.py) and DIR/report.json. Returns the report as a dict.
+"""The prune job (``slimtorch prune``): calibrate, prune (masks, or structured width pruning with optional
+distillation), evaluate FP vs pruned, write DIR/model.safetensors (sparse tensors compressed, a narrower
+model's shapes recorded: export/pruned.py) and DIR/report.json. Returns the report as a dict.
 
 The CLI runs it in a staging folder (io.outdir), so the output folder appears whole or not at all.
 """
@@ -18,16 +19,23 @@ from slimtorch.eval import evaluate
 from slimtorch.export.pruned import save_pruned
 from slimtorch.export.quantized import save_quantized
 from slimtorch.jobs.compare import write_report
+from slimtorch.pruning.recovery import recover_
+from slimtorch.pruning.structured import StructuredConfig
 from slimtorch.sparsity.prune import PruneConfig
 from slimtorch.zoo import get_entry, load_model
 
 
-def run_prune(model: str, config: PruneConfig, out: Path, calib_samples: int | None = None, limit: int | None = None,
-              seed: int = 0, progress=None) -> dict:
-    """``model``: a zoo name or a local transformers folder. Writes into ``out`` directly."""
+def run_prune(model: str, config: PruneConfig | StructuredConfig, out: Path, calib_samples: int | None = None,
+              limit: int | None = None, seed: int = 0, progress=None, recover_steps: int = 0,
+              recover_lr: float = 1e-4) -> dict:
+    """``model``: a zoo name or a local transformers folder. Writes into ``out`` directly. A structured
+    config gives a narrower dense model, distilled from the original for ``recover_steps`` steps on the
+    calibration data if asked."""
     model = get_entry(model).name
     kw = {} if progress is None else {"progress": progress}
     fp = load_model(model)
+    if isinstance(config, StructuredConfig):
+        return _run_structured(model, fp, config, out, calib_samples, limit, seed, kw, recover_steps, recover_lr)
     calib = calibration_set(model, calib_samples, seed=seed, model=fp) if config.method != "magnitude" else []
     pruned = copy.deepcopy(fp)
     report = apply_(pruned, config, calib, **kw)
@@ -51,6 +59,42 @@ def run_prune(model: str, config: PruneConfig, out: Path, calib_samples: int | N
                  "compressed_tensors": size["compressed_tensors"]},
         "layers": report.layers, "notes": report.notes, "calib_samples": report.calib_samples, "seed": seed,
         "limit": limit, "time_s": {"prune": report.seconds, "evaluate": fp_res.seconds + res.seconds},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    write_report(out, result, page=False)
+    return result
+
+
+def _run_structured(model: str, fp, config: StructuredConfig, out: Path, calib_samples, limit, seed, kw,
+                    recover_steps: int, recover_lr: float) -> dict:
+    calib = calibration_set(model, calib_samples, seed=seed, model=fp)
+    pruned = copy.deepcopy(fp)
+    report = apply_(pruned, config, calib, **kw)
+    recovery = None
+    if recover_steps:
+        losses = recover_(pruned, fp, calib, steps=recover_steps, lr=recover_lr, seed=seed, **kw)
+        recovery = {"steps": recover_steps, "lr": recover_lr, "loss_first": losses[0], "loss_last": losses[-1],
+                    "data": "the calibration batches"}
+    fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
+    res = evaluate(model, model=pruned, limit=limit, latency=False, **kw)
+    widths = {name: after for name, (_, after) in report.groups.items()}
+    record = {"method": "structured", "importance": config.importance, "ratio": report.ratio,
+              "budget": config.budget, "measure": config.measure, "heads": config.heads}
+    size = save_pruned(pruned, out / "model.safetensors", model,
+                       {"prune": record, "structured": {"widths": widths, "heads": config.heads}})
+    fp_metrics = {m.name: m.value for m in fp_res.metrics}
+    result = {
+        "model": model, **record, "sparsity": 1 - report.params_after / report.params_before,
+        "dataset": res.dataset,
+        "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "pruned": m.value} for m in res.metrics],
+        "params": {"before": report.params_before, "after": report.params_after},
+        "flops": {"before": report.flops_before, "after": report.flops_after,
+                  "counted": "multiply-adds of the Linear/Conv calls on one calibration batch"},
+        "groups": {k: list(v) for k, v in report.groups.items()}, "recovery": recovery,
+        "size": {"dense_bytes": sum(t.numel() * t.element_size() for t in fp.state_dict().values()),
+                 "file_bytes": size["bytes"], "compressed_tensors": size["compressed_tensors"]},
+        "notes": report.notes, "calib_samples": report.calib_samples, "seed": seed, "limit": limit,
+        "time_s": {"prune": report.seconds, "evaluate": fp_res.seconds + res.seconds},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     write_report(out, result, page=False)

@@ -277,16 +277,37 @@ def prune_group_(model: nn.Module, group: ChannelGroup | HeadGroup, idx: torch.T
         set_heads_(model, group, len(idx))
 
 
+def find_groups(model: nn.Module, example: Batch, heads: bool) -> list:
+    """Channel groups (and, with ``heads``, the head groups that share no layer with them) of ``model``."""
+    groups: list = channel_groups(model, tuple(t[:1] if torch.is_tensor(t) else t for t in example))
+    if heads:
+        taken = {n for g in groups for n in g.producers + g.consumers}
+        groups += [h for h in head_groups(model) if not taken & set(h.producers + h.consumers)]
+    return groups
+
+
+def narrow_to_(model: nn.Module, widths: dict, heads: bool, example: Batch, what: str = "the saved widths") -> None:
+    """Give the unpruned ``model`` the shapes a structured pruning left (``widths``: group -> units kept), so
+    that the pruned weights load into it (export/pruned.py). The kept units are the first ones: the weights
+    that follow replace them all."""
+    groups = {g.name: g for g in find_groups(model.eval(), example, heads)}
+    if set(groups) != set(widths):
+        raise SlimError(f"{what} name groups {sorted(set(widths) - set(groups))[:3]} the base model lacks, or "
+                        f"miss {sorted(set(groups) - set(widths))[:3]}: not a pruning of this model")
+    for name, g in groups.items():
+        k = widths[name]
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= g.width:
+            raise SlimError(f"{what}: group {name} keeps {k!r} of {g.width} units")
+        prune_group_(model, g, torch.arange(k))
+
+
 @handler(StructuredConfig, "structured")
 def _apply_structured(model: nn.Module, config: StructuredConfig, calib: list[Batch],
                       progress: Progress) -> StructuredReport:
     if not calib:
         raise SlimError("structured pruning needs calibration data (one batch traces the model)")
     model.eval()
-    groups: list = channel_groups(model, tuple(t[:1] if torch.is_tensor(t) else t for t in calib[0]))
-    if config.heads:
-        taken = {n for g in groups for n in g.producers + g.consumers}
-        groups += [h for h in head_groups(model) if not taken & set(h.producers + h.consumers)]
+    groups = find_groups(model, calib[0], config.heads)
     if not groups:
         raise SlimError("no channel groups found (layers joined only by channel-wise operations, with nothing "
                         "else reading the channels): this model has nothing width pruning can narrow")
