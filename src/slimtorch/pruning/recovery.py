@@ -9,10 +9,10 @@ leaves a dense model).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-
-from collections.abc import Callable
 
 from slimtorch.distill.losses import kd_loss
 from slimtorch.errors import SlimError
