@@ -58,3 +58,13 @@ def test_manifest_hashes_match_shipped_files():
 def test_unknown_model_names_valid_ones():
     with pytest.raises(SlimError, match="choose one of: fmnist-cnn, fmnist-vit, tinyllama-fm"):
         registry.get_entry("resnet50")
+
+
+def test_diffusion_weights_are_shipped_and_load_by_name():
+    from slimtorch.diffusion.models import load_diffusion, zoo_weights
+
+    rows = registry.manifest()
+    for name, params in (("fmnist-ddpm-unet", 3645697), ("fmnist-dit", 5067780), ("fmnist-lowdiff-unet", 3646513)):
+        path, sha = zoo_weights(name)
+        assert sha256_file(path) == sha == rows[name]["sha256"] and path.stat().st_size == rows[name]["weights_bytes"]
+        assert sum(p.numel() for p in load_diffusion(name).parameters()) == params == rows[name]["params"]
