@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -170,6 +171,9 @@ def train_llama(out: Path, steps: int, eval_every: int) -> dict:
 
 
 def _git_commit() -> str | None:
+    """$SLIMTORCH_COMMIT when set (the device tool's copy of the tree may report another HEAD), else HEAD."""
+    if os.environ.get("SLIMTORCH_COMMIT"):
+        return os.environ["SLIMTORCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
