@@ -142,7 +142,10 @@ def train_student(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, 
               progress: Progress = no_progress, log: Callable[[str], None] | None = None,
               variants: list[Callable[[nn.Module], None]] | None = None,
               on_epoch: Callable[[nn.Module, int, int], None] | None = None,
-              penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> History:
+              penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+              before_step: Callable[[nn.Module], None] | None = None,
+              after_step: Callable[[nn.Module], None] | None = None,
+              subset: Callable[[int], torch.Tensor | None] | None = None) -> History:
     """Train the student ``model`` (a QAT model from ``prepare_qat``, or any trainable model) on inputs ``x`` (N, ...) and labels ``y`` (N,).
 
     Args:
@@ -157,6 +160,11 @@ def train_student(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, 
         on_epoch: ``(model, epoch, epochs) -> None`` called before each epoch (AdaBin's EDE schedule,
             FracBits' hard assignment).
         penalty: ``model -> scalar`` added to each batch's loss (FracBits' budget term).
+        before_step / after_step: ``model -> None`` around each optimizer step (sparse training: mask the
+            gradients before, the weights after).
+        subset: ``epoch -> indices or None`` of the training samples that epoch draws from (MEST's dropping
+            of unforgettable examples); the learning rate follows the fraction of epochs done, so a shorter
+            epoch does not shift the schedule.
     """
     if teacher is None and cfg.kd_weight > 0:
         raise SlimError("distillation needs the float teacher model (or set kd_weight to 0)")
@@ -188,9 +196,13 @@ def train_student(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, 
         loss_sum, t0 = torch.zeros((), device=x.device), time.perf_counter()
         # the order goes to x's device once per epoch, and the loss is read once per epoch: a read per step
         # (or per layer) waits for the GPU, which is slow when it is shared
-        batches = _batches(len(x), cfg.batch_size, gen, x.device)
+        pool = subset(epoch) if subset is not None else None
+        if pool is None:
+            batches = _batches(len(x), cfg.batch_size, gen, x.device)
+        else:
+            batches = [pool.to(x.device)[b] for b in _batches(len(pool), cfg.batch_size, gen, x.device)]
         for i, idx in enumerate(progress(batches, f"epoch {epoch + 1}/{cfg.epochs}")):
-            step = epoch * steps_per_epoch + i
+            step = epoch * steps_per_epoch + i * steps_per_epoch / max(1, len(batches))  # = the step, full epochs
             lr = cosine_lr(step, total, cfg.lr, cfg.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -209,11 +221,15 @@ def train_student(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, 
                     loss = loss + penalty(model)
                 loss.backward()
                 loss_sum += loss.detach().float()
+            if before_step is not None:
+                before_step(model)
             opt.step()
+            if after_step is not None:
+                after_step(model)
             if width_opt is not None:
                 width_opt.step()
-        row = {"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch, "lr_end": lr,
-               "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, len(batches)), "lr_end": lr,
+               "seconds": time.perf_counter() - t0, "samples": len(batches) * cfg.batch_size}
         if evaluate is not None:
             model.eval()
             row["metric"] = evaluate(model)
