@@ -70,10 +70,6 @@ class MESTConfig:
         value = [s for start, s in sched if start <= progress + 1e-9][-1]
         return min(0.999, max(0.0, value + self.sparsity - 0.90))
 
-    def memory_bound(self) -> float:
-        """The largest density the masks may reach during training."""
-        return 1.0 - min(s for _, s in SCHEDULES[self.variant][1]) - (self.sparsity - 0.90)
-
 
 def mutate(weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor, prune_to: float, grow_to: float,
            lam: float, generator: torch.Generator) -> torch.Tensor:
@@ -132,7 +128,9 @@ def train_mest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCon
     gen = torch.Generator().manual_seed(mest.seed)
     masks = MaskSet.random(model, mest.bound(1, 0.0), seed=mest.seed, min_size=mest.min_size)
     masks.apply_(model)
-    bound = mest.memory_bound()
+    lowest = min(mest.bound(1, start) for start, _ in SCHEDULES[mest.variant][1])  # the densest grow-to
+    max_kept = sum(keep_count(m.numel(), lowest) for m in masks.masks.values())
+    bound = max_kept / masks.total()
     peak = [masks.density()]
     mutations: list[dict] = []
     forgetting = Forgetting(len(x)) if mest.drop > 0 else None
@@ -159,15 +157,16 @@ def train_mest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCon
                     w.mul_(new & mask)  # grown weights start at zero
                 masks.masks[name] = new
             peak.append(masks.density())
-            if peak[-1] > bound + 1e-6:
-                raise SlimError(f"MEST mask density {peak[-1]:.4f} exceeds its memory bound {bound:.4f}")
+            if masks.kept() > max_kept:
+                raise SlimError(f"MEST kept {masks.kept()} weights, above its memory bound of {max_kept}")
             mutations.append({"epoch": epoch, "prune_to": lo, "grow_to": hi, "kept_before": before,
                               "kept_after": masks.kept()})
 
     history = train_student(model, None, x, y, cfg, augment=augment, evaluate=evaluate, progress=progress, log=log,
                             on_epoch=on_epoch, before_step=masks.mask_grads_, after_step=masks.apply_,
                             subset=lambda e: pool[0])
-    if masks.density() > 1.0 - mest.sparsity + 1e-6:  # the soft bound ends denser: prune to the target
+    target_kept = sum(keep_count(m.numel(), mest.sparsity) for m in masks.masks.values())
+    if masks.kept() > target_kept:  # the soft bound ends denser: prune to the target
         for name, mask in masks.masks.items():
             w = model.get_submodule(name).weight
             masks.masks[name] = mutate(w, None, mask, mest.sparsity, mest.sparsity, 0.0, gen)
