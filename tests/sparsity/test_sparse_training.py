@@ -71,7 +71,7 @@ def test_mest_holds_its_memory_bound_and_ends_at_the_target(variant):
     mest = MESTConfig(variant=variant, sparsity=0.9, every=3, drop=0.5, drop_after=0.5)
     hist, rec = train_mest(model, x, y, cfg, mest, evaluate=lambda m: float((m(x).argmax(1) == y).float().mean()))
     assert rec["peak_density"] <= rec["memory_bound_density"] + 1e-9
-    assert rec["memory_bound_density"] == pytest.approx(0.10 if variant == "em" else 0.12)
+    assert rec["memory_bound_density"] == pytest.approx(0.10 if variant == "em" else 0.12, abs=1e-4)
     assert len(rec["mutations"]) == 2 and rec["masked_layers"] == 3
     assert masked_layers_sparsity(model, ["0", "2", "4"]) >= 0.9 - 1e-3  # zeros in the trained weights
     assert rec["sparsity"] == pytest.approx(0.9, abs=1e-3)
