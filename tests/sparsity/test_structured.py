@@ -207,3 +207,24 @@ def test_narrow_to_rejects_widths_of_another_model():
         narrow_to_(m, {**widths, "fc": 129}, False, x)
     narrow_to_(m, widths, False, x)
     assert m.fc.in_features == 64
+
+
+def test_inverted_residuals_prune_through_depthwise_convs():
+    m = load_model("efficientnet-lite0").eval()
+    x = torch.randn(2, 3, 224, 224)
+    groups = {g.name: g for g in channel_groups(m, (x[:1],))}
+    assert len(groups) == 24  # 16 blocks' inner channels, 6 residual stages, block 0 -> 1, head -> classifier
+    g = groups["_blocks.3._project_conv"]  # expand -> BN -> ReLU6 -> (same-padded) depthwise -> BN -> ReLU6 -> project
+    assert g.producers == ("_blocks.3._expand_conv",) and g.width == 144
+    assert g.members == ("_blocks.3._bn0", "_blocks.3._bn1", "_blocks.3._depthwise_conv")
+    gen = torch.Generator().manual_seed(0)
+    keep = {n: torch.sort(torch.randperm(g.width, generator=gen)[: g.width // 2]).values for n, g in groups.items()}
+    for n, g in groups.items():
+        _mask_(m, g, keep[n])
+    with torch.no_grad():
+        ref = m(x)
+    for n, g in groups.items():
+        prune_group_(m, g, keep[n])
+    assert m._blocks[3]._depthwise_conv.groups == 72 and m._fc.in_features == 640
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref, atol=1e-4)

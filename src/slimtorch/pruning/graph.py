@@ -152,11 +152,15 @@ def channel_groups(model: nn.Module, example: tuple) -> list[ChannelGroup]:
     member_of = {c[1]: n for n, c in calls.items() if _is_member(layers[n])}
     consumers_of: dict = {}  # input node -> dense layers reading it
     inside: dict = {}  # node -> the dense layer whose call it belongs to
+    member_inside: dict = {}  # node -> the member whose call it belongs to (a padding before a depthwise conv)
     for n, (i, o) in calls.items():
         if _is_dense(layers[n]):
             consumers_of.setdefault(i, []).append(n)
             for node in _inside(o, i):
                 inside[node] = n
+        else:
+            for node in _inside(o, i):
+                member_inside[node] = n
 
     groups, done = [], set()
     for start in sorted(n for n in calls if _is_dense(layers[n])):
@@ -207,6 +211,8 @@ def channel_groups(model: nn.Module, example: tuple) -> list[ChannelGroup]:
                     widths.add(in_width(layers[inside[r]]))
                 elif r in member_of or type(r).__name__ in CHANNELWISE or type(r).__name__ in RESHAPES:
                     stack.append(r)
+                elif r in member_inside and calls[member_inside[r]][0] is cur:  # the member's own first op
+                    stack.append(calls[member_inside[r]][1])
                 else:
                     ok = False
         done |= cons
