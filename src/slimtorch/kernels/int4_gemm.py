@@ -149,17 +149,35 @@ def _weight_maps(w: Int4MMAWeight) -> tuple:
 
 
 def _workspace(dev: torch.device, *shapes: tuple[int, torch.dtype]) -> list[torch.Tensor]:
-    """Zeroed tensors that live as long as a cached launch. Made on a side stream (then waited for), so that a
-    CUDA-graph memory pool that owns the current stream's allocations (torch.compile's reduce-overhead mode
-    warms up and records in one) does not own them: cudagraph trees refuse a pool holding tensors that are not
-    graph outputs. Inside a stream capture, where waiting on another stream is not allowed, they are made on
-    the current stream."""
+    """Zeroed tensors that live as long as a cached launch, made by a helper thread on its own stream (then
+    waited for). Why a thread: torch.compile's reduce-overhead mode warms up and records with every allocation
+    *of the current thread* routed to its CUDA-graph pool (``_cuda_beginAllocateCurrentThreadToPool``), and
+    cudagraph trees refuse a pool holding tensors that are not graph outputs; a side stream alone is not
+    enough. The tensors are marked as used on the caller's stream, so their memory is not handed out again
+    while work there may still read it. Inside a stream capture of our own (hand-built graphs), where the
+    capture owns the allocations anyway, they are made directly."""
     if torch.cuda.is_current_stream_capturing():
         return [torch.zeros(n, device=dev, dtype=dt) for n, dt in shapes]
-    side = torch.cuda.Stream(dev)
-    with torch.cuda.stream(side):
-        out = [torch.zeros(n, device=dev, dtype=dt) for n, dt in shapes]
-    side.synchronize()
+    out: list[torch.Tensor] = []
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            side = torch.cuda.Stream(dev)
+            with torch.cuda.stream(side):
+                out.extend(torch.zeros(n, device=dev, dtype=dt) for n, dt in shapes)
+            side.synchronize()
+        except BaseException as exc:  # noqa: BLE001 -- re-raised on the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=make, name="slimtorch-int4-workspace")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    here = torch.cuda.current_stream(dev)
+    for t in out:
+        t.record_stream(here)
     return out
 
 
