@@ -3,6 +3,7 @@ outputs, every bad input one line, exit 2."""
 
 import json
 
+import pytest
 import torch
 
 from slimtorch.calib.data import calibration_set
@@ -76,3 +77,34 @@ def test_structured_bad_options_are_one_line(tmp_path):
     one_line_error(run("prune", "fmnist-cnn", "--method", "structured", "--importance", "fisher",
                        "--out", str(tmp_path / "d")), "fisher")
     assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_train_sparse_mest_writes_a_sparse_model_within_its_memory_bound(tmp_path):
+    r = run("train-sparse", "fmnist-cnn", "--method", "mest", "--sparsity", "0.9", "--epochs", "2",
+            "--limit-train", "1024", "--limit", "500", "--device", "cpu", "--out", str(tmp_path / "m"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    t = rep["training"]
+    assert rep["sparsity"] == pytest.approx(0.9, abs=1e-3) and t["peak_density"] <= t["memory_bound_density"]
+    assert rep["size"]["file_bytes"] < 0.45 * rep["size"]["dense_bytes"]  # 90% zeros, stored compressed
+    model, _ = load_pruned(tmp_path / "m" / "model.safetensors")
+    w = model.layer3.conv2.weight
+    assert abs(float((w == 0).float().mean()) - 0.9) < 0.01
+
+
+def test_train_sparse_bad_options_are_one_line(tmp_path):
+    one_line_error(run("train-sparse", "tinyllama-fm", "--out", str(tmp_path / "a")), "fmnist")
+    one_line_error(run("train-sparse", "fmnist-cnn", "--method", "rigl", "--out", str(tmp_path / "b")), "rigl")
+    one_line_error(run("train-sparse", "fmnist-cnn", "--sparsity", "1.0", "--out", str(tmp_path / "c")), "sparsity")
+    one_line_error(run("train-sparse", "fmnist-cnn", "--method", "lth", "--drop", "0.5",
+                       "--out", str(tmp_path / "d")), "--drop")
+    assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_train_sparse_lottery_ticket_rounds(tmp_path):
+    r = run("train-sparse", "fmnist-cnn", "--method", "lth", "--sparsity", "0.36", "--epochs", "1",
+            "--limit-train", "512", "--limit", "200", "--device", "cpu", "--out", str(tmp_path / "t"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert [round(x["sparsity"], 2) for x in rep["rounds"]] == [0.0, 0.2, 0.36]
+    assert rep["sparsity"] == pytest.approx(0.36, abs=1e-3) and "correlation" in rep["rounds"][1]

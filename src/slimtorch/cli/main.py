@@ -19,6 +19,7 @@ from slimtorch.calib.data import check_data_path
 from slimtorch.cli import args
 from slimtorch.cli.diffusion import register as register_diffusion
 from slimtorch.cli.prune import register as register_prune
+from slimtorch.cli.train_sparse import register as register_train_sparse
 from slimtorch.cli.signals import Terminated, on_sigterm
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
@@ -440,6 +441,7 @@ def cost_cmd(
 
 register_diffusion(app, progress_bar)
 register_prune(app, progress_bar)
+register_train_sparse(app, progress_bar)
 
 
 def main(argv: list[str] | None = None, release=None) -> None:
