@@ -5,7 +5,10 @@ throughput of the smaller dense model against the original.
     PYTHONPATH=src python benchmarks/structured_pruning.py --models fmnist-cnn fmnist-vit --epochs 10 \
         [--methods ours-magnitude ours-taylor ours-activation tp-magnitude tp-taylor] [--device cuda]
 
-Budgets (issue 22): fmnist-cnn keeps 50% of its FLOPs, fmnist-vit 60% of its parameters (heads pruned too).
+Budgets (issue 22): fmnist-cnn keeps 50% of its FLOPs, fmnist-vit 60% of its parameters (heads pruned too);
+methods ``npas-greedy`` / ``npas-uniform`` instead keep ``--latency`` of the dense model's modelled latency
+(pruning/npas.py: roofline on h100-measured at batch 4096; Taylor importance), searched per group or by one
+ratio, so the two differ only in where the width goes.
 The budget is met from below by both toolkits, counted the same way (our counter: multiply-adds of the
 Linear/Conv calls on one image; parameters). torch-pruning (PyPI ``torch-pruning``, optional) runs at its
 documented settings for these models (MetaPruner, uniform ratio, group L2 magnitude or group Taylor, the
@@ -29,6 +32,7 @@ import torch
 from records import run_header
 
 from slimtorch.api import apply_
+from slimtorch.pruning.npas import NPASConfig
 from slimtorch.pruning.recovery import recover_
 from slimtorch.pruning.structured import StructuredConfig, _dense_macs
 from slimtorch.zoo import load_model
@@ -132,6 +136,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=10.0)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--latency", type=float, default=0.5, help="npas-* methods: fraction of the dense model's "
+                    "modelled latency (h100-measured, batch 4096) allowed")
     ap.add_argument("--align", type=int, default=1, help="channel multiple for both toolkits (1: the budget is "
                     "met closely; 8 makes the 32-channel CNN stages miss it by a whole step)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,8 +169,16 @@ def main() -> None:
         for method in args.methods:
             t0 = time.perf_counter()
             tool, importance = method.split("-", 1)
+            modelled = None
             try:
-                if tool == "ours":
+                if tool == "npas":  # latency-aware: greedy search against one uniform ratio, same modelled latency
+                    m = copy.deepcopy(fp)
+                    rep = apply_(m, NPASConfig(latency=args.latency, batch=4096, search=importance,
+                                               importance="taylor", align=args.align, heads=True), calib)
+                    ratio, modelled = 1 - rep.params_after / rep.params_before, {
+                        "hardware": rep.hardware, "batch": rep.batch, "dense_s": rep.latency_before_s,
+                        "pruned_s": rep.latency_after_s, "widths": rep.groups}
+                elif tool == "ours":
                     m = copy.deepcopy(fp)
                     rep = apply_(m, StructuredConfig(budget=budget, measure=measure, importance=importance,
                                                      align=args.align, heads=True), calib)
@@ -194,7 +208,8 @@ def main() -> None:
                    "kept": {k: c[k] / fp_counts[k] for k in c}, "fp_speed": fp_speed, "speed": speed,
                    "recovery": {"epochs": args.epochs, "steps": steps, "lr": args.lr, "batch": args.batch,
                                 "loss_first": losses[0], "loss_last": losses[-1], "seconds": round(rec_s, 1)},
-                   "prune_seconds": round(prune_s, 1), "cpu_threads": torch.get_num_threads()}
+                   "prune_seconds": round(prune_s, 1), "cpu_threads": torch.get_num_threads(),
+                   "modelled_latency": modelled}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,212 @@
+"""Latency-aware width search (after NPAS, Li et al. 2021, "compiler-aware unified network pruning and
+architecture search"): each channel group (and attention layer) gets its own width, chosen so that the model
+meets a *latency* budget with the least importance removed, where latency is what the roofline cost model
+(slimtorch.cost) gives for the pruned model's Linear/Conv calls on a named chip at a batch size.
+
+Search (NetAdapt-style greedy, the simplest search NPAS's space admits): from the dense model, repeatedly
+take one step (``step`` of a group's original width) off the group whose step costs the least importance
+per second of modelled latency saved, until the budget is met. Importance is the group criterion of
+``structured.importance`` summed over the channels a step removes; Taylor estimates are comparable across
+groups (loss change), the others are divided by their group's mean. ``search="uniform"`` is the baseline at
+the same modelled latency: one ratio for every group, by bisection. The chosen widths go through the same
+pruning as ``StructuredConfig`` (the most important channels are kept).
+
+What the model does not see: batch-norm and activation passes (folded and fused in a compiled deployment,
+separate kernels in eager PyTorch), attention matmuls and launch overheads; measured latency is the check
+(benchmarks/structured_pruning.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimtorch.api import Report, handler
+from slimtorch.cost.estimate import layer_costs, trace
+from slimtorch.cost.hardware import get_hardware
+from slimtorch.errors import SlimError
+from slimtorch.progress import Progress
+from slimtorch.pruning.heads import HeadGroup
+from slimtorch.pruning.structured import (
+    IMPORTANCE,
+    _input_mean_abs,
+    _keep_all,
+    _taylor_grads,
+    find_groups,
+    importance,
+    prune_group_,
+)
+from slimtorch.sequential import Batch
+
+SEARCHES = ("greedy", "uniform")
+
+
+@dataclass(frozen=True)
+class NPASConfig:
+    """``latency``: the fraction of the dense model's modelled latency allowed; ``hardware`` and ``batch``
+    of the model; ``importance``; ``step`` of a group's width per greedy move; ``search`` greedy or uniform."""
+
+    latency: float = 0.5
+    hardware: str = "h100-measured"
+    batch: int = 256
+    importance: str = "taylor"
+    step: float = 0.0625
+    align: int = 1
+    heads: bool = False
+    search: str = "greedy"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.latency <= 1.0:
+            raise SlimError(f"latency budget is the fraction of the dense latency kept, in (0, 1]; got {self.latency}")
+        if self.importance not in IMPORTANCE:
+            raise SlimError(f"importance {self.importance!r}: choose one of {', '.join(IMPORTANCE)}")
+        if self.search not in SEARCHES:
+            raise SlimError(f"search {self.search!r}: choose one of {', '.join(SEARCHES)}")
+        if not 0.0 < self.step <= 0.5 or not 1 <= self.batch <= 1 << 20 or not 1 <= self.align <= 1024:
+            raise SlimError("step must be in (0, 0.5], batch 1..2^20, align 1..1024")
+        get_hardware(self.hardware)  # an unknown chip fails here
+
+
+@dataclass(kw_only=True)
+class NPASReport(Report):
+    groups: dict[str, tuple[int, int]]
+    latency_before_s: float  # modelled, for one batch of ``batch``
+    latency_after_s: float
+    hardware: str
+    batch: int
+    search: str
+    params_before: int
+    params_after: int
+
+
+class LatencyModel:
+    """Modelled latency of ``model`` narrowed to given widths: shapes traced once, then every Linear/Conv
+    call's channels scaled by its groups' kept fractions and costed on the roofline."""
+
+    def __init__(self, model: nn.Module, groups: list, example: Batch, hardware: str, batch: int) -> None:
+        self.calls, _ = trace(model, lambda: model.eval()(*example))
+        self.groups, self.hw = groups, get_hardware(hardware)
+        self.scale = batch / max(1, example[0].shape[0])
+
+    def __call__(self, keep: dict[str, int]) -> float:
+        fo: dict[str, float] = {}
+        fi: dict[str, float] = {}
+        for g in self.groups:
+            f = keep[g.name] / g.width
+            for p in g.producers + g.members:
+                fo[p] = f
+            for c in g.consumers:
+                fi[c] = f
+        total = 0.0
+        for name, mod, ishape, oshape in self.calls:
+            b = fo.get(name, 1.0)
+            a = fi.get(name, b if _depthwise(mod) else 1.0)  # a depthwise conv's input is its output's width
+            i2 = (ishape[0], max(1, round(ishape[1] * a)), *ishape[2:]) if len(oshape) == 4 else \
+                (*ishape[:-1], max(1, round(ishape[-1] * a)))
+            o2 = (oshape[0], max(1, round(oshape[1] * b)), *oshape[2:]) if len(oshape) == 4 else \
+                (*oshape[:-1], max(1, round(oshape[-1] * b)))
+            view = _Shape(mod, b if _depthwise(mod) else None, o2)
+            total += layer_costs([(name, view, i2, o2)], {}, self.scale)[0].time(self.hw)
+        return total
+
+
+def _depthwise(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Conv2d) and mod.groups > 1
+
+
+class _Shape:
+    """What layer_costs reads of a conv (weight shape, groups) at a narrowed width."""
+
+    def __init__(self, mod: nn.Module, dw_fraction: float | None, oshape: tuple) -> None:
+        w = tuple(mod.weight.shape)
+        self.groups = getattr(mod, "groups", 1)
+        if dw_fraction is not None:
+            self.groups = oshape[1]
+        self.weight_shape = (oshape[1], w[1], *w[2:]) if len(w) == 4 else w
+
+
+def _steps(g, step: float, align: int) -> int:
+    unit = max(align if not isinstance(g, HeadGroup) else 1, round(g.width * step))
+    return unit
+
+
+def search_widths(groups: list, scores: dict[str, torch.Tensor], latency: LatencyModel, budget: float,
+                  step: float, align: int, kind: str) -> dict[str, int]:
+    """Greedy: the widths meeting ``budget`` seconds with the least importance removed (module docstring)."""
+    keep = {g.name: g.width for g in groups}
+    norm = {n: (s if kind == "taylor" else s / s.mean().clamp_min(1e-12)) for n, s in scores.items()}
+    order = {n: torch.sort(s).values for n, s in norm.items()}  # least important first
+    now = latency(keep)
+    while now > budget:
+        best, best_ratio, best_lat = None, float("inf"), now
+        for g in groups:
+            k2 = keep[g.name] - _steps(g, step, align)
+            if k2 < 1:
+                continue
+            trial = {**keep, g.name: k2}
+            lat = latency(trial)
+            saved = now - lat
+            if saved <= 0:
+                continue
+            lost = float(order[g.name][g.width - keep[g.name]: g.width - k2].sum())
+            ratio = lost / saved
+            if ratio < best_ratio:
+                best, best_ratio, best_lat = (g.name, k2), ratio, lat
+        if best is None:
+            raise SlimError("the latency budget cannot be met by narrowing this model's channel groups (the "
+                            "layers outside them take more than the budget)")
+        keep[best[0]], now = best[1], best_lat
+    return keep
+
+
+def uniform_widths(groups: list, latency: LatencyModel, budget: float, align: int) -> dict[str, int]:
+    """One ratio for every group, the smallest that meets ``budget`` (bisection)."""
+    lo, hi = 0.0, 0.999
+    if latency(_keep_all(groups, hi, align)) > budget:
+        raise SlimError("the latency budget cannot be met by uniform width pruning of this model")
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if latency(_keep_all(groups, mid, align)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return _keep_all(groups, hi, align)
+
+
+@handler(NPASConfig, "npas")
+def _apply_npas(model: nn.Module, config: NPASConfig, calib: list[Batch], progress: Progress) -> NPASReport:
+    if not calib:
+        raise SlimError("latency-aware pruning needs calibration data (one batch traces the model)")
+    model.eval()
+    groups = find_groups(model, calib[0], config.heads)
+    if not groups:
+        raise SlimError("no channel groups found: this model has nothing width pruning can narrow")
+    example = tuple(t[:1] if torch.is_tensor(t) else t for t in calib[0])
+    latency = LatencyModel(model, groups, example, config.hardware, config.batch)
+    dense = latency({g.name: g.width for g in groups})
+    means = _input_mean_abs(model, groups, calib) if config.importance == "activation" else {}
+    grads = _taylor_grads(model, groups, calib) if config.importance == "taylor" else {}
+    scores = {g.name: importance(model, g, config.importance, means, grads) for g in groups}
+    budget = config.latency * dense
+    if config.search == "greedy":
+        keep = search_widths(groups, scores, latency, budget, config.step, config.align, config.importance)
+    else:
+        keep = uniform_widths(groups, latency, budget, config.align)
+    before = sum(p.numel() for p in model.parameters())
+    after = latency(keep)
+    for g in progress(groups, "latency-aware pruning"):
+        idx = torch.sort(torch.topk(scores[g.name], keep[g.name]).indices).values
+        prune_group_(model, g, idx)
+    return NPASReport(groups={g.name: (g.width, keep[g.name]) for g in groups}, latency_before_s=dense,
+                      latency_after_s=after, hardware=config.hardware, batch=config.batch, search=config.search,
+                      params_before=before, params_after=sum(p.numel() for p in model.parameters()),
+                      notes=["latency is the roofline model of the Linear/Conv calls, not a measurement"])
+
+
+def modelled_latency(model: nn.Module, example: Batch, hardware: str, batch: int) -> float:
+    """The same model's latency for an (already pruned) model as it is: a check of the search's own figure."""
+    m = copy.deepcopy(model)
+    return LatencyModel(m, [], example, hardware, batch)({})
