@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--recover", type=int, default=0, help="width methods: KD recovery steps on the calibration set")
     ap.add_argument("--recover-lr", type=float, default=1e-4)
+    ap.add_argument("--quantize", default=None, help="also quantize with this preset (SparseGPT: jointly, in its "
+                    "column pass; the others: RTN after pruning)")
+    ap.add_argument("--reference", action="store_true", help="measure against the dense model too (agreement, "
+                    "cosine to FP: the encoder's figure)")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip() or None
     common = {**run_header(f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", commit),
@@ -66,7 +70,8 @@ def main() -> None:
                     config = StructuredConfig(ratio=args.sparsity, importance=method.removeprefix("width-"))
                 else:
                     config = PruneConfig(method=method.removesuffix("-layer"), sparsity=args.sparsity,
-                                         pattern=pattern, comparison="layer" if method.endswith("-layer") else "row")
+                                         pattern=pattern, comparison="layer" if method.endswith("-layer") else "row",
+                                         quantize=args.quantize)
                 rep = apply_(m, config, calib)
                 secs = time.perf_counter() - t0
                 recovered = None
@@ -75,14 +80,15 @@ def main() -> None:
                     losses = recover_(m, fp, calib, steps=args.recover, lr=args.recover_lr)
                     recovered = {"steps": args.recover, "lr": args.recover_lr, "first_loss": losses[0],
                                  "last_loss": losses[-1], "seconds": round(time.perf_counter() - t1, 1)}
-                res = evaluate(name, model=m, limit=args.limit, latency=False)
+                res = evaluate(name, model=m, limit=args.limit, latency=False,
+                               reference=fp if args.reference else None)
                 sparsity = rep.sparsity if hasattr(rep, "sparsity") else 1 - rep.params_after / rep.params_before
                 rec = {**common, "model": name, "method": method, "pattern": kind,
                        "target_sparsity": args.sparsity, "sparsity": sparsity, "dataset": res.dataset,
                        "fp": {x.name: x.value for x in fp_res.metrics},
                        "pruned": {x.name: x.value for x in res.metrics}, "pruned_layers": len(rep.layers if hasattr(rep, "layers") else rep.groups),
                        "calib_samples": rep.calib_samples, "prune_seconds": round(secs, 1), "notes": rep.notes,
-                       "recovery": recovered}
+                       "recovery": recovered, "quantize": args.quantize}
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
