@@ -13,15 +13,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from records import run_header
-
-# this folder's kernels.py would shadow the PyPI package `kernels` that transformers probes for
-sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).parent.resolve()]
 
 from slimtorch.jobs.export import run_export_onnx
 from slimtorch.jobs.quantize import run_quantize

@@ -21,16 +21,13 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from records import run_header
 
-sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).parent.resolve()]  # benchmarks/kernels.py
 # would shadow the PyPI package `kernels` that transformers probes for
-
 from slimtorch.quantize import quantize_
 
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,

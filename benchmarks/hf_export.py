@@ -12,17 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 from records import run_header
 
-# this folder's kernels.py would shadow the PyPI package `kernels` that transformers probes for
-sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).parent.resolve()]
-
-from slimtorch.jobs.export import run_export_hf  # noqa: E402
-from slimtorch.jobs.quantize import run_quantize  # noqa: E402
+from slimtorch.jobs.export import run_export_hf
+from slimtorch.jobs.quantize import run_quantize
 
 RESULTS = Path(__file__).parent / "results" / "hf_export.jsonl"
 

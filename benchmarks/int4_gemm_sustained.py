@@ -2,7 +2,7 @@
 (20 calls) is replayed back to back for ``--seconds``, the mean time per call is recorded with the SM clock and
 power that nvidia-smi sampled meanwhile (every 100 ms), and bf16 runs before and after ours. On an H100 a
 bf16 GEMM this long runs at the power limit, where the clock falls to about 1.35-1.45 GHz; short bursts (the
-medians of benchmarks/kernels.py) run nearer 1.98 GHz, so the two regimes can rank kernels differently. One
+medians of benchmarks/kernel_speed.py) run nearer 1.98 GHz, so the two regimes can rank kernels differently. One
 record per (shape, M) goes to DIR/int4_gemm_sustained.jsonl.
 
     PYTHONPATH=src python benchmarks/int4_gemm_sustained.py [--shapes 8192x8192] [--ms 2048,8192] [--out DIR]
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import SHAPES, int4_weights
+from kernel_speed import SHAPES, int4_weights
 from timing import cuda_graph
 from records import run_header
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import SHAPES, int4_weights
+from kernel_speed import SHAPES, int4_weights
 from timing import rotation_sets, time_calls
 from records import run_header
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import int4_weights
+from kernel_speed import int4_weights
 from timing import rotation_sets, time_calls
 from records import run_header
 

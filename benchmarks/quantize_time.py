@@ -21,10 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from records import run_header  # noqa: E402
-
-# this folder's kernels.py would shadow the PyPI package `kernels` that transformers probes for
-sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).parent.resolve()]
+from records import run_header
 
 RESULTS = Path(__file__).parent / "results" / "quantize_time.jsonl"
 BIG = {  # about 10M parameters each

@@ -1,7 +1,7 @@
 """Where 2:4 sparsity pays on this GPU (issue 22): dense bf16 ``F.linear`` against the same weight pruned 2:4
 and stored semi-structured (torch's ``to_sparse_semi_structured``: the cuSPARSELt and the CUTLASS backends),
 at M = 1 .. 8192 rows on LLM shapes, eager and in a CUDA graph, in one run. Weights rotate through enough
-copies to spill L2 (timing.rotation_sets), as in kernels.py.
+copies to spill L2 (timing.rotation_sets), as in kernel_speed.py.
 
     PYTHONPATH=../src python sparse_speed.py [--shapes 4096x4096,11008x4096,4096x11008] [--rows 1,16,128,2048,8192]
         [--out results/sparse_speed.jsonl]

@@ -1,7 +1,7 @@
 """GPU linear-layer benchmark: bf16 vs our int4 weight-only / fp8 / int8 kernels vs torchao, with the
 roofline's prediction for each case. Needs CUDA (run through the device tool).
 
-    PYTHONPATH=src python benchmarks/kernels.py [--out DIR] [--quick]
+    PYTHONPATH=src python benchmarks/kernel_speed.py [--out DIR] [--quick]
 
 Ours are timed through the public API: a QuantLinear per preset (RTN), called as a model calls it (eagerly:
 the kernel launched directly; in the graph column: captured). W4A8 layers run weight-only int4 up to
