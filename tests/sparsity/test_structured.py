@@ -228,3 +228,34 @@ def test_inverted_residuals_prune_through_depthwise_convs():
     assert m._blocks[3]._depthwise_conv.groups == 72 and m._fc.in_features == 640
     with torch.no_grad():
         assert torch.allclose(m(x), ref, atol=1e-4)
+
+
+def test_transformers_qwen2_mlp_and_gqa_heads_prune_to_the_masked_original(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from families import save_family
+    from transformers import AutoModelForCausalLM
+
+    from slimtorch.pruning.heads import head_groups
+
+    folder = save_family("qwen2", tmp_path / "qwen2")
+    m = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = torch.randint(0, 200, (2, 12))
+    groups = channel_groups(m, (ids[:1],)) + head_groups(m)
+    heads = [g for g in groups if hasattr(g, "q_per_kv")]
+    assert len(groups) == 4 and len(heads) == 2 and heads[0].width == 2 and heads[0].q_per_kv == 2
+    keep = {g.name: torch.tensor([1]) if g in heads else torch.arange(0, g.width, 2) for g in groups}
+    with torch.no_grad():
+        for g in groups:  # mask: the consumer ignores the dropped units' columns
+            cols = torch.ones(m.get_submodule(g.consumers[0]).in_features, dtype=torch.bool)
+            cols[g.channels(g.consumers[0], keep[g.name])] = False
+            m.get_submodule(g.consumers[0]).weight[:, cols] = 0.0
+        ref = m(ids).logits
+    for g in groups:
+        prune_group_(m, g, keep[g.name])
+    assert m.config.num_attention_heads == 2 and m.config.num_key_value_heads == 1
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, ref, atol=1e-4)
+        assert m.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 15)  # with its KV cache
