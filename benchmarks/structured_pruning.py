@@ -70,8 +70,15 @@ def cpu_latency_ms(model: torch.nn.Module, batch: int, reps: int = 30) -> float:
 
 
 @torch.no_grad()
-def gpu_images_per_s(model: torch.nn.Module, batch: int = 4096, reps: int = 20) -> float:
+def gpu_images_per_s(model: torch.nn.Module, batch: int = 4096, reps: int = 20, compiled: bool = False) -> float:
+    """Images/s in bf16 autocast; ``compiled``: torch.compile with inductor's freezing (batch norms folded into
+    the convolutions, elementwise work fused), the deployed form whose cost the FLOPs describe best."""
     m = copy.deepcopy(model).cuda().eval()
+    if compiled:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        m = torch.compile(m)
     x = torch.randn(batch, 1, 28, 28, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(5):
@@ -142,6 +149,7 @@ def main() -> None:
                     "met closely; 8 makes the 32-channel CNN stages miss it by a whole step)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--compiled", action="store_true", help="GPU: also time torch.compile'd models (freezing)")
     ap.add_argument("--cpu-latency", action=argparse.BooleanOptionalAction, default=True,
                     help="time the models on the CPU too (off on a GPU machine whose cores other jobs share)")
     args = ap.parse_args()
@@ -165,6 +173,8 @@ def main() -> None:
         fp_speed = {"cpu_ms_b1": cpu_latency_ms(fp, 1), "cpu_ms_b64": cpu_latency_ms(fp, 64)} if args.cpu_latency else {}
         if dev == "cuda":
             fp_speed["gpu_images_per_s"] = gpu_images_per_s(fp)
+            if args.compiled:
+                fp_speed["gpu_images_per_s_compiled"] = gpu_images_per_s(fp, compiled=True)
         print(f"{name}: fp {fp_acc:.2f}% {fp_counts} {fp_speed}", flush=True)
         for method in args.methods:
             t0 = time.perf_counter()
@@ -202,6 +212,8 @@ def main() -> None:
             speed = {"cpu_ms_b1": cpu_latency_ms(m, 1), "cpu_ms_b64": cpu_latency_ms(m, 64)} if args.cpu_latency else {}
             if dev == "cuda":
                 speed["gpu_images_per_s"] = gpu_images_per_s(m)
+                if args.compiled:
+                    speed["gpu_images_per_s_compiled"] = gpu_images_per_s(m, compiled=True)
             rec = {**common, "model": name, "method": method, "measure": measure, "budget": budget, "align": args.align,
                    "ratio": round(ratio, 4), "fp_accuracy": fp_acc, "pruned_accuracy": pruned_acc,
                    "recovered_accuracy": acc, "fp_counts": fp_counts, "counts": c,
