@@ -37,6 +37,7 @@ from slimtorch.pruning.structured import (
     _taylor_grads,
     find_groups,
     importance,
+    kept_fractions,
     prune_group_,
 )
 from slimtorch.sequential import Batch
@@ -92,14 +93,7 @@ class LatencyModel:
         self.scale = batch / max(1, example[0].shape[0])
 
     def __call__(self, keep: dict[str, int]) -> float:
-        fo: dict[str, float] = {}
-        fi: dict[str, float] = {}
-        for g in self.groups:
-            f = keep[g.name] / g.width
-            for p in g.producers + g.members:
-                fo[p] = f
-            for c in g.consumers:
-                fi[c] = f
+        fo, fi = kept_fractions(self.groups, keep)
         total = 0.0
         for name, mod, ishape, oshape in self.calls:
             b = fo.get(name, 1.0)

@@ -182,9 +182,9 @@ def _dense_macs(model: nn.Module, example: Batch) -> dict[str, int]:
     return macs
 
 
-def _counts(model: nn.Module, groups: list, keep: dict[str, int], macs: dict[str, int]
-            ) -> tuple[int, int]:
-    """(params, multiply-adds) of ``model`` once each group keeps ``keep[group.name]`` channels."""
+def kept_fractions(groups: list, keep: dict[str, int]) -> tuple[dict[str, float], dict[str, float]]:
+    """(layer -> fraction of its output channels kept, layer -> fraction of its input channels kept) once
+    each group keeps ``keep[group.name]`` units (members: their one channel dimension, as output)."""
     fo: dict[str, float] = {}
     fi: dict[str, float] = {}
     for g in groups:
@@ -193,6 +193,13 @@ def _counts(model: nn.Module, groups: list, keep: dict[str, int], macs: dict[str
             fo[p] = f
         for c in g.consumers:
             fi[c] = f
+    return fo, fi
+
+
+def _counts(model: nn.Module, groups: list, keep: dict[str, int], macs: dict[str, int]
+            ) -> tuple[int, int]:
+    """(params, multiply-adds) of ``model`` once each group keeps ``keep[group.name]`` channels."""
+    fo, fi = kept_fractions(groups, keep)
     params = 0.0
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
