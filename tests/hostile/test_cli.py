@@ -282,3 +282,17 @@ def test_a_large_calibration_text_stays_within_memory(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) < 1_200_000  # KiB: torch and the model alone take about 0.4 GB
+
+
+def test_a_signal_during_interpreter_shutdown_is_not_a_traceback():
+    """A SIGTERM that arrives after the job is over, while Python runs its exit hooks (seen in the random
+    interrupt test: during weakref.finalize's hook), ends the process quietly by the signal's default action."""
+    script = ("import atexit, os, signal, sys, time\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(2)))\n"
+              "sys.argv = ['slimtorch', 'models', '--json']\n"
+              "from slimtorch.cli.entry import main\n"
+              "main()\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    assert json.loads(r.stdout)["fmnist-cnn"]["params"] > 0  # the job itself finished
+    assert r.returncode == -signal.SIGTERM and r.stderr == "", (r.returncode, r.stderr)

@@ -5,7 +5,8 @@ raised in the middle of an import is swallowed by some libraries and leaves half
 behind (measured: Ctrl-C 0.3 s after start gave "module 'numpy' has no attribute 'multiply'", or a run
 that went on as if nothing happened). A signal that came during the imports is delivered once they are
 done, inside the CLI's error handling: one line and exit 130 (SIGINT) or 143 (SIGTERM), like a signal at
-any later moment.
+any later moment until the job is over; after that (interpreter shutdown) the signal's default action ends
+the process.
 """
 
 from __future__ import annotations
@@ -22,4 +23,11 @@ def main() -> None:
 
     from slimtorch.cli.main import main as run
 
-    run(release=previous)  # releases the signals inside its error handling
+    try:
+        run(release=previous)  # releases the signals inside its error handling
+    finally:
+        # the job is over (its files written, or its staging removed): a signal that comes while the
+        # interpreter shuts down now just ends the process, where it would raise into an atexit callback and
+        # print a traceback (seen: SIGTERM during weakref.finalize's exit hook)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
