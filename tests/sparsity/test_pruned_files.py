@@ -92,3 +92,13 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
     ids = torch.arange(16).reshape(2, 8)
     with torch.no_grad():
         assert torch.equal(back(ids), m(ids))
+
+
+def test_dense_size_counts_tied_embeddings_once():
+    from slimtorch.export.pruned import state_bytes
+    from slimtorch.zoo import load_model
+
+    m = load_model("tinyllama-fm")
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()  # tied
+    naive = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    assert state_bytes(m) == naive - m.lm_head.weight.numel() * m.lm_head.weight.element_size()

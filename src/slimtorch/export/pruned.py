@@ -30,6 +30,14 @@ FORMAT = "slimtorch-pruned"
 FORMAT_VERSION = 1
 
 
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s state dict as dense tensors, a tensor shared by several keys (tied embeddings)
+    counted once: the size a dense file of it has."""
+    state = dict(model.state_dict())
+    store_shared_once(state)
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def save_pruned(model: nn.Module, path: Path, base: str, extra: dict | None = None) -> dict:
     """Atomically write ``model`` to ``path``; returns {"bytes", "dense_bytes", "compressed_tensors"}."""
     state = dict(model.state_dict())

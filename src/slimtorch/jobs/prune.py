@@ -16,7 +16,7 @@ import torch
 from slimtorch.api import apply_
 from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
-from slimtorch.export.pruned import save_pruned
+from slimtorch.export.pruned import save_pruned, state_bytes
 from slimtorch.export.quantized import save_quantized
 from slimtorch.jobs.compare import write_report
 from slimtorch.pruning.recovery import recover_
@@ -47,7 +47,7 @@ def run_prune(model: str, config: PruneConfig | StructuredConfig, out: Path, cal
     else:  # a quantized file (export/quantized.py): its codes are stored packed, zeros included, not compressed
         save_quantized(pruned, out / "model.safetensors", model, {"recipe": config.quantize, **extra})
         size = {"bytes": (out / "model.safetensors").stat().st_size, "compressed_tensors": 0,
-                "dense_bytes": sum(t.numel() * t.element_size() for t in fp.state_dict().values())}
+                "dense_bytes": state_bytes(fp)}
     fp_metrics = {m.name: m.value for m in fp_res.metrics}
     result = {
         "model": model, "method": config.method, "pattern": config.pattern, "scope": config.scope,
@@ -91,7 +91,7 @@ def _run_structured(model: str, fp, config: StructuredConfig, out: Path, calib_s
         "flops": {"before": report.flops_before, "after": report.flops_after,
                   "counted": "multiply-adds of the Linear/Conv calls on one calibration batch"},
         "groups": {k: list(v) for k, v in report.groups.items()}, "recovery": recovery,
-        "size": {"dense_bytes": sum(t.numel() * t.element_size() for t in fp.state_dict().values()),
+        "size": {"dense_bytes": state_bytes(fp),
                  "file_bytes": size["bytes"], "compressed_tensors": size["compressed_tensors"]},
         "notes": report.notes, "calib_samples": report.calib_samples, "seed": seed, "limit": limit,
         "time_s": {"prune": report.seconds, "evaluate": fp_res.seconds + res.seconds},
