@@ -7,16 +7,15 @@ from pathlib import Path
 
 import typer
 
-from slimtorch.progress import Progress, no_progress
+from slimtorch.cli.console import progress_bar
+from slimtorch.progress import no_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sample or evaluate a Fashion-MNIST diffusion model (weights from scripts/train_diffusion.py).")
-_BAR: list[Progress] = []  # the CLI's progress bar, given by register()
 
 
-def register(parent: typer.Typer, progress_bar: Progress) -> None:
-    """Add ``diffusion`` to the main command line, with its progress bar."""
-    _BAR[:] = [progress_bar]
+def register(parent: typer.Typer) -> None:
+    """Add ``diffusion`` to the main command line."""
     parent.add_typer(app, name="diffusion")
 
 
@@ -29,7 +28,7 @@ def _run(weights: Path, out: Path, samples: int, steps: int, sampler: str, guida
     from slimtorch.jobs.diffusion import run_diffusion
 
     res = run_diffusion(weights, out, samples, steps, sampler, guidance, cache, preset, seed, evaluate=evaluate,
-                        progress=no_progress if as_json or not _BAR else _BAR[0])
+                        progress=no_progress if as_json else progress_bar)
     if as_json:
         typer.echo(json.dumps(res))
         return

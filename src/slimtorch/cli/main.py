@@ -7,31 +7,27 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from slimtorch.calib.data import check_data_path
 from slimtorch.cli import args
+from slimtorch.cli.console import err, out, progress_bar
 from slimtorch.cli.diffusion import register as register_diffusion
 from slimtorch.cli.prune import register as register_prune
-from slimtorch.cli.train_sparse import register as register_train_sparse
 from slimtorch.cli.signals import Terminated, on_sigterm
+from slimtorch.cli.train_sparse import register as register_train_sparse
+from slimtorch.cost.hardware import HARDWARE
 from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
-from slimtorch.cost.hardware import HARDWARE
 from slimtorch.qat.methods import QAT_METHODS
 from slimtorch.quant.recipe import PRESETS
 from slimtorch.quantize import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress trained PyTorch models and measure what you got.")
-out = Console()
-err = Console(stderr=True)
 MAX_CALIB_SAMPLES = 1_000_000
 
 
@@ -46,18 +42,6 @@ def fail(message: str, code: int = 2, as_json: bool = False) -> None:
         print(json.dumps({"error": line, "exit_code": code}))
     print(f"slimtorch: error: {line}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def progress_bar(it: Iterable, description: str) -> Iterable:
-    """A rich progress bar on stderr that disappears when done."""
-    items = list(it)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
-                  disable=not err.is_terminal) as bar:
-        task = bar.add_task(description, total=len(items))
-        for x in items:
-            yield x
-            bar.advance(task)
 
 
 def _fmt(value: float) -> str:
@@ -439,9 +423,9 @@ def cost_cmd(
         out.print(f"wrote {plot}")
 
 
-register_diffusion(app, progress_bar)
-register_prune(app, progress_bar)
-register_train_sparse(app, progress_bar)
+register_diffusion(app)
+register_prune(app)
+register_train_sparse(app)
 
 
 def main(argv: list[str] | None = None, release=None) -> None:

@@ -6,14 +6,12 @@ import json
 
 import typer
 
-from slimtorch.progress import Progress, no_progress
+from slimtorch.cli.console import progress_bar
+from slimtorch.progress import no_progress
 
-_BAR: list[Progress] = []  # the CLI's progress bar, given by register()
 
-
-def register(parent: typer.Typer, progress_bar: Progress) -> None:
-    """Add ``prune`` to the main command line, with its progress bar."""
-    _BAR[:] = [progress_bar]
+def register(parent: typer.Typer) -> None:
+    """Add ``prune`` to the main command line."""
     parent.command("prune")(prune_cmd)
 
 
@@ -71,7 +69,7 @@ def prune_cmd(
     stage.check()
     with stage as folder:
         res = run_prune(model, config, folder, calib_samples, limit, seed,
-                        progress=no_progress if as_json or not _BAR else _BAR[0], recover_steps=recover,
+                        progress=no_progress if as_json else progress_bar, recover_steps=recover,
                         recover_lr=recover_lr)
     if as_json:
         typer.echo(json.dumps(res))

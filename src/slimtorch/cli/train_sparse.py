@@ -6,14 +6,11 @@ import json
 
 import typer
 
-from slimtorch.progress import Progress
-
-_BAR: list[Progress] = []  # the CLI's progress bar, given by register()
+from slimtorch.cli.console import progress_bar
 
 
-def register(parent: typer.Typer, progress_bar: Progress) -> None:
-    """Add ``train-sparse`` to the main command line, with its progress bar."""
-    _BAR[:] = [progress_bar]
+def register(parent: typer.Typer) -> None:
+    """Add ``train-sparse`` to the main command line."""
     parent.command("train-sparse")(train_sparse_cmd)
 
 
@@ -56,7 +53,7 @@ def train_sparse_cmd(
     stage.check()
     with stage as folder:
         res = run_train_sparse(model, method, sparsity, folder, cfg, drop, limit_train, limit, dev,
-                               progress=_BAR[0] if _BAR and not as_json else None,
+                               progress=None if as_json else progress_bar,
                                log=None if as_json else (lambda line: typer.echo(line, err=True)))
     if as_json:
         typer.echo(json.dumps(res))
