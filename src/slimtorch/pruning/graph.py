@@ -20,6 +20,8 @@ consumer, and what is not a group is left alone. Attention heads are pruned by t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +126,22 @@ def _inside(out_node, in_node) -> set:
     return found
 
 
+@contextmanager
+def requires_grad_only(model: nn.Module, params) -> Iterator[None]:
+    """Within: only ``params`` of ``model`` require gradients; after: every parameter as it was."""
+    params = list(params)
+    was = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, r in was.items():
+            p.requires_grad_(r)
+
+
 def channel_groups(model: nn.Module, example: tuple) -> list[ChannelGroup]:
     """The channel groups of ``model`` (module docstring), from one forward pass on ``example``."""
     calls: dict[str, tuple] = {}  # layer name -> (input node, output node); the last call if several
@@ -136,14 +154,8 @@ def channel_groups(model: nn.Module, example: tuple) -> list[ChannelGroup]:
 
         for name, m in layers.items():
             hooks.after(m, lambda mod, a, o, name=name: record(name, a, o))
-        was = {p: p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(True)
-        try:
+        with requires_grad_only(model, model.parameters()):
             out = model(*example)
-        finally:
-            for p, r in was.items():
-                p.requires_grad_(r)
     root = first_tensor(out).grad_fn
     readers = _graph(root)
     # a layer called more than once (shared weights) is left out of every group
@@ -152,7 +164,7 @@ def channel_groups(model: nn.Module, example: tuple) -> list[ChannelGroup]:
     member_of = {c[1]: n for n, c in calls.items() if _is_member(layers[n])}
     consumers_of: dict = {}  # input node -> dense layers reading it
     inside: dict = {}  # node -> the dense layer whose call it belongs to
-    member_inside: dict = {}  # node -> the member whose call it belongs to (a padding before a depthwise conv)
+    member_inside: dict = {}  # node -> the member whose call it belongs to (its output, a padding before it)
     for n, (i, o) in calls.items():
         if _is_dense(layers[n]):
             consumers_of.setdefault(i, []).append(n)
@@ -209,10 +221,10 @@ def channel_groups(model: nn.Module, example: tuple) -> list[ChannelGroup]:
                 if r in inside and inside[r] in dense_readers:
                     cons.add(inside[r])
                     widths.add(in_width(layers[inside[r]]))
-                elif r in member_of or type(r).__name__ in CHANNELWISE or type(r).__name__ in RESHAPES:
+                elif type(r).__name__ in CHANNELWISE or type(r).__name__ in RESHAPES:
                     stack.append(r)
-                elif r in member_inside and calls[member_inside[r]][0] is cur:  # the member's own first op
-                    stack.append(calls[member_inside[r]][1])
+                elif r in member_inside and calls[member_inside[r]][0] is cur:  # a member's first op (its
+                    stack.append(calls[member_inside[r]][1])  # output node, or a padding before a conv)
                 else:
                     ok = False
         done |= cons

@@ -48,7 +48,7 @@ class HeadGroup:
             base = (units[:, None] * hd + torch.arange(hd)).reshape(-1)
             n = self.width * hd
             return base if layer in self.consumers else torch.cat([base, base + n, base + 2 * n])
-        per = hd * (self.q_per_kv if layer.endswith(("q_proj", "o_proj")) or layer in self.consumers else 1)
+        per = hd * (self.q_per_kv if layer.endswith("q_proj") or layer in self.consumers else 1)
         return (units[:, None] * per + torch.arange(per)).reshape(-1)
 
     def per_unit(self, layer: str, per_channel: torch.Tensor) -> torch.Tensor:

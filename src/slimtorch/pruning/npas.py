@@ -32,13 +32,12 @@ from slimtorch.progress import Progress
 from slimtorch.pruning.heads import HeadGroup
 from slimtorch.pruning.structured import (
     IMPORTANCE,
-    _input_mean_abs,
     _keep_all,
-    _taylor_grads,
     find_groups,
-    importance,
+    keep_most_important_,
     kept_fractions,
-    prune_group_,
+    smallest_ratio,
+    unit_scores,
 )
 from slimtorch.sequential import Batch
 
@@ -98,12 +97,8 @@ class LatencyModel:
         for name, mod, ishape, oshape in self.calls:
             b = fo.get(name, 1.0)
             a = fi.get(name, b if _depthwise(mod) else 1.0)  # a depthwise conv's input is its output's width
-            i2 = (ishape[0], max(1, round(ishape[1] * a)), *ishape[2:]) if len(oshape) == 4 else \
-                (*ishape[:-1], max(1, round(ishape[-1] * a)))
-            o2 = (oshape[0], max(1, round(oshape[1] * b)), *oshape[2:]) if len(oshape) == 4 else \
-                (*oshape[:-1], max(1, round(oshape[-1] * b)))
-            view = _Shape(mod, b if _depthwise(mod) else None, o2)
-            total += layer_costs([(name, view, i2, o2)], {}, self.scale)[0].time(self.hw)
+            i2, o2 = _scaled(ishape, a), _scaled(oshape, b)
+            total += layer_costs([(name, _Shape(mod, o2), i2, o2)], {}, self.scale)[0].time(self.hw)
         return total
 
 
@@ -111,20 +106,24 @@ def _depthwise(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Conv2d) and mod.groups > 1
 
 
-class _Shape:
-    """What layer_costs reads of a conv (weight shape, groups) at a narrowed width."""
+def _scaled(shape: tuple, f: float) -> tuple:
+    """``shape`` with its channel dimension (1 of a 4-d conv tensor, else the last) times ``f``, at least 1."""
+    c = 1 if len(shape) == 4 else len(shape) - 1
+    return (*shape[:c], max(1, round(shape[c] * f)), *shape[c + 1:])
 
-    def __init__(self, mod: nn.Module, dw_fraction: float | None, oshape: tuple) -> None:
+
+class _Shape:
+    """What layer_costs reads of a conv (weight shape, groups) at a narrowed output width ``oshape``."""
+
+    def __init__(self, mod: nn.Module, oshape: tuple) -> None:
         w = tuple(mod.weight.shape)
-        self.groups = getattr(mod, "groups", 1)
-        if dw_fraction is not None:
-            self.groups = oshape[1]
+        self.groups = oshape[1] if _depthwise(mod) else getattr(mod, "groups", 1)
         self.weight_shape = (oshape[1], w[1], *w[2:]) if len(w) == 4 else w
 
 
 def _steps(g, step: float, align: int) -> int:
-    unit = max(align if not isinstance(g, HeadGroup) else 1, round(g.width * step))
-    return unit
+    """Units one greedy move takes off group ``g``."""
+    return max(1 if isinstance(g, HeadGroup) else align, round(g.width * step))
 
 
 def search_widths(groups: list, scores: dict[str, torch.Tensor], latency: LatencyModel, budget: float,
@@ -158,16 +157,9 @@ def search_widths(groups: list, scores: dict[str, torch.Tensor], latency: Latenc
 
 def uniform_widths(groups: list, latency: LatencyModel, budget: float, align: int) -> dict[str, int]:
     """One ratio for every group, the smallest that meets ``budget`` (bisection)."""
-    lo, hi = 0.0, 0.999
-    if latency(_keep_all(groups, hi, align)) > budget:
-        raise SlimError("the latency budget cannot be met by uniform width pruning of this model")
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if latency(_keep_all(groups, mid, align)) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return _keep_all(groups, hi, align)
+    ratio = smallest_ratio(groups, align, lambda keep: latency(keep) <= budget,
+                           "the latency budget cannot be met by uniform width pruning of this model")
+    return _keep_all(groups, ratio, align)
 
 
 @handler(NPASConfig, "npas")
@@ -181,9 +173,7 @@ def _apply_npas(model: nn.Module, config: NPASConfig, calib: list[Batch], progre
     example = tuple(t[:1] if torch.is_tensor(t) else t for t in calib[0])
     latency = LatencyModel(model, groups, example, config.hardware, config.batch)
     dense = latency({g.name: g.width for g in groups})
-    means = _input_mean_abs(model, groups, calib) if config.importance == "activation" else {}
-    grads = _taylor_grads(model, groups, calib) if config.importance == "taylor" else {}
-    scores = {g.name: importance(model, g, config.importance, means, grads) for g in groups}
+    scores = unit_scores(model, groups, config.importance, calib)
     budget = config.latency * dense
     if config.search == "greedy":
         keep = search_widths(groups, scores, latency, budget, config.step, config.align, config.importance)
@@ -191,9 +181,7 @@ def _apply_npas(model: nn.Module, config: NPASConfig, calib: list[Batch], progre
         keep = uniform_widths(groups, latency, budget, config.align)
     before = sum(p.numel() for p in model.parameters())
     after = latency(keep)
-    for g in progress(groups, "latency-aware pruning"):
-        idx = torch.sort(torch.topk(scores[g.name], keep[g.name]).indices).values
-        prune_group_(model, g, idx)
+    keep_most_important_(model, groups, scores, keep, progress, "latency-aware pruning")
     return NPASReport(groups={g.name: (g.width, keep[g.name]) for g in groups}, latency_before_s=dense,
                       latency_after_s=after, hardware=config.hardware, batch=config.batch, search=config.search,
                       params_before=before, params_after=sum(p.numel() for p in model.parameters()),

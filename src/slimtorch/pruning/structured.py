@@ -27,6 +27,7 @@ transformers ``intermediate_size``) are not changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ from slimtorch.api import Report, handler
 from slimtorch.errors import SlimError
 from slimtorch.hooks import TemporaryHooks
 from slimtorch.progress import Progress
-from slimtorch.pruning.graph import ChannelGroup, channel_groups
+from slimtorch.pruning.graph import ChannelGroup, channel_groups, requires_grad_only
 from slimtorch.pruning.heads import HeadGroup, head_groups, set_heads_
 from slimtorch.sequential import Batch, collect, first_tensor
 
@@ -147,14 +148,10 @@ def _taylor_grads(model: nn.Module, groups: list[ChannelGroup], calib: list[Batc
     own argmax, for every parameter of every group layer."""
     names = {n for g in groups for n in g.producers + g.consumers + g.members}
     params = {f"{n}.{pn}": p for n in names for pn, p in model.get_submodule(n).named_parameters(recurse=False)}
-    was = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     for p in params.values():
-        p.requires_grad_(True)
         p.grad = None
     try:
-        with torch.enable_grad():
+        with requires_grad_only(model, params.values()), torch.enable_grad():
             for batch in calib:
                 logits = first_tensor(model(*batch)).float()
                 logits = logits.reshape(-1, logits.shape[-1])
@@ -164,8 +161,6 @@ def _taylor_grads(model: nn.Module, groups: list[ChannelGroup], calib: list[Batc
     finally:
         for p in params.values():
             p.grad = None
-        for p, r in was.items():
-            p.requires_grad_(r)
 
 
 def _dense_macs(model: nn.Module, example: Batch) -> dict[str, int]:
@@ -200,12 +195,12 @@ def _counts(model: nn.Module, groups: list, keep: dict[str, int], macs: dict[str
             ) -> tuple[int, int]:
     """(params, multiply-adds) of ``model`` once each group keeps ``keep[group.name]`` channels."""
     fo, fi = kept_fractions(groups, keep)
+    members = {m for g in groups for m in g.members}
     params = 0.0
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
             o = fo.get(name, 1.0)
-            params += p.numel() * (o * fi.get(name, 1.0) if pname == "weight" and name not in
-                                   {m for g in groups for m in g.members} else o)
+            params += p.numel() * (o * fi.get(name, 1.0) if pname == "weight" and name not in members else o)
     flops = sum(n * fo.get(k, 1.0) * fi.get(k, 1.0) for k, n in macs.items())
     return round(params), round(flops)
 
@@ -215,22 +210,29 @@ def _keep_all(groups: list, ratio: float, align: int) -> dict[str, int]:
                      else kept_width(g.width, ratio, align)) for g in groups}
 
 
-def _ratio_for_budget(model, groups, macs, config: StructuredConfig) -> float:
-    """The smallest uniform ratio whose pruned model keeps at most ``budget`` of the measure (bisection on
-    the exact counts; widths are integers, so the budget is met from below)."""
-    idx = 1 if config.measure == "flops" else 0
-    full = _counts(model, groups, {g.name: g.width for g in groups}, macs)[idx]
+def smallest_ratio(groups: list, align: int, fits: Callable[[dict[str, int]], bool], unmet: str) -> float:
+    """The smallest uniform ratio whose widths (``_keep_all``) ``fits`` accepts, by bisection (widths are
+    integers, so a budget is met from below); SlimError ``unmet`` when not even the narrowest widths fit."""
     lo, hi = 0.0, 0.999
-    if _counts(model, groups, _keep_all(groups, hi, config.align), macs)[idx] > config.budget * full:
-        raise SlimError(f"a {config.measure} budget of {config.budget:.0%} cannot be met by width pruning of "
-                        f"this model's channel groups (the layers outside them are too large)")
+    if not fits(_keep_all(groups, hi, align)):
+        raise SlimError(unmet)
     for _ in range(40):
         mid = (lo + hi) / 2
-        if _counts(model, groups, _keep_all(groups, mid, config.align), macs)[idx] <= config.budget * full:
+        if fits(_keep_all(groups, mid, align)):
             hi = mid
         else:
             lo = mid
     return hi
+
+
+def _ratio_for_budget(model, groups, macs, config: StructuredConfig) -> float:
+    """The smallest uniform ratio whose pruned model keeps at most ``budget`` of the measure (exact counts)."""
+    idx = 1 if config.measure == "flops" else 0
+    full = _counts(model, groups, {g.name: g.width for g in groups}, macs)[idx]
+    return smallest_ratio(groups, config.align,
+                          lambda keep: _counts(model, groups, keep, macs)[idx] <= config.budget * full,
+                          f"a {config.measure} budget of {config.budget:.0%} cannot be met by width pruning of "
+                          f"this model's channel groups (the layers outside them are too large)")
 
 
 def _narrow_(mod: nn.Module, idx: torch.Tensor, role: str) -> None:
@@ -284,6 +286,20 @@ def prune_group_(model: nn.Module, group: ChannelGroup | HeadGroup, idx: torch.T
         set_heads_(model, group, len(idx))
 
 
+def unit_scores(model: nn.Module, groups: list, kind: str, calib: list[Batch]) -> dict[str, torch.Tensor]:
+    """Group name -> (width,) importance of its units under criterion ``kind`` (module docstring)."""
+    means = _input_mean_abs(model, groups, calib) if kind == "activation" else {}
+    grads = _taylor_grads(model, groups, calib) if kind == "taylor" else {}
+    return {g.name: importance(model, g, kind, means, grads) for g in groups}
+
+
+def keep_most_important_(model: nn.Module, groups: list, scores: dict[str, torch.Tensor], keep: dict[str, int],
+                         progress: Progress, what: str) -> None:
+    """Prune each group to its ``keep[name]`` highest-scoring units (kept in their order)."""
+    for g in progress(groups, what):
+        prune_group_(model, g, torch.sort(torch.topk(scores[g.name], keep[g.name]).indices).values)
+
+
 def find_groups(model: nn.Module, example: Batch, heads: bool) -> list:
     """Channel groups (and, with ``heads``, the head groups that share no layer with them) of ``model``."""
     groups: list = channel_groups(model, tuple(t[:1] if torch.is_tensor(t) else t for t in example))
@@ -322,15 +338,10 @@ def _apply_structured(model: nn.Module, config: StructuredConfig, calib: list[Ba
     params_before = sum(p.numel() for p in model.parameters())
     flops_before = sum(macs.values())
     ratio = config.ratio if config.budget is None else _ratio_for_budget(model, groups, macs, config)
-    means = _input_mean_abs(model, groups, calib) if config.importance == "activation" else {}
-    grads = _taylor_grads(model, groups, calib) if config.importance == "taylor" else {}
     keep = _keep_all(groups, ratio, config.align)
-    scores = {g.name: importance(model, g, config.importance, means, grads) for g in groups}
-    widths = {}
-    for g in progress(groups, "structured pruning"):
-        idx = torch.sort(torch.topk(scores[g.name], keep[g.name]).indices).values
-        prune_group_(model, g, idx)
-        widths[g.name] = (g.width, keep[g.name])
+    keep_most_important_(model, groups, unit_scores(model, groups, config.importance, calib), keep, progress,
+                         "structured pruning")
+    widths = {g.name: (g.width, keep[g.name]) for g in groups}
     notes = ["model config fields (intermediate_size) are not updated"]
     if any(isinstance(model.get_submodule(m), nn.LayerNorm) for g in groups for m in g.members):
         notes.append("a LayerNorm inside a pruned group now normalises over the kept channels only")
