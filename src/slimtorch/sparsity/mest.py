@@ -167,9 +167,7 @@ def train_mest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCon
                             subset=lambda e: pool[0])
     target_kept = sum(keep_count(m.numel(), mest.sparsity) for m in masks.masks.values())
     if masks.kept() > target_kept:  # the soft bound ends denser: prune to the target
-        for name, mask in masks.masks.items():
-            w = model.get_submodule(name).weight
-            masks.masks[name] = mutate(w, None, mask, mest.sparsity, mest.sparsity, 0.0, gen)
+        masks = MaskSet.magnitude(model, mest.sparsity, within=masks)
         masks.apply_(model)
     record = {"variant": mest.variant, "target_sparsity": mest.sparsity, "sparsity": 1 - masks.density(),
               "memory_bound_density": bound, "peak_density": max(peak), "mutations": mutations,
