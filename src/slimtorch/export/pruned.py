@@ -30,21 +30,24 @@ FORMAT = "slimtorch-pruned"
 FORMAT_VERSION = 1
 
 
+def _dense_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s state dict as dense tensors, a tensor shared by several keys (tied embeddings)
     counted once: the size a dense file of it has."""
     state = dict(model.state_dict())
     store_shared_once(state)
-    return sum(t.numel() * t.element_size() for t in state.values())
+    return _dense_bytes(state)
 
 
 def save_pruned(model: nn.Module, path: Path, base: str, extra: dict | None = None) -> dict:
     """Atomically write ``model`` to ``path``; returns {"bytes", "dense_bytes", "compressed_tensors"}."""
     state = dict(model.state_dict())
     aliases = store_shared_once(state)  # tied embeddings: stored once
-    tensors, sparse, dense_bytes = {}, {}, 0
+    tensors, sparse = {}, {}
     for key, t in state.items():
-        dense_bytes += t.numel() * t.element_size()
         if t.dim() >= 2 and t.is_floating_point() and worth_compressing(t):
             bits, vals = compress(t)
             tensors[f"{key}.bitmask"], tensors[f"{key}.values"] = bits, vals
@@ -54,7 +57,7 @@ def save_pruned(model: nn.Module, path: Path, base: str, extra: dict | None = No
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "base": base, "sparse": sparse, "aliases": aliases,
             **(extra or {})}
     save_tensors(path, tensors, meta)
-    return {"bytes": Path(path).stat().st_size, "dense_bytes": dense_bytes, "compressed_tensors": len(sparse)}
+    return {"bytes": Path(path).stat().st_size, "dense_bytes": _dense_bytes(state), "compressed_tensors": len(sparse)}
 
 
 def load_pruned(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Module, dict]:
@@ -69,19 +72,17 @@ def load_pruned(path: Path, base_model: nn.Module | None = None) -> tuple[nn.Mod
     sparse = meta.get("sparse")
     if not isinstance(sparse, dict):
         raise SlimError(f"{path}: its sparse tensor list is missing or not a mapping")
+    structured = meta.get("structured")
+    if (base_model is None or structured is not None) and not isinstance(meta.get("base"), str):
+        raise SlimError(f"{path} names no base model")
     if base_model is None:
         from slimtorch.zoo import load_model
 
-        if not isinstance(meta.get("base"), str):
-            raise SlimError(f"{path} names no base model")
         base_model = load_model(meta["base"])
-    structured = meta.get("structured")
     if structured is not None:  # width-pruned: give the base model the pruned shapes first
         from slimtorch.calib.data import calibration_set
         from slimtorch.pruning.structured import narrow_to_
 
-        if not isinstance(meta.get("base"), str):
-            raise SlimError(f"{path} names no base model")
         if not isinstance(structured, dict) or not isinstance(structured.get("widths"), dict):
             raise SlimError(f"{path}: its structured-pruning record is not a mapping of group widths")
         example = calibration_set(meta["base"], 1, model=base_model)[0]
