@@ -115,13 +115,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
     if isinstance(gran, PerChannel) and gran.axis % 2 != 0:
         raise SlimError("GPTQ needs per-channel weight scales on axis 0 (output channels)")
 
-    def fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_columns(w, spec)
-
     if group is None:
-        col_scale, col_zero = fit(W)
+        col_scale, col_zero = fit_columns(W, spec)
     elif act_order:
-        gs, gz = zip(*(fit(W[:, g:g + group]) for g in range(0, in_f, group)))
+        gs, gz = zip(*(fit_columns(W[:, g:g + group], spec) for g in range(0, in_f, group)))
         group_scale, group_zero = torch.cat(gs, 1), torch.cat(gz, 1)  # (out, G)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
@@ -138,8 +135,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if group is not None and not act_order and col % group == 0:
-                col_scale, col_zero = fit(W1[:, i:i + group] if i + group <= W1.shape[1]
-                                          else torch.cat([W1[:, i:], W[:, i2:i1 + i + group]], 1))
+                col_scale, col_zero = fit_columns(W1[:, i:i + group] if i + group <= W1.shape[1]
+                                                  else torch.cat([W1[:, i:], W[:, i2:i1 + i + group]], 1), spec)
             if group is not None and act_order:
                 col_scale, col_zero = group_scale[:, col // group:col // group + 1], group_zero[:, col // group:col // group + 1]
             w = W1[:, i:i + 1]
