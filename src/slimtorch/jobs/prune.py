@@ -39,8 +39,7 @@ def run_prune(model: str, config: PruneConfig | StructuredConfig, out: Path, cal
     calib = calibration_set(model, calib_samples, seed=seed, model=fp) if config.method != "magnitude" else []
     pruned = copy.deepcopy(fp)
     report = apply_(pruned, config, calib, **kw)
-    fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
-    res = evaluate(model, model=pruned, limit=limit, latency=False, **kw)
+    measured = _side_by_side(model, fp, pruned, limit, kw)
     extra = {"prune": {"method": config.method, "pattern": config.pattern, "sparsity": report.sparsity}}
     if config.quantize is None:
         size = save_pruned(pruned, out / "model.safetensors", model, extra)
@@ -48,21 +47,34 @@ def run_prune(model: str, config: PruneConfig | StructuredConfig, out: Path, cal
         save_quantized(pruned, out / "model.safetensors", model, {"recipe": config.quantize, **extra})
         size = {"bytes": (out / "model.safetensors").stat().st_size, "compressed_tensors": 0,
                 "dense_bytes": state_bytes(fp)}
-    fp_metrics = {m.name: m.value for m in fp_res.metrics}
     result = {
         "model": model, "method": config.method, "pattern": config.pattern, "scope": config.scope,
         "comparison": config.comparison, "target_sparsity": config.sparsity, "sparsity": report.sparsity,
         "quantized": config.quantize, "bits_per_weight": report.bits_per_weight,
-        "dataset": res.dataset,
-        "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "pruned": m.value} for m in res.metrics],
+        **measured["compared"],
         "size": {"dense_bytes": size["dense_bytes"], "file_bytes": size["bytes"],
                  "compressed_tensors": size["compressed_tensors"]},
-        "layers": report.layers, "notes": report.notes, "calib_samples": report.calib_samples, "seed": seed,
-        "limit": limit, "time_s": {"prune": report.seconds, "evaluate": fp_res.seconds + res.seconds},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "layers": report.layers, **_run_facts(report, seed, limit, measured["evaluate_s"]),
     }
     write_report(out, result, page=False)
     return result
+
+
+def _side_by_side(model: str, fp, pruned, limit, kw: dict) -> dict:
+    """FP and pruned evaluated on the same data: {"compared": {dataset, metrics}, "evaluate_s"}."""
+    fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
+    res = evaluate(model, model=pruned, limit=limit, latency=False, **kw)
+    fp_metrics = {m.name: m.value for m in fp_res.metrics}
+    return {"compared": {"dataset": res.dataset, "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name),
+                                                             "pruned": m.value} for m in res.metrics]},
+            "evaluate_s": fp_res.seconds + res.seconds}
+
+
+def _run_facts(report, seed: int, limit, evaluate_s: float) -> dict:
+    """The report fields every prune job ends with: notes, data, timings, versions."""
+    return {"notes": report.notes, "calib_samples": report.calib_samples, "seed": seed, "limit": limit,
+            "time_s": {"prune": report.seconds, "evaluate": evaluate_s},
+            "versions": {"torch": torch.__version__, "python": platform.python_version()}}
 
 
 def _run_structured(model: str, fp, config: StructuredConfig, out: Path, calib_samples, limit, seed, kw,
@@ -75,27 +87,22 @@ def _run_structured(model: str, fp, config: StructuredConfig, out: Path, calib_s
         losses = recover_(pruned, fp, calib, steps=recover_steps, lr=recover_lr, seed=seed, **kw)
         recovery = {"steps": recover_steps, "lr": recover_lr, "loss_first": losses[0], "loss_last": losses[-1],
                     "data": "the calibration batches"}
-    fp_res = evaluate(model, model=fp, limit=limit, latency=False, **kw)
-    res = evaluate(model, model=pruned, limit=limit, latency=False, **kw)
+    measured = _side_by_side(model, fp, pruned, limit, kw)
     widths = {name: after for name, (_, after) in report.groups.items()}
     record = {"method": "structured", "importance": config.importance, "ratio": report.ratio,
               "budget": config.budget, "measure": config.measure, "heads": config.heads}
     size = save_pruned(pruned, out / "model.safetensors", model,
                        {"prune": record, "structured": {"widths": widths, "heads": config.heads}})
-    fp_metrics = {m.name: m.value for m in fp_res.metrics}
     result = {
         "model": model, **record, "sparsity": 1 - report.params_after / report.params_before,
-        "dataset": res.dataset,
-        "metrics": [{"name": m.name, "fp": fp_metrics.get(m.name), "pruned": m.value} for m in res.metrics],
+        **measured["compared"],
         "params": {"before": report.params_before, "after": report.params_after},
         "flops": {"before": report.flops_before, "after": report.flops_after,
                   "counted": "multiply-adds of the Linear/Conv calls on one calibration batch"},
         "groups": {k: list(v) for k, v in report.groups.items()}, "recovery": recovery,
         "size": {"dense_bytes": state_bytes(fp),
                  "file_bytes": size["bytes"], "compressed_tensors": size["compressed_tensors"]},
-        "notes": report.notes, "calib_samples": report.calib_samples, "seed": seed, "limit": limit,
-        "time_s": {"prune": report.seconds, "evaluate": fp_res.seconds + res.seconds},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **_run_facts(report, seed, limit, measured["evaluate_s"]),
     }
     write_report(out, result, page=False)
     return result
