@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from records import run_header
+from timing import median_us
 
 from slimtorch.api import apply_
 from slimtorch.pruning.npas import NPASConfig
@@ -83,16 +84,7 @@ def gpu_images_per_s(model: torch.nn.Module, batch: int = 4096, reps: int = 20, 
     with torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(5):
             m(x)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            m(x)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1000)
-    return batch / statistics.median(times)
+        return batch / (median_us(lambda: m(x), 1, reps) / 1e6)
 
 
 def _tp_prune(model, example, importance: str, ratio: float, calib: list, align: int):
