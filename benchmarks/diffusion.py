@@ -2,19 +2,33 @@
 images, class accuracy of the conditional samples, and samples/s, per sampler, step count and cache setting.
 
     PYTHONPATH=../src python diffusion.py --weights DIR [--models unet,dit] [--samples 10000] [--batch 1000]
-        [--parts floor,fp,front,ptq,cache] [--device cuda] [--out FILE]
+        [--parts floor,fp,ptq,cache,front,distilled,composed] [--students DIR] [--mode both|quality|speed]
+        [--device cuda] [--out FILE]
+
+Parts run in the order given (all models for one part, then the next), each record written as it is made,
+so that a run cut short keeps what it finished. ``--mode quality`` measures FID only (GPU shared with other
+jobs is fine); ``--mode speed`` times ``--speed-batches`` batches after a warm-up and computes no FID (run it
+on a quiet GPU); ``both`` does both on the full sample count.
 
 * floor: FID-FMNIST of real against real (two disjoint halves of the test set; 10k train against the test set).
 * fp: the full-precision model at 100 DDIM steps (the baseline), two noise seeds.
 * front: DDIM and DPM-Solver++(2M) at 5..100 steps (the FID vs samples/s front that any acceleration must beat).
-* ptq: W8A8 and W4A8 (RTN weights, static activations) calibrated across the trajectory (TDAC, uniform per
+* ptq: W8A8 and W4A8 (slimtorch.diffusion.ptq.RECIPES: RTN per-channel weights, static activations) calibrated across the trajectory (TDAC, uniform per
   step), TDAC with per-timestep-group ranges (4 groups) and shortcut splitting (``tdac+ranges``), or naively
   (pure noise at random steps, off the trajectory); bf16 weights and inputs, so that the
   DiT's linears run on our GPU kernels (its speed-up is measured against the bf16 model in the same run; the
   UNet's convolutions have no kernel and run the reference: quality only).
 * cache: 100 DDIM steps with DeepCache (UNet) or block reuse (DiT) at intervals 2..5, the adaptive criterion
   (DiT), and CacheQuant's DP schedule at the same number of full steps as interval 5, with and without its
-  per-step error correction (fitted on one calibration run), and interval 5 with the correction.
+  per-step error correction (fitted on one calibration run), and interval 5 with the correction; the DP
+  schedule again with each step's drift weighted by its measured effect on the final sample
+  (cache_schedule.effect_weights): ``dp-20-effect``.
+* distilled: the progressive-distillation students in ``--students`` (<name>-distilled-<N>.safetensors from
+  scripts/train_diffusion.py), each on its own step grid.
+* composed: each student with W8A8 (tdac+ranges, calibrated on its own grid), with interval-2 caching and the
+  error correction, and all three; beside it the naive combination (naive PTQ, no correction).
+``--models lowdiff``: the LowDiff cascade (slimtorch.diffusion.cascade: 80% of the steps at 16x16, the rest
+at 32x32), for the front part, against the single-resolution UNet's front at equal wall-clock.
 Samples are class-balanced, guidance 2, the same x_T for every setting of one seed (paired comparisons).
 Samples/s is the wall-clock of the whole generation after one warm-up batch, with CUDA synchronisation.
 """
@@ -33,26 +47,28 @@ from records import run_header
 from slimtorch.api import apply_
 from slimtorch.diffusion.act_ranges import refine_activation_ranges_
 from slimtorch.diffusion.cache import CacheConfig, cache_hook, reset, set_correction
-from slimtorch.diffusion.cache_schedule import dp_schedule, drift_cost, uniform_schedule
+from slimtorch.diffusion.cache_schedule import dp_schedule, drift_cost, effect_weights, uniform_schedule
 from slimtorch.diffusion.cascade import sample_model
 from slimtorch.diffusion.error_correction import fit_cache_correction
 from slimtorch.diffusion.fid import fid
 from slimtorch.diffusion.models import load_diffusion
-from slimtorch.diffusion.ptq import calibration_batches
+from slimtorch.diffusion.ptq import RECIPES, calibration_batches
 from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
 from slimtorch.diffusion.samplers import guided, sample, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
+from slimtorch.io.checkpoint import load_tensors
 from slimtorch.hooks import attached, detach
 from slimtorch.quantize import PTQConfig
 from slimtorch.zoo import load_model
 from slimtorch.zoo.data import fashion_mnist
 
-FILES = {"unet": "fmnist-ddpm-unet.safetensors", "dit": "fmnist-dit.safetensors"}
+FILES = {"unet": "fmnist-ddpm-unet.safetensors", "dit": "fmnist-dit.safetensors",
+         "lowdiff": "fmnist-lowdiff-unet.safetensors"}
 SCHED = NoiseSchedule.linear()
 
 
 def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, seed: int = 0,
-             guidance: float = 2.0, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+             guidance: float = 2.0, bf16: bool = False, grid: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(samples (n, 1, 32, 32) on the CPU, labels, seconds of generation). ``bf16``: the model's weights are
     bf16 and it gets bf16 inputs (what our GPU kernels take), the sampler's state stays float32; otherwise
     bf16 autocast on CUDA."""
@@ -67,7 +83,7 @@ def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, s
         net = (lambda x, t, yy: model(x.to(torch.bfloat16), t, yy).float()) if bf16 else model
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" and not bf16):
             return sample_model(model, y, noise[i:i + batch].to(device), SCHED, steps, guidance, sampler,
-                                torch.Generator().manual_seed(seed + i), net=net).float()
+                                torch.Generator().manual_seed(seed + i), grid, net=net).float()
 
     run(0)  # warm-up (kernels, autotuning)
     if device == "cuda":
@@ -80,9 +96,9 @@ def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, s
     return torch.cat(out).clamp(-1, 1).cpu(), labels, secs
 
 
-def dp_refresh_steps(model, device: str, steps: int, groups: int, batch: int = 64) -> tuple[list[int], torch.Tensor]:
-    """CacheQuant's DP schedule from the cached feature's drift along one calibration run of ``steps``, and
-    the features of that run (S, 2 batch, ...) for the error correction."""
+def calibration_run(model, device: str, grid: list[int], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uncached DDIM run of ``batch`` samples on ``grid``: (the cached feature at each step (S, 2 batch,
+    ...), the final sample), for the DP schedule and the error correction."""
     feats = []
     apply_(model, CacheConfig(interval=1))
     hook = cache_hook(model)
@@ -95,11 +111,60 @@ def dp_refresh_steps(model, device: str, steps: int, groups: int, batch: int = 6
         return out
 
     with torch.no_grad():
-        sample("ddim", capture, x, SCHED, timesteps(1000, steps))
+        final = sample("ddim", capture, x, SCHED, grid)
     detach(model, "cache")
-    feats = torch.stack(feats)
-    return dp_schedule(drift_cost(feats), groups, min_len=max(1, steps // groups // 2),
-                       max_len=2 * -(-steps // groups)), feats
+    return torch.stack(feats), final.float().cpu()
+
+
+def measured_effect(model, device: str, grid: list[int], feats: torch.Tensor, final: torch.Tensor,
+                    batch: int = 64) -> torch.Tensor:
+    """effect_weights from runs in which step i alone reuses step i-1's feature (i = 1 .. S-1)."""
+    s = len(grid)
+    y = torch.arange(batch, device=device) % 10
+    x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(99)).to(device)
+    change = torch.zeros(s)
+    for i in range(1, s):
+        apply_(model, CacheConfig(schedule=tuple(j for j in range(s) if j != i)))
+        with torch.no_grad():
+            out = sample("ddim", guided(model, y, 2.0, 10), x, SCHED, grid).float().cpu()
+        detach(model, "cache")
+        change[i] = (out - final).abs().sum()
+    drift = torch.zeros(s)
+    drift[1:] = (feats[1:] - feats[:-1]).flatten(1).abs().sum(1)
+    return effect_weights(change, drift)
+
+
+def dp_bounds(steps: int, groups: int) -> dict:
+    return {"min_len": max(1, steps // groups // 2), "max_len": 2 * -(-steps // groups)}
+
+
+def naive_batches(dev: str) -> list[tuple]:
+    """Calibration off the trajectory: pure noise at random steps."""
+    g = torch.Generator().manual_seed(5)
+    return [tuple(t.to(dev) for t in (torch.randn(64, 1, 32, 32, generator=g), torch.randint(0, 1000, (64,), generator=g),
+                                      torch.arange(64) % 10)) for _ in range(8)]
+
+
+def quantized(model, preset: str, calib: str, dev: str, steps: int = 100,
+              grid: list[int] | None = None) -> tuple[torch.nn.Module, dict]:
+    """A W8A8/W4A8 copy of ``model`` (float32, on ``dev``) and the fields that describe it; calibrated on
+    512 samples from its trajectory of ``steps`` (or ``grid``)."""
+    q = copy.deepcopy(model)
+    if calib == "naive":
+        batches = naive_batches(dev)
+    else:
+        batches = calibration_batches(q, samples=512, steps=steps, method=calib.split("+")[0],
+                                      trajectory_batch=max(64, -(-512 // steps)), grid=grid,
+                                      generator=torch.Generator().manual_seed(5))
+        batches = [tuple(t.to(dev) for t in b) for b in batches]
+    notes = apply_(q, PTQConfig(RECIPES[preset], "rtn"), batches).notes
+    extra = {"quant": preset, "calibration": calib, "notes": notes[:3]}
+    if calib.endswith("+ranges"):
+        groups = min(4, steps)  # a 2-step student's grid leaves two of four spans empty
+        info = refine_activation_ranges_(q, batches, groups=groups, split=True)
+        extra.update({"range_groups": groups, "split_layers": info["split_layers"],
+                      "max_range_spread": max(info["range_spread"].values(), default=1.0)})
+    return q, extra
 
 
 def main() -> None:
@@ -108,8 +173,13 @@ def main() -> None:
     ap.add_argument("--models", default="unet,dit")
     ap.add_argument("--samples", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--parts", default="floor,fp,front,ptq,cache")
+    ap.add_argument("--parts", default="floor,fp,ptq,cache,front,distilled,composed")
+    ap.add_argument("--steps", type=int, default=100, help="the baseline's DDIM steps (fp, ptq, cache)")
     ap.add_argument("--front-steps", default="5,8,10,15,20,30,50,100")
+    ap.add_argument("--calibrations", default="tdac+ranges,naive,tdac,uniform", help="ptq: which calibrations")
+    ap.add_argument("--students", type=Path, help="distilled/composed: folder of the distilled students")
+    ap.add_argument("--mode", choices=["both", "quality", "speed"], default="both")
+    ap.add_argument("--speed-batches", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion.jsonl")
     args = ap.parse_args()
@@ -117,84 +187,121 @@ def main() -> None:
     head = run_header(torch.cuda.get_device_name() if dev == "cuda" else dev)
     clf = load_model("fmnist-cnn").to(dev)
     test = fashion_mnist("test")
-    real, _ = classifier_outputs(clf, to_diffusion(test.images))
+    real, _ = classifier_outputs(clf, to_diffusion(test.images)) if args.mode != "speed" else (None, None)
 
     def record(rec: dict) -> None:
-        rec = {**head, **rec}
+        rec = {**head, "mode": args.mode, **rec}
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps({k: v for k, v in rec.items() if k not in head}), flush=True)
 
-    if "floor" in parts:
-        train, _ = classifier_outputs(clf, to_diffusion(fashion_mnist("train").images[:10000]))
-        record({"what": "noise floor", "fid_test_half_vs_half": fid(real[:5000], real[5000:]),
-                "fid_train10k_vs_test": fid(train, real)})
-
-    def measure(model, name: str, sampler: str, steps: int, seed: int = 0, bf16: bool = False, **extra) -> None:
-        x, labels, secs = generate(model, args.samples, args.batch, sampler, steps, dev, seed, bf16=bf16)
+    def measure(model, name: str, sampler: str, steps: int, seed: int = 0, bf16: bool = False,
+                grid: list[int] | None = None, **extra) -> None:
+        n = args.samples if args.mode != "speed" else args.batch * args.speed_batches
+        x, labels, secs = generate(model, n, args.batch, sampler, steps, dev, seed, bf16=bf16, grid=grid)
         if "cache" in attached(model):  # the full steps of the last batch's trajectory
             extra["full_steps_last_batch"] = len(cache_hook(model).full_steps)
-        feats, logits = classifier_outputs(clf, x)
-        record({"model": name, "sampler": sampler, "steps": steps, "seed": seed, "guidance": 2.0,
-                "samples": args.samples, "batch": args.batch, "fid_fmnist": fid(feats, real),
-                "class_accuracy": class_accuracy(logits, labels), "seconds": secs,
-                "samples_per_s": args.samples / secs, **extra})
+        rec = {"model": name, "sampler": sampler, "steps": steps, "seed": seed, "guidance": 2.0, "samples": n,
+               "batch": args.batch, **extra}
+        if args.mode != "speed":
+            feats, logits = classifier_outputs(clf, x)
+            rec.update({"fid_fmnist": fid(feats, real), "class_accuracy": class_accuracy(logits, labels)})
+        if args.mode != "quality":
+            rec.update({"seconds": secs, "samples_per_s": n / secs})
+        record(rec)
 
-    for key in args.models.split(","):
-        name = FILES[key].removesuffix(".safetensors")
-        model = load_diffusion(args.weights / FILES[key]).to(dev)
-        if "fp" in parts:
-            for seed in (0, 1):
-                measure(model, name, "ddim", 100, seed, cache="none")
-        if "front" in parts:
-            for sampler in ("ddim", "dpmpp-2m"):
-                for steps in (int(s) for s in args.front_steps.split(",")):
-                    measure(model, name, sampler, steps, cache="none")
-        if "ptq" in parts:
-            base = copy.deepcopy(model).to(torch.bfloat16)
-            measure(base, name, "ddim", 100, bf16=True, cache="none", quant="bf16")
-            del base
-            for preset in ("W8A8", "W4A8"):
-                for calib in ("tdac", "tdac+ranges", "uniform", "naive"):
-                    q = copy.deepcopy(model)
-                    if calib == "naive":
-                        g = torch.Generator().manual_seed(5)
-                        batches = [(torch.randn(64, 1, 32, 32, generator=g), torch.randint(0, 1000, (64,), generator=g),
-                                    torch.arange(64) % 10) for _ in range(8)]
-                    else:
-                        batches = calibration_batches(q, samples=512, steps=100, method=calib.split("+")[0],
-                                                      trajectory_batch=64, generator=torch.Generator().manual_seed(5))
-                    batches = [tuple(t.to(dev) for t in b) for b in batches]
-                    notes = apply_(q, PTQConfig(preset, "rtn"), batches).notes
-                    extra = {}
-                    if calib.endswith("+ranges"):
-                        info = refine_activation_ranges_(q, batches, groups=4, split=True)
-                        extra = {"range_groups": 4, "split_layers": info["split_layers"],
-                                 "max_range_spread": max(info["range_spread"].values(), default=1.0)}
-                    measure(q.to(torch.bfloat16), name, "ddim", 100, bf16=True, cache="none", quant=preset,
-                            calibration=calib, notes=notes[:3], **extra)
-                    del q
-        if "cache" in parts:
-            for interval in (2, 3, 4, 5):
-                apply_(model, CacheConfig(interval=interval))
-                measure(model, name, "ddim", 100, cache=f"uniform-{interval}", full_steps=len(uniform_schedule(100, interval)))
+    def cache_runs(model, name: str, key: str, grid: list[int], groups: int, **extra) -> None:
+        steps = len(grid)
+        for interval in (2, 3, 4, 5):
+            apply_(model, CacheConfig(interval=interval))
+            measure(model, name, "ddim", steps, grid=grid, cache=f"uniform-{interval}",
+                    full_steps=len(uniform_schedule(steps, interval)), **extra)
+            detach(model, "cache")
+        if key == "dit":
+            for thr in (0.05, 0.1, 0.2):
+                apply_(model, CacheConfig(method="adaptive", threshold=thr))
+                measure(model, name, "ddim", steps, grid=grid, cache=f"adaptive-{thr}", **extra)
                 detach(model, "cache")
-            if key == "dit":
-                for thr in (0.05, 0.1, 0.2):
-                    apply_(model, CacheConfig(method="adaptive", threshold=thr))
-                    measure(model, name, "ddim", 100, cache=f"adaptive-{thr}")
-                    detach(model, "cache")
-            refresh, feats = dp_refresh_steps(model, dev, 100, 20)
-            apply_(model, CacheConfig(schedule=tuple(refresh)))
-            measure(model, name, "ddim", 100, cache="dp-20", full_steps=len(refresh), schedule=refresh)
-            set_correction(model, {i: (a.to(dev), b.to(dev)) for i, (a, b) in fit_cache_correction(feats, refresh).items()})
-            measure(model, name, "ddim", 100, cache="dp-20+correction", full_steps=len(refresh))
+        feats, final = calibration_run(model, dev, grid)
+        tag = f"dp-{groups}"
+        refresh = dp_schedule(drift_cost(feats), groups, **dp_bounds(steps, groups))
+        weights = measured_effect(model, dev, grid, feats, final)
+        refresh_w = dp_schedule(drift_cost(feats, weights), groups, **dp_bounds(steps, groups))
+        uniform = uniform_schedule(steps, -(-steps // groups))
+        for label, sched in ((tag, refresh), (f"{tag}-effect", refresh_w), (f"uniform-{steps // groups}", uniform)):
+            apply_(model, CacheConfig(schedule=tuple(sched)))
+            if label.startswith("dp"):
+                measure(model, name, "ddim", steps, grid=grid, cache=label, full_steps=len(sched), schedule=sched,
+                        **({"effect_weights": [round(float(w), 3) for w in weights]} if "effect" in label else {}),
+                        **extra)
+            set_correction(model, {i: (a.to(dev), b.to(dev)) for i, (a, b) in fit_cache_correction(feats, sched).items()})
+            measure(model, name, "ddim", steps, grid=grid, cache=f"{label}+correction", full_steps=len(sched), **extra)
             detach(model, "cache")
-            uniform = uniform_schedule(100, 5)
-            apply_(model, CacheConfig(interval=5))
-            set_correction(model, {i: (a.to(dev), b.to(dev)) for i, (a, b) in fit_cache_correction(feats, uniform).items()})
-            measure(model, name, "ddim", 100, cache="uniform-5+correction", full_steps=len(uniform))
-            detach(model, "cache")
+
+    models = {key: load_diffusion(args.weights / FILES[key]).to(dev) for key in args.models.split(",")}
+
+    def students(key: str) -> list[tuple[str, torch.nn.Module, list[int]]]:
+        name = FILES[key].removesuffix(".safetensors")
+        out = []
+        for f in sorted(args.students.glob(f"{name}-distilled-*.safetensors"),
+                        key=lambda p: -int(p.stem.rsplit("-", 1)[1])):
+            out.append((f.stem, load_diffusion(f).to(dev), load_tensors(f)[1]["train"]["grid"]))
+        return out
+
+    for part in parts:
+        if part == "floor" and args.mode != "speed":
+            train, _ = classifier_outputs(clf, to_diffusion(fashion_mnist("train").images[:10000]))
+            record({"what": "noise floor", "fid_test_half_vs_half": fid(real[:5000], real[5000:]),
+                    "fid_train10k_vs_test": fid(train, real)})
+        for key, model in models.items() if part != "floor" else ():
+            name = FILES[key].removesuffix(".safetensors")
+            if part == "fp":
+                for seed in (0, 1) if args.mode != "speed" else (0,):
+                    measure(model, name, "ddim", args.steps, seed, cache="none")
+            elif part == "front":
+                for sampler in ("ddim", "dpmpp-2m"):
+                    for steps in (int(s) for s in args.front_steps.split(",")):
+                        measure(model, name, sampler, steps, cache="none")
+            elif part == "ptq":
+                base = copy.deepcopy(model).to(torch.bfloat16)
+                measure(base, name, "ddim", args.steps, bf16=True, cache="none", quant="bf16")
+                del base
+                for preset in ("W8A8", "W4A8"):
+                    for calib in args.calibrations.split(","):
+                        q, extra = quantized(model, preset, calib, dev, args.steps)
+                        measure(q.to(torch.bfloat16), name, "ddim", args.steps, bf16=True, cache="none", **extra)
+                        del q
+            elif part == "cache":
+                cache_runs(model, name, key, timesteps(1000, args.steps), args.steps // 5)
+            elif part == "distilled":
+                for sname, student, grid in students(key):
+                    measure(student, sname, "ddim", len(grid), grid=grid, cache="none", teacher_steps=2 * len(grid))
+            elif part == "composed":
+                for sname, student, grid in students(key):
+                    if len(grid) > 8:
+                        continue
+                    steps = len(grid)
+                    for calib in ("tdac+ranges", "naive"):
+                        q, extra = quantized(student, "W8A8", calib, dev, steps, grid)
+                        q16 = copy.deepcopy(q).to(torch.bfloat16)
+                        measure(q16, sname, "ddim", steps, grid=grid, bf16=True, cache="none", **extra)
+                        del q16
+                        feats, _ = calibration_run(q, dev, grid)
+                        sched = uniform_schedule(steps, 2)
+                        q = q.to(torch.bfloat16)
+                        apply_(q, CacheConfig(schedule=tuple(sched)))
+                        label = "uniform-2"
+                        if calib != "naive":
+                            set_correction(q, {i: (a.to(dev, torch.bfloat16), b.to(dev, torch.bfloat16))
+                                               for i, (a, b) in fit_cache_correction(feats, sched).items()})
+                            label += "+correction"
+                        measure(q, sname, "ddim", steps, grid=grid, bf16=True, cache=label, full_steps=len(sched),
+                                composed="naive" if calib == "naive" else "ours", **extra)
+                        detach(q, "cache")
+                        del q
+                    apply_(student, CacheConfig(interval=2))
+                    measure(student, sname, "ddim", steps, grid=grid, cache="uniform-2", full_steps=-(-steps // 2))
+                    detach(student, "cache")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ copies to spill L2 (timing.rotation_sets), as in kernel_speed.py.
     PYTHONPATH=../src python sparse_speed.py [--shapes 4096x4096,11008x4096,4096x11008] [--rows 1,16,128,2048,8192]
         [--out results/sparse_speed.jsonl]
 
-One JSON line per (shape, M, path, mode): microseconds per call and the speed-up over dense bf16 of the same
-mode. A path the stack cannot run (a backend missing, a shape it refuses) is a record with its error, not a
+fp8 (e4m3): dense through ``torch._scaled_mm`` and 2:4 through cuSPARSELt (``torch._cslt_compress`` /
+``_cslt_sparse_mm``), the pair ModelOpt's FP8 2:4 figures compare; the fp8 error is measured against the bf16
+product of the same (fp8-rounded inputs are not re-derived), so it includes fp8 rounding.
+
+One JSON line per (shape, M, path, mode): microseconds per call, the speed-up over dense bf16 of the same
+mode, and for the fp8 2:4 path over dense fp8. A path the stack cannot run (a backend missing, a shape it refuses) is a record with its error, not a
 crash. Semi-structured sparse tensors take the sparse operand on the left, so the layer is computed as
 ``(W_sparse @ x^T)^T``, what torch's own SparseSemiStructured linear does.
 """
@@ -24,6 +28,31 @@ from records import run_header
 from timing import rotation_sets, time_calls
 
 from slimtorch.sparsity.masks import nm_mask
+
+
+FP8 = torch.float8_e4m3fn
+ONE = None  # the unit scale of the fp8 paths, made on the GPU at first use
+
+
+def fp8_dense(w8: torch.Tensor, x8: torch.Tensor) -> torch.Tensor:
+    """Dense fp8 (e4m3, unit per-tensor scales: the speed path, not an accuracy one) through torch._scaled_mm."""
+    return torch._scaled_mm(x8, w8.t(), ONE, ONE, out_dtype=torch.bfloat16)
+
+
+def fp8_sparse(wc: torch.Tensor, x8: torch.Tensor) -> torch.Tensor:
+    """2:4 fp8 through cuSPARSELt: the compressed weight (N, K/2 + metadata) times x8^T, transposed back."""
+    return torch._cslt_sparse_mm(wc, x8.t(), out_dtype=torch.bfloat16, transpose_result=True)
+
+
+def fp8_paths(w: torch.Tensor) -> dict[str, torch.Tensor | str]:
+    """The fp8 weights: dense e4m3, and compressed 2:4 e4m3 for cuSPARSELt (or the error that stops it)."""
+    w8 = w.to(FP8)
+    out: dict[str, torch.Tensor | str] = {"fp8 dense": w8}
+    try:
+        out["fp8 2:4 cusparselt"] = torch._cslt_compress(w8)
+    except Exception as exc:  # noqa: BLE001
+        out["fp8 2:4 cusparselt"] = f"{type(exc).__name__}: {exc}"[:300]
+    return out
 
 
 def paths(w: torch.Tensor) -> dict[str, torch.Tensor | str]:
@@ -43,8 +72,8 @@ def paths(w: torch.Tensor) -> dict[str, torch.Tensor | str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="NxK (out x in)")
-    ap.add_argument("--rows", default="1,8,16,64,128,512,2048,8192")
+    ap.add_argument("--shapes", default="4096x11008,11008x4096,8192x8192", help="NxK (out x in)")
+    ap.add_argument("--rows", default="1,16,128,512,2048,8192")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sparse_speed.jsonl")
     args = ap.parse_args()
     head = run_header(torch.cuda.get_device_name())
@@ -54,9 +83,12 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(0)
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(sets)]
         dense = [w * nm_mask(w.abs().float(), 2, 4) for w in dense]
-        forms = [paths(w) for w in dense]
+        forms = [{**paths(w), **fp8_paths(w)} for w in dense]
+        global ONE
+        ONE = torch.ones((), device="cuda")
         for m in (int(v) for v in args.rows.split(",")):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(sets)]
+            x8s = [x.to(FP8) for x in xs]
             base = {}
             for path in forms[0]:
                 for mode in ("eager", "graph"):
@@ -67,6 +99,12 @@ def main() -> None:
                         if path == "dense":
                             def fn(i, p=path):
                                 return F.linear(xs[i], forms[i][p])
+                        elif path == "fp8 dense":
+                            def fn(i, p=path):
+                                return fp8_dense(forms[i][p], x8s[i])
+                        elif path == "fp8 2:4 cusparselt":
+                            def fn(i, p=path):
+                                return fp8_sparse(forms[i][p], x8s[i])
                         else:
                             def fn(i, p=path):
                                 return (forms[i][p] @ xs[i].t()).t()
@@ -77,10 +115,12 @@ def main() -> None:
                             rec["us"] = time_calls(fn, sets, graph=mode == "graph")
                         except Exception as exc:  # noqa: BLE001
                             rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    if path == "dense" and "us" in rec:
-                        base[mode] = rec["us"]
-                    if "us" in rec and mode in base:
-                        rec["speedup_vs_dense"] = base[mode] / rec["us"]
+                    if path in ("dense", "fp8 dense") and "us" in rec:
+                        base[path, mode] = rec["us"]
+                    if "us" in rec and ("dense", mode) in base:
+                        rec["speedup_vs_dense"] = base["dense", mode] / rec["us"]
+                    if "us" in rec and path.startswith("fp8 2:4") and ("fp8 dense", mode) in base:
+                        rec["speedup_vs_fp8_dense"] = base["fp8 dense", mode] / rec["us"]
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     with open(args.out, "a") as f:
                         f.write(json.dumps(rec) + "\n")

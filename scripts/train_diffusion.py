@@ -1,7 +1,7 @@
 """Train the Fashion-MNIST diffusion models (fmnist-ddpm-unet, fmnist-dit) on a GPU. Seeded.
 
     PYTHONPATH=src python scripts/train_diffusion.py --out DIR [unet dit] [--steps N] [--check 2000]
-    PYTHONPATH=src python scripts/train_diffusion.py --out DIR distill-unet --teacher FILE [--rounds 64,32,16,8,4]
+    PYTHONPATH=src python scripts/train_diffusion.py --out DIR distill-unet [distill-dit] [--teacher FILE] [--rounds 64,32,16,8,4]
 
 ``lowdiff`` trains one UNet for LowDiff's two-stage cascade (slimtorch.diffusion.cascade: 16x16, then 32x32
 conditioned on it), each sample of a batch training one stage.
@@ -168,7 +168,7 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
     return record
 
 
-def distill(which: str, teacher_file: Path, rounds: list[int], round_steps: int, batch: int, out: Path, device: str,
+def distill(which: str, teacher_file: Path | str, rounds: list[int], round_steps: int, batch: int, out: Path, device: str,
             check_n: int, seconds: float = 0.0) -> list[dict]:
     """Progressive distillation rounds (module docstring); one record per round. ``seconds`` > 0 caps each
     round's training time (its iterations then stop early; the record says how many ran)."""
@@ -226,7 +226,8 @@ def main() -> None:
     ap.add_argument("--check", type=int, default=2000, help="samples for the FID check after training (0: none)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--teacher", type=Path, help="distill-*: the teacher's weights file")
+    ap.add_argument("--teacher", type=Path, help="distill-*: the teacher's weights file (default: the shipped "
+                    "zoo model of that kind; give it with one distill-* target only)")
     ap.add_argument("--rounds", default="64,32,16,8,4", help="distill-*: DDIM steps, halving")
     ap.add_argument("--round-steps", type=int, default=4000)
     ap.add_argument("--seconds", type=float, default=0.0,
@@ -239,7 +240,8 @@ def main() -> None:
     for what in args.what:
         if what.startswith("distill-"):
             rounds = [int(r) for r in args.rounds.split(",")]
-            recs = distill(what.removeprefix("distill-"), args.teacher, rounds, args.round_steps, args.batch, args.out,
+            which = what.removeprefix("distill-")
+            recs = distill(which, args.teacher or MODELS[which][0], rounds, args.round_steps, args.batch, args.out,
                            args.device, args.check, args.seconds)
         else:
             recs = [train(what, args.steps, args.batch, args.out, args.device, args.check, args.compile,

@@ -9,7 +9,10 @@ Two kinds, for two jobs:
   that stays on a module until detached and may replace its forward (``new_forward``). Feature caching
   needs this: a cached block skips its computation and returns what it stored, and a new sampling run
   must clear what was stored (``reset_state``). Several hooks may sit on one module; each wraps the
-  forward of the one attached before it.
+  forward of the one attached before it, except that a hook which replaces the computation
+  (``replaces_forward``: it never calls the forward it wraps) always sits innermost, so that the others'
+  ``pre_forward`` / ``post_forward`` still see every call whatever the attach order (a timestep-reading
+  hook under a feature cache, say). One such hook per module.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class ModuleHook:
     what they keep between calls."""
 
     name = "hook"
+    replaces_forward = False  # True: new_forward computes the output itself, without the wrapped forward
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
@@ -84,6 +88,9 @@ def attach(module: nn.Module, hook: ModuleHook) -> ModuleHook:
     if hook.name in hooks:
         raise SlimError(f"a hook named {hook.name!r} is already attached to this {type(module).__name__}; "
                         "detach it first")
+    if hook.replaces_forward and any(h.replaces_forward for h in hooks.values()):
+        raise SlimError(f"hook {hook.name!r} replaces the forward of this {type(module).__name__}, and "
+                        f"{next(n for n, h in hooks.items() if h.replaces_forward)!r} already does; detach it first")
     hooks[hook.name] = hook
     _rewire(module)
     return hook
@@ -121,8 +128,9 @@ def _rewire(module: nn.Module) -> None:
 
 
 class _HookedForward:
-    """The class's forward wrapped by each attached hook in attach order. An object rather than a closure
-    so that ``copy.deepcopy`` of a hooked model gives the copy a forward of its own."""
+    """The class's forward wrapped by the replacing hook (if any), then by the others in attach order. An
+    object rather than a closure so that ``copy.deepcopy`` of a hooked model gives the copy a forward of
+    its own."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -130,6 +138,7 @@ class _HookedForward:
     def __call__(self, *args, **kwargs):
         module = self.module
         forward = type(module).forward.__get__(module)
-        for hook in module.__dict__[_ATTACHED].values():
+        hooks = module.__dict__[_ATTACHED].values()
+        for hook in sorted(hooks, key=lambda h: not h.replaces_forward):  # stable: attach order otherwise
             forward = partial(hook.new_forward, module, forward)
         return forward(*args, **kwargs)

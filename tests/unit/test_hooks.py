@@ -97,3 +97,32 @@ def test_a_hooked_module_deep_copies_with_its_own_hook():
         twin.bias.fill_(1.0)
     torch.testing.assert_close(twin(torch.randn(2, 3)), torch.full((2, 2), 10.0))
     assert attached(twin)["scale"] is not attached(lin)["scale"]
+
+
+class Replace(ModuleHook):
+    """Computes the output itself (never calls the wrapped forward): 2 x + 1 of the input's first column."""
+    name = "replace"
+    replaces_forward = True
+
+    def new_forward(self, module, forward, x):
+        return 2 * x[:, :1] + 1
+
+
+class Shift(ModuleHook):
+    """Observes and edits the input: adds 1 before the computation."""
+    name = "shift"
+
+    def pre_forward(self, module, args, kwargs):
+        return (args[0] + 1,), kwargs
+
+
+def test_a_replacing_hook_sits_innermost_whatever_the_attach_order():
+    x = torch.randn(4, 3)
+    want = 2 * (x[:, :1] + 1) + 1  # the shift must reach the replacing computation
+    for order in ((Shift, Replace), (Replace, Shift)):
+        lin = nn.Linear(3, 2)
+        for cls in order:
+            attach(lin, cls())
+        torch.testing.assert_close(lin(x), want)
+        with pytest.raises(SlimError, match="already does"):
+            attach(lin, type("Other", (Replace,), {"name": "other"})())

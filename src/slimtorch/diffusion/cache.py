@@ -68,6 +68,7 @@ class CacheReport(Report):
 
 class _CacheHook(ModuleHook):
     name = "cache"
+    replaces_forward = True
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config

@@ -11,6 +11,10 @@ the increasing list of refresh steps; the steps after a refresh and before the n
 * :func:`drift_cost`: CacheQuant's cost, the L1 drift of the cached feature: cost[j, n] =
   sum_{i=j}^{n-1} |F_i - F_j|_1, from the features F_i (S, ...) of one calibration run. Step weights scale
   each step's term (a step whose error matters more for the final sample can weigh more).
+* :func:`effect_weights`: such weights, measured: how much the final sample moves when step i alone reuses
+  step i-1's feature, per unit of that step's feature drift. The plain L1 drift treats an error at a noisy
+  early step like one near the end; on our models the early errors propagate further (the benchmark
+  records both schedules).
 """
 
 from __future__ import annotations
@@ -40,6 +44,18 @@ def drift_cost(features: torch.Tensor, weights: torch.Tensor | None = None) -> t
     for j in range(s):
         cost[j, j + 1:] = cum[j, j + 1:] - cum[j, j]
     return cost
+
+
+def effect_weights(final_change: torch.Tensor, step_drift: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Step weights (S,) for :func:`drift_cost`, mean 1: w_i = final_change[i] / step_drift[i], where
+    final_change[i] is the change of the final sample when only step i reuses the previous step's feature
+    and step_drift[i] = |F_i - F_{i-1}|_1. Step 0 (always a refresh) takes step 1's weight."""
+    if final_change.shape != step_drift.shape or final_change.dim() != 1 or len(final_change) < 2:
+        raise SlimError(f"effect weights: need two (S,) tensors with S >= 2; got {tuple(final_change.shape)}, "
+                        f"{tuple(step_drift.shape)}")
+    w = final_change.double() / step_drift.double().clamp(min=eps)
+    w[0] = w[1]
+    return (w / w.mean().clamp(min=eps)).float()
 
 
 def dp_schedule(cost: torch.Tensor, groups: int, min_len: int = 1, max_len: int | None = None) -> list[int]:

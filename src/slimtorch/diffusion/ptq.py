@@ -5,6 +5,10 @@ the network: the UNet's mid block output, or the DiT's middle block output); cal
 ``(x_t, t, y)`` are then drawn across the whole trajectory, per step as TDAC's weights or uniformly
 (:mod:`slimtorch.diffusion.calibration`), and passed to ``apply_(model, PTQConfig(...), batches)``.
 Class labels ride along with their samples; guidance is off during the run (one branch).
+
+:data:`RECIPES`: the diffusion settings, as the diffusion PTQ papers (Q-Diffusion, PTQ4DM, EDA-DM) use them:
+per-channel weights and *static* per-tensor int8 activations, whose ranges come from the calibration (a
+dynamic per-token preset such as the LLM ``W4A8`` would make the calibration moot for activations).
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from slimtorch.diffusion.samplers import ddim, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
 from slimtorch.errors import SlimError
 from slimtorch.hooks import TemporaryHooks
+from slimtorch.quant.recipe import PRESETS, Recipe
+from slimtorch.spec import PerChannel, QuantSpec
+
+RECIPES: dict[str, Recipe] = {
+    "W8A8": PRESETS["W8A8"],
+    "W4A8": Recipe("W4A8-static", QuantSpec("int4", PerChannel(0), symmetric=True), PRESETS["W8A8"].act),
+}
 
 
 def _feature_module(model: nn.Module) -> nn.Module:
@@ -30,7 +41,7 @@ def _feature_module(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def record_trajectory(model: nn.Module, n: int, steps: int, schedule: NoiseSchedule,
-                      generator: torch.Generator | None = None) -> dict:
+                      generator: torch.Generator | None = None, grid: list[int] | None = None) -> dict:
     """One DDIM run of ``n`` class-balanced samples: {"x": (S, n, C, H, W) inputs in evaluation order,
     "t": (S,) steps, "y": (n,) labels, "features": (S, n, ...) the middle feature}."""
     dev = next(model.parameters()).device
@@ -45,19 +56,21 @@ def record_trajectory(model: nn.Module, n: int, steps: int, schedule: NoiseSched
 
     with TemporaryHooks() as hooks:
         hooks.after(_feature_module(model), lambda m, args, out: feats.append(out.float().cpu()))
-        ddim(denoise, x, schedule, timesteps(schedule.steps, steps))
+        ddim(denoise, x, schedule, grid or timesteps(schedule.steps, steps))
     return {"x": torch.stack(xs), "t": torch.tensor(ts), "y": y.cpu(), "features": torch.stack(feats)}
 
 
 def calibration_batches(model: nn.Module, samples: int = 1024, steps: int = 100, method: str = "tdac",
                         trajectory_batch: int = 64, batch: int = 64, radius: float = 3.0,
                         schedule: NoiseSchedule | None = None,
-                        generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, ...]]:
-    """Batches ``(x_t, t, y)`` covering the trajectory (module docstring); ``method`` tdac or uniform."""
+                        generator: torch.Generator | None = None,
+                        grid: list[int] | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Batches ``(x_t, t, y)`` covering the trajectory (module docstring); ``method`` tdac or uniform.
+    ``grid``: the sampling steps (a distilled student's), else ``steps`` evenly spaced."""
     if method not in ("tdac", "uniform"):
         raise SlimError(f"calibration method {method!r}: choose tdac or uniform")
     schedule = schedule or NoiseSchedule.linear()
-    run = record_trajectory(model, trajectory_batch, steps, schedule, generator)
+    run = record_trajectory(model, trajectory_batch, steps, schedule, generator, grid)
     n_steps = run["x"].shape[0]
     weights = tdac_weights(run["features"], radius) if method == "tdac" else torch.ones(n_steps)
     counts = allocate(weights, samples, cap=trajectory_batch)  # a step gives at most the samples the run holds
