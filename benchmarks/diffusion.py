@@ -26,7 +26,11 @@ on a quiet GPU); ``both`` does both on the full sample count.
 * distilled: the progressive-distillation students in ``--students`` (<name>-distilled-<N>.safetensors from
   scripts/train_diffusion.py), each on its own step grid.
 * composed: each student with W8A8 (tdac+ranges, calibrated on its own grid), with interval-2 caching and the
-  error correction, and all three; beside it the naive combination (naive PTQ, no correction).
+  error correction, and all three; beside it the naive combination (naive PTQ, no correction); and with
+  ``dynamic``: the per-token W8A8 preset, the one our int8 kernels run (static per-tensor activation ranges,
+  which timestep-aware calibration sets, have no GPU kernel: they run the fake-quant reference, so their
+  samples/s is not a kernel figure).
+  ``--calibrations dynamic`` in ptq: W8A8-dynamic and FP8 (per-token, calibration-free; kernels on the GPU).
 ``--models lowdiff``: the LowDiff cascade (slimtorch.diffusion.cascade: 80% of the steps at 16x16, the rest
 at 32x32), for the front part, against the single-resolution UNet's front at equal wall-clock.
 Samples are class-balanced, guidance 2, the same x_T for every setting of one seed (paired comparisons).
@@ -58,6 +62,7 @@ from slimtorch.diffusion.samplers import guided, sample, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
 from slimtorch.io.checkpoint import load_tensors
 from slimtorch.hooks import attached, detach
+from slimtorch.quant.recipe import PRESETS
 from slimtorch.quantize import PTQConfig
 from slimtorch.zoo import load_model
 from slimtorch.zoo.data import fashion_mnist
@@ -150,6 +155,10 @@ def quantized(model, preset: str, calib: str, dev: str, steps: int = 100,
     """A W8A8/W4A8 copy of ``model`` (float32, on ``dev``) and the fields that describe it; calibrated on
     512 samples from its trajectory of ``steps`` (or ``grid``)."""
     q = copy.deepcopy(model)
+    if calib == "dynamic":  # per-token activations, no ranges to calibrate: the path our GPU kernels run
+        recipe = PRESETS[f"{preset}-dynamic" if preset == "W8A8" else preset]
+        notes = apply_(q, PTQConfig(recipe, "rtn"), naive_batches(dev)[:1]).notes
+        return q, {"quant": recipe.name, "calibration": "none (dynamic)", "notes": notes[:3]}
     if calib == "naive":
         batches = naive_batches(dev)
     else:
@@ -177,6 +186,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="the baseline's DDIM steps (fp, ptq, cache)")
     ap.add_argument("--front-steps", default="5,8,10,15,20,30,50,100")
     ap.add_argument("--calibrations", default="tdac+ranges,naive,tdac,uniform", help="ptq: which calibrations")
+    ap.add_argument("--composed-calibrations", default="tdac+ranges,naive,dynamic",
+                    help="composed: W8A8 calibrations (dynamic: the per-token preset our kernels run)")
     ap.add_argument("--students", type=Path, help="distilled/composed: folder of the distilled students")
     ap.add_argument("--mode", choices=["both", "quality", "speed"], default="both")
     ap.add_argument("--speed-batches", type=int, default=3)
@@ -222,6 +233,8 @@ def main() -> None:
                 apply_(model, CacheConfig(method="adaptive", threshold=thr))
                 measure(model, name, "ddim", steps, grid=grid, cache=f"adaptive-{thr}", **extra)
                 detach(model, "cache")
+        if args.mode == "speed":  # the DP schedules run as many full steps as uniform-(S / groups)
+            return
         feats, final = calibration_run(model, dev, grid)
         tag = f"dp-{groups}"
         refresh = dp_schedule(drift_cost(feats), groups, **dp_bounds(steps, groups))
@@ -266,8 +279,10 @@ def main() -> None:
                 base = copy.deepcopy(model).to(torch.bfloat16)
                 measure(base, name, "ddim", args.steps, bf16=True, cache="none", quant="bf16")
                 del base
-                for preset in ("W8A8", "W4A8"):
+                for preset in ("W8A8", "W4A8", "FP8"):
                     for calib in args.calibrations.split(","):
+                        if (preset == "FP8") and calib != "dynamic" or (preset == "W4A8" and calib == "dynamic"):
+                            continue  # FP8 is dynamic only; our W4A8 kernel takes group-128 weights (no static)
                         q, extra = quantized(model, preset, calib, dev, args.steps)
                         measure(q.to(torch.bfloat16), name, "ddim", args.steps, bf16=True, cache="none", **extra)
                         del q
@@ -281,7 +296,7 @@ def main() -> None:
                     if len(grid) > 8:
                         continue
                     steps = len(grid)
-                    for calib in ("tdac+ranges", "naive"):
+                    for calib in args.composed_calibrations.split(","):
                         q, extra = quantized(student, "W8A8", calib, dev, steps, grid)
                         q16 = copy.deepcopy(q).to(torch.bfloat16)
                         measure(q16, sname, "ddim", steps, grid=grid, bf16=True, cache="none", **extra)
@@ -294,7 +309,7 @@ def main() -> None:
                         if calib != "naive":
                             set_correction(q, {i: (a.to(dev, torch.bfloat16), b.to(dev, torch.bfloat16))
                                                for i, (a, b) in fit_cache_correction(feats, sched).items()})
-                            label += "+correction"
+                            label += "+correction"  # fitted on the float32 reference of the same model
                         measure(q, sname, "ddim", steps, grid=grid, bf16=True, cache=label, full_steps=len(sched),
                                 composed="naive" if calib == "naive" else "ours", **extra)
                         detach(q, "cache")

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,11 +154,15 @@ def quantize_plan_(model: nn.Module, plan: Plan, calib: list[Batch], method: str
     check_method(method)
     model.eval()
     notes = METHODS[method](model, plan, calib, progress)
-    for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
+    # methods quantize weights; activation quantizers go in afterwards, on their layer's device (a
+    # quantizer made on the CPU would freeze its static scale there and fail under a GPU model's input)
+    anywhere = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    for name, p in plan.items():
         if p.act is not None and p.weight is None:  # a MatmulInput point becomes the quantizer
-            set_module(model, name, ActQuant(p.act))
+            set_module(model, name, ActQuant(p.act).to(anywhere))
         elif p.act is not None:
-            model.get_submodule(name).act = ActQuant(p.act)
+            layer = model.get_submodule(name)
+            layer.act = ActQuant(p.act).to(layer.qweight.device)
     calibrate_activations(model, calib, progress)
     return notes
 

@@ -502,3 +502,19 @@ def test_w4a8_kernel_matches_reference(m, k, n, group):
     assert rel(y, w4a8_linear_ref(x, packed, scale)) < 5e-3  # int32 sums are exact; bf16 output rounding
     x2 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # a second call launches the tuned kernel directly
     assert rel(w4a8_linear(x2, packed, scale), w4a8_linear_ref(x2, packed, scale)) < 5e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_static_activation_ptq_of_a_gpu_model_keeps_its_scales_on_the_gpu():
+    # a regression: quantizers made on the CPU froze their scales there and failed under CUDA inputs
+    from slimtorch.api import apply_
+    from slimtorch.quantize import PTQConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    want = model(x)
+    apply_(model, PTQConfig("W8A8", "rtn"), [(x,)])
+    scales = [m.scale for m in model.modules() if type(m).__name__ == "ActQuant"]
+    assert scales and all(s.is_cuda for s in scales)
+    assert rel(model(x), want) < 0.05
