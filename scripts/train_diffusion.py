@@ -15,7 +15,9 @@ GPU-side check; the shipped figures are measured by the benchmarks.
 
 ``distill-unet`` / ``distill-dit``: progressive distillation (slimtorch.diffusion.distill) from the teacher
 file's model, starting at the first of ``--rounds`` DDIM steps and halving to the last, ``--round-steps``
-iterations per round (the student starts as a copy of its teacher), CFG-aware batches with probability 0.5;
+iterations per round (the student starts as a copy of its teacher, without dropout: with the UNet's 0.1 the
+first round's loss at step 0 is 0.83-1.90 on three batches of 64 test images, without it 0.02-0.07),
+CFG-aware batches with probability 0.5;
 each student is saved as <name>-distilled-<steps>.safetensors and checked with its own step count. One JSON line per model goes to
 DIR/train_log.jsonl; weights to DIR/<name>.safetensors with config and record in the metadata.
 """
@@ -183,6 +185,9 @@ def distill(which: str, teacher_file: Path | str, rounds: list[int], round_steps
     records = []
     for target in rounds[1:]:
         student = copy.deepcopy(teacher).train().requires_grad_(True)
+        for m in student.modules():  # the target is deterministic and the teacher runs without dropout
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
         opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.0)
         t0 = time.time()
         ran = 0
