@@ -7,7 +7,8 @@ copies to spill L2 (timing.rotation_sets), as in kernel_speed.py.
         [--out results/sparse_speed.jsonl]
 
 fp8 (e4m3): dense through ``torch._scaled_mm`` and 2:4 through cuSPARSELt (``torch._cslt_compress`` /
-``_cslt_sparse_mm``), the pair ModelOpt's FP8 2:4 figures compare; the fp8 error is measured against the bf16
+``_cslt_sparse_mm``), the pair ModelOpt's FP8 2:4 figures compare; the ``tuned`` paths (bf16 and fp8) run
+the algorithm cuSPARSELt's own search picks (``_cslt_sparse_mm_search``) instead of its default; the fp8 error is measured against the bf16
 product of the same (fp8-rounded inputs are not re-derived), so it includes fp8 rounding.
 
 One JSON line per (shape, M, path, mode): microseconds per call, the speed-up over dense bf16 of the same
@@ -39,19 +40,29 @@ def fp8_dense(w8: torch.Tensor, x8: torch.Tensor) -> torch.Tensor:
     return torch._scaled_mm(x8, w8.t(), ONE, ONE, out_dtype=torch.bfloat16)
 
 
-def fp8_sparse(wc: torch.Tensor, x8: torch.Tensor) -> torch.Tensor:
-    """2:4 fp8 through cuSPARSELt: the compressed weight (N, K/2 + metadata) times x8^T, transposed back."""
-    return torch._cslt_sparse_mm(wc, x8.t(), out_dtype=torch.bfloat16, transpose_result=True)
+def fp8_sparse(wc: torch.Tensor, x8: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
+    """2:4 through cuSPARSELt: the compressed weight (N, K/2 + metadata) times x^T, transposed back (fp8 or
+    bf16 inputs); ``alg_id`` from ``torch._cslt_sparse_mm_search`` (0: the library's default)."""
+    return torch._cslt_sparse_mm(wc, x8.t(), out_dtype=torch.bfloat16, transpose_result=True, alg_id=alg_id)
+
+
+def tuned_alg(wc: torch.Tensor, x: torch.Tensor) -> int:
+    """cuSPARSELt's own search for the fastest algorithm of this product (0 where the search fails)."""
+    try:
+        return int(torch._cslt_sparse_mm_search(wc, x.t(), out_dtype=torch.bfloat16, transpose_result=True))
+    except Exception:  # noqa: BLE001 - an older stack without the search: the default algorithm
+        return 0
 
 
 def fp8_paths(w: torch.Tensor) -> dict[str, torch.Tensor | str]:
     """The fp8 weights: dense e4m3, and compressed 2:4 e4m3 for cuSPARSELt (or the error that stops it)."""
     w8 = w.to(FP8)
     out: dict[str, torch.Tensor | str] = {"fp8 dense": w8}
-    try:
-        out["fp8 2:4 cusparselt"] = torch._cslt_compress(w8)
-    except Exception as exc:  # noqa: BLE001
-        out["fp8 2:4 cusparselt"] = f"{type(exc).__name__}: {exc}"[:300]
+    for name, t in (("fp8 2:4 cusparselt", w8), ("fp8 2:4 cusparselt tuned", w8), ("2:4 cusparselt tuned", w)):
+        try:
+            out[name] = torch._cslt_compress(t)
+        except Exception as exc:  # noqa: BLE001
+            out[name] = f"{type(exc).__name__}: {exc}"[:300]
     return out
 
 
@@ -105,6 +116,12 @@ def main() -> None:
                         elif path == "fp8 2:4 cusparselt":
                             def fn(i, p=path):
                                 return fp8_sparse(forms[i][p], x8s[i])
+                        elif path.endswith("tuned"):
+                            inputs = x8s if path.startswith("fp8") else xs
+                            rec["alg_id"] = alg = tuned_alg(forms[0][path], inputs[0])
+
+                            def fn(i, p=path, a=alg, inp=inputs):
+                                return fp8_sparse(forms[i][p], inp[i], a)
                         else:
                             def fn(i, p=path):
                                 return (forms[i][p] @ xs[i].t()).t()
@@ -119,7 +136,7 @@ def main() -> None:
                         base[path, mode] = rec["us"]
                     if "us" in rec and ("dense", mode) in base:
                         rec["speedup_vs_dense"] = base["dense", mode] / rec["us"]
-                    if "us" in rec and path.startswith("fp8 2:4") and ("fp8 dense", mode) in base:
+                    if "us" in rec and path.startswith("fp8 2:4") and ("fp8 dense", mode) in base:  # tuned too
                         rec["speedup_vs_fp8_dense"] = base["fp8 dense", mode] / rec["us"]
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     with open(args.out, "a") as f:

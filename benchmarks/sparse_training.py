@@ -105,11 +105,20 @@ def lth_part(args, dev, xtr, ytr, xte, yte, common) -> None:
 
     t0 = time.perf_counter()
     controls = {int(r) for r in args.controls.split(",") if r}
+
+    def log(r: dict) -> None:  # one record per round as it ends, so that a run cut short keeps its rounds
+        row = {k: v for k, v in r.items() if k != "correlation"}
+        if "correlation" in r:
+            row["correlation"] = {"kept": r["correlation"]["kept"], "all": r["correlation"]["all"]}
+        with open(args.out, "a") as f:
+            f.write(json.dumps({**common, "part": "lth-round", "lr": args.lr, "epochs": args.epochs,
+                                "rewind_steps": args.rewind_steps, **row}) + "\n")
+        print("lth", json.dumps({k: v for k, v in r.items() if k != "correlation"}), flush=True)
+
     recs = imp(model, train, rounds=args.rounds, rate=0.2,
                rewind_point=(lambda: kept["state"]) if args.rewind_steps else None,
                control=lambda r: r in controls, reinit=lambda: snapshot(fresh(args.seed + 1000, dev)),
-               finetune=True, log=lambda r: print("lth", json.dumps({k: v for k, v in r.items() if k != "correlation"}),
-                                                  flush=True))
+               finetune=True, log=log)
     for r in recs:
         if "correlation" in r:
             r["correlation"] = {"kept": r["correlation"]["kept"], "all": r["correlation"]["all"]}
