@@ -6,9 +6,10 @@ throughput of the smaller dense model against the original.
         [--methods ours-magnitude ours-taylor ours-activation tp-magnitude tp-taylor] [--device cuda]
 
 Budgets (issue 22): fmnist-cnn keeps 50% of its FLOPs, fmnist-vit 60% of its parameters (heads pruned too);
-methods ``npas-greedy`` / ``npas-uniform`` instead keep ``--latency`` of the dense model's modelled latency
-(pruning/npas.py: roofline on h100-measured at batch 4096; Taylor importance), searched per group or by one
-ratio, so the two differ only in where the width goes.
+methods ``npas-greedy`` / ``npas-loss`` / ``npas-uniform`` instead keep ``--latency`` of the dense model's
+modelled latency (pruning/npas.py: roofline on h100-measured at batch 4096; Taylor importance), searched per
+group (a step's cost: the Taylor importance it removes, or with ``loss`` the adaptive-BN divergence of the
+candidate from the dense outputs) or by one ratio, so they differ only in where the width goes.
 The budget is met from below by both toolkits, counted the same way (our counter: multiply-adds of the
 Linear/Conv calls on one image; parameters). torch-pruning (PyPI ``torch-pruning``, optional) runs at its
 documented settings for these models (MetaPruner, uniform ratio, group L2 magnitude or group Taylor, the
@@ -175,7 +176,9 @@ def main() -> None:
             try:
                 if tool == "npas":  # latency-aware: greedy search against one uniform ratio, same modelled latency
                     m = copy.deepcopy(fp)
-                    rep = apply_(m, NPASConfig(latency=args.latency, batch=4096, search=importance,
+                    rep = apply_(m, NPASConfig(latency=args.latency, batch=4096,
+                                               search="uniform" if importance == "uniform" else "greedy",
+                                               evaluate="loss" if importance == "loss" else "importance",
                                                importance="taylor", align=args.align, heads=True), calib)
                     ratio, modelled = 1 - rep.params_after / rep.params_before, {
                         "hardware": rep.hardware, "batch": rep.batch, "dense_s": rep.latency_before_s,

@@ -39,7 +39,7 @@ def test_budget_is_met(search):
 
 
 def test_greedy_keeps_more_importance_than_uniform_at_the_same_latency():
-    from slimtorch.pruning.npas import search_widths, uniform_widths
+    from slimtorch.pruning.npas import importance_cost, search_widths, uniform_widths
 
     m = load_model("fmnist-cnn").eval()
     x = (torch.randn(1, 1, 28, 28),)
@@ -48,7 +48,7 @@ def test_greedy_keeps_more_importance_than_uniform_at_the_same_latency():
     gen = torch.Generator().manual_seed(0)
     scores = {g.name: torch.rand(g.width, generator=gen) * (10.0 if g.name == "fc" else 1.0) for g in groups}
     budget = 0.6 * lat({g.name: g.width for g in groups})
-    greedy = search_widths(groups, scores, lat, budget, 0.0625, 1, "taylor")
+    greedy = search_widths(groups, importance_cost(scores, "taylor"), lat, budget, 0.0625, 1)
     uniform = uniform_widths(groups, lat, budget, 1)
 
     def kept(keep):
@@ -60,6 +60,48 @@ def test_greedy_keeps_more_importance_than_uniform_at_the_same_latency():
 
 
 def test_bad_configs():
-    for kw in ({"latency": 0.0}, {"hardware": "tpu9"}, {"search": "rl"}, {"step": 0.9}):
+    for kw in ({"latency": 0.0}, {"hardware": "tpu9"}, {"search": "rl"}, {"step": 0.9}, {"evaluate": "acc"},
+               {"eval_samples": 0}):
         with pytest.raises(SlimError):
             NPASConfig(**kw)
+
+
+def test_loss_evaluation_is_zero_for_the_dense_model_and_the_kl_of_a_narrowed_one():
+    from slimtorch.pruning.npas import LossCost
+    from slimtorch.pruning.structured import unit_scores
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    batches = [(torch.randn(32, 8),)]
+    groups = find_groups(m, batches[0], False)
+    scores = unit_scores(m, groups, "magnitude", batches)
+    cost = LossCost(m, groups, scores, batches)
+    full = {g.name: g.width for g in groups}
+    assert cost.divergence(full) == pytest.approx(0.0, abs=1e-7)
+    # the oracle: KL(p_dense || p_narrow) by hand on the model narrowed to its 8 most important neurons
+    narrow = {groups[0].name: 8}
+    small = __import__("copy").deepcopy(m)
+    idx = torch.sort(torch.topk(scores[groups[0].name], 8).indices).values
+    prune_group_(small, groups[0], idx)
+    with torch.no_grad():
+        p, q = m(batches[0][0]).softmax(-1), small(batches[0][0]).softmax(-1)
+    want = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert cost.divergence(narrow) == pytest.approx(want, rel=1e-5)
+    assert cost(full, groups[0].name, 8) == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_aware_search_meets_the_budget_closer_to_the_dense_outputs_than_uniform():
+    from slimtorch.pruning.npas import LossCost, search_widths, uniform_widths
+    from slimtorch.pruning.structured import unit_scores
+
+    m = load_model("fmnist-cnn").eval()
+    calib = [tuple(t[:256] for t in b) for b in calibration_set("fmnist-cnn", 1, model=m)]
+    groups = find_groups(m, calib[0], False)
+    lat = LatencyModel(m, groups, (calib[0][0][:1],), "h100-measured", 1024)
+    budget = 0.6 * lat({g.name: g.width for g in groups})
+    scores = unit_scores(m, groups, "magnitude", calib)
+    cost = LossCost(m, groups, scores, calib)
+    greedy = search_widths(groups, cost, lat, budget, 0.125, 1)
+    uniform = uniform_widths(groups, lat, budget, 1)
+    assert lat(greedy) <= budget and lat(uniform) <= budget
+    assert cost.divergence(greedy) < cost.divergence(uniform)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.calib.batchnorm import calibrate_bn  # noqa: F401 - re-exported: PIM's BN calibration
 from slimtorch.errors import SlimError
 from slimtorch.qat.lsq import LSQ
 from slimtorch.qat.modules import QATConv2d, QATLinear
@@ -195,29 +196,3 @@ def calibration_batches(x: torch.Tensor, batch: int = 256, limit: int = 4096) ->
     """Full batches of ``x`` (at most ``limit`` samples; all of ``x`` as one batch when it is smaller than
     ``batch``), as forward-argument tuples for :func:`calibrate_bn`."""
     return [(x[i:i + batch],) for i in range(0, min(limit, len(x) - batch + 1), batch)] or [(x,)]
-
-
-@torch.no_grad()
-def calibrate_bn(model: nn.Module, batches, progress=None) -> int:
-    """Re-estimate every BatchNorm's running statistics with ``model``'s own forward (e.g. on the PIM
-    simulation): statistics reset, then a cumulative average over ``batches`` (tuples of forward
-    arguments). Returns the number of BatchNorm layers calibrated."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    was = model.training
-    model.eval()
-    saved = []
-    for bn in bns:
-        saved.append(bn.momentum)
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    try:
-        for args in batches if progress is None else progress(batches, "BN calibration"):
-            model(*args)
-    finally:
-        for bn, mom in zip(bns, saved):
-            bn.momentum = mom
-        model.train(was)
-    return len(bns)
