@@ -108,3 +108,25 @@ def test_train_sparse_lottery_ticket_rounds(tmp_path):
     rep = json.loads(r.stdout)
     assert [round(x["sparsity"], 2) for x in rep["rounds"]] == [0.0, 0.2, 0.36]
     assert rep["sparsity"] == pytest.approx(0.36, abs=1e-3) and "correlation" in rep["rounds"][1]
+
+
+def test_npas_prune_meets_its_modelled_latency_and_loads_back(tmp_path):
+    r = run("prune", "fmnist-cnn", "--method", "npas", "--latency", "0.6", "--batch", "1024", "--evaluate", "loss",
+            "--calib-samples", "128", "--limit", "200", "--out", str(tmp_path / "n"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    lat = rep["modelled_latency_s"]
+    assert rep["method"] == "npas" and lat["after"] <= 0.6 * lat["before"] and lat["batch"] == 1024
+    model, meta = load_pruned(tmp_path / "n" / "model.safetensors")
+    assert meta["prune"]["evaluate"] == "loss"
+    assert sum(p.numel() for p in model.parameters()) == rep["params"]["after"] < rep["params"]["before"]
+
+
+def test_npas_bad_options_are_one_line(tmp_path):
+    one_line_error(run("prune", "fmnist-cnn", "--method", "npas", "--evaluate", "accuracy",
+                       "--out", str(tmp_path / "a")), "accuracy")
+    one_line_error(run("prune", "fmnist-cnn", "--method", "npas", "--latency", "0",
+                       "--out", str(tmp_path / "b")), "latency")
+    one_line_error(run("prune", "fmnist-cnn", "--method", "npas", "--budget", "0.5",
+                       "--out", str(tmp_path / "c")), "--latency")
+    assert not any((tmp_path / x).exists() for x in "abc")

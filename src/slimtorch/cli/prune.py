@@ -17,7 +17,8 @@ def register(parent: typer.Typer) -> None:
 
 def prune_cmd(
     model: str = typer.Argument(..., help="Zoo model name (see `slimtorch models`) or a transformers folder."),
-    method: str = typer.Option("sparsegpt", "--method", help="magnitude | wanda | sparsegpt | structured."),
+    method: str = typer.Option("sparsegpt", "--method", help="magnitude | wanda | sparsegpt | structured | npas "
+                               "(per-group widths searched under a modelled latency budget)."),
     sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of weights removed (N:M fixes it at 1 - N/M); "
                                    "structured: fraction of each group's channels removed."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured | N:M (2:4) | block:RxC."),
@@ -30,7 +31,13 @@ def prune_cmd(
     measure: str = typer.Option("flops", "--measure", help="structured: what --budget counts: flops | params."),
     importance: str = typer.Option("activation", "--importance",
                                    help="structured: activation | magnitude | taylor."),
-    heads: bool = typer.Option(False, "--heads", help="structured: prune attention heads too."),
+    heads: bool = typer.Option(False, "--heads", help="structured, npas: prune attention heads too."),
+    latency: float = typer.Option(0.5, "--latency", help="npas: fraction of the dense model's modelled latency kept."),
+    hardware: str = typer.Option("h100-measured", "--hardware", help="npas: the chip of the latency model."),
+    batch: int = typer.Option(256, "--batch", help="npas: the batch size the latency is modelled at."),
+    search: str = typer.Option("greedy", "--search", help="npas: greedy (per-group widths) | uniform (one ratio)."),
+    evaluate: str = typer.Option("loss", "--evaluate", help="npas: what a greedy step costs: loss (the "
+                                 "candidate's adaptive-BN divergence from the original) | importance."),
     recover: int = typer.Option(0, "--recover", help="structured: distillation steps from the original after "
                                 "pruning, on the calibration data."),
     recover_lr: float = typer.Option(1e-4, "--recover-lr", help="structured: learning rate of --recover."),
@@ -47,6 +54,7 @@ def prune_cmd(
     from slimtorch.errors import SlimError
     from slimtorch.io.outdir import StagedOutput
     from slimtorch.jobs.prune import run_prune
+    from slimtorch.pruning.npas import NPASConfig
     from slimtorch.pruning.structured import StructuredConfig
     from slimtorch.sparsity.prune import PruneConfig
     from slimtorch.zoo import get_entry
@@ -55,13 +63,20 @@ def prune_cmd(
     args.count("--limit", limit)
     args.count("--recover", recover or None, 1 << 20)
     args.seed(seed)
-    if method == "structured":
+    if method in ("structured", "npas"):
         if quantize is not None or pattern != "unstructured":
             raise SlimError("--quantize and --pattern apply to masks; structured pruning makes a smaller dense model")
-        config = StructuredConfig(ratio=sparsity, importance=importance, budget=budget, measure=measure, heads=heads)
+        if method == "npas":
+            if budget is not None:
+                raise SlimError("--budget applies to --method structured; npas takes --latency")
+            config = NPASConfig(latency=latency, hardware=hardware, batch=batch, importance=importance,
+                                heads=heads, search=search, evaluate=evaluate)
+        else:
+            config = StructuredConfig(ratio=sparsity, importance=importance, budget=budget, measure=measure,
+                                      heads=heads)
     else:
         if recover or budget is not None or heads:
-            raise SlimError("--budget, --heads and --recover apply to --method structured")
+            raise SlimError("--budget, --heads and --recover apply to --method structured (and npas)")
         config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, scope=scope, comparison=comparison,
                              quantize=quantize)
     get_entry(model)  # unknown names fail before any work
@@ -77,10 +92,15 @@ def prune_cmd(
     for m in res["metrics"]:
         typer.echo(f"{m['name']}: FP {m['fp']:.4g}, pruned {m['pruned']:.4g}")
     size = res["size"]
-    if method == "structured":
-        p, f = res["params"], res["flops"]
-        typer.echo(f"parameters {p['after']:,} of {p['before']:,} ({p['after'] / p['before']:.1%}); FLOPs "
-                   f"{f['after'] / f['before']:.1%}; file {size['file_bytes'] / 2**20:.2f} MiB")
+    if method in ("structured", "npas"):
+        p = res["params"]
+        if method == "npas":
+            lat = res["modelled_latency_s"]
+            cost = f"modelled latency {lat['after'] / lat['before']:.1%} ({lat['hardware']}, batch {lat['batch']})"
+        else:
+            cost = f"FLOPs {res['flops']['after'] / res['flops']['before']:.1%}"
+        typer.echo(f"parameters {p['after']:,} of {p['before']:,} ({p['after'] / p['before']:.1%}); {cost}; "
+                   f"file {size['file_bytes'] / 2**20:.2f} MiB")
         typer.echo(f"wrote {stage.out / 'model.safetensors'} and {stage.out / 'report.json'}")
         return
     typer.echo(f"sparsity {res['sparsity']:.3f} ({res['pattern']}, {res['method']}); file {size['file_bytes'] / 2**20:.2f} MiB "

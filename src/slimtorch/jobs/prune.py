@@ -20,21 +20,22 @@ from slimtorch.export.pruned import save_pruned, state_bytes
 from slimtorch.export.quantized import save_quantized
 from slimtorch.jobs.compare import write_report
 from slimtorch.pruning.recovery import recover_
+from slimtorch.pruning.npas import NPASConfig
 from slimtorch.pruning.structured import StructuredConfig
 from slimtorch.sparsity.prune import PruneConfig
 from slimtorch.zoo import get_entry, load_model
 
 
-def run_prune(model: str, config: PruneConfig | StructuredConfig, out: Path, calib_samples: int | None = None,
+def run_prune(model: str, config: PruneConfig | StructuredConfig | NPASConfig, out: Path, calib_samples: int | None = None,
               limit: int | None = None, seed: int = 0, progress=None, recover_steps: int = 0,
               recover_lr: float = 1e-4) -> dict:
-    """``model``: a zoo name or a local transformers folder. Writes into ``out`` directly. A structured
-    config gives a narrower dense model, distilled from the original for ``recover_steps`` steps on the
-    calibration data if asked."""
+    """``model``: a zoo name or a local transformers folder. Writes into ``out`` directly. A structured or
+    latency-aware (NPAS) config gives a narrower dense model, distilled from the original for
+    ``recover_steps`` steps on the calibration data if asked."""
     model = get_entry(model).name
     kw = {} if progress is None else {"progress": progress}
     fp = load_model(model)
-    if isinstance(config, StructuredConfig):
+    if isinstance(config, StructuredConfig | NPASConfig):
         return _run_structured(model, fp, config, out, calib_samples, limit, seed, kw, recover_steps, recover_lr)
     calib = calibration_set(model, calib_samples, seed=seed, model=fp) if config.method != "magnitude" else []
     pruned = copy.deepcopy(fp)
@@ -77,8 +78,8 @@ def _run_facts(report, seed: int, limit, evaluate_s: float) -> dict:
             "versions": {"torch": torch.__version__, "python": platform.python_version()}}
 
 
-def _run_structured(model: str, fp, config: StructuredConfig, out: Path, calib_samples, limit, seed, kw,
-                    recover_steps: int, recover_lr: float) -> dict:
+def _run_structured(model: str, fp, config: StructuredConfig | NPASConfig, out: Path, calib_samples, limit, seed,
+                    kw, recover_steps: int, recover_lr: float) -> dict:
     calib = calibration_set(model, calib_samples, seed=seed, model=fp)
     pruned = copy.deepcopy(fp)
     report = apply_(pruned, config, calib, **kw)
@@ -89,16 +90,24 @@ def _run_structured(model: str, fp, config: StructuredConfig, out: Path, calib_s
                     "data": "the calibration batches"}
     measured = _side_by_side(model, fp, pruned, limit, kw)
     widths = {name: after for name, (_, after) in report.groups.items()}
-    record = {"method": "structured", "importance": config.importance, "ratio": report.ratio,
-              "budget": config.budget, "measure": config.measure, "heads": config.heads}
+    if isinstance(config, NPASConfig):
+        record = {"method": "npas", "importance": config.importance, "latency": config.latency,
+                  "search": config.search, "evaluate": config.evaluate, "hardware": config.hardware,
+                  "batch": config.batch, "heads": config.heads}
+        cost = {"modelled_latency_s": {"before": report.latency_before_s, "after": report.latency_after_s,
+                                       "hardware": config.hardware, "batch": config.batch,
+                                       "counted": "roofline model of the Linear/Conv calls, not a measurement"}}
+    else:
+        record = {"method": "structured", "importance": config.importance, "ratio": report.ratio,
+                  "budget": config.budget, "measure": config.measure, "heads": config.heads}
+        cost = {"flops": {"before": report.flops_before, "after": report.flops_after,
+                          "counted": "multiply-adds of the Linear/Conv calls on one calibration batch"}}
     size = save_pruned(pruned, out / "model.safetensors", model,
                        {"prune": record, "structured": {"widths": widths, "heads": config.heads}})
     result = {
         "model": model, **record, "sparsity": 1 - report.params_after / report.params_before,
         **measured["compared"],
-        "params": {"before": report.params_before, "after": report.params_after},
-        "flops": {"before": report.flops_before, "after": report.flops_after,
-                  "counted": "multiply-adds of the Linear/Conv calls on one calibration batch"},
+        "params": {"before": report.params_before, "after": report.params_after}, **cost,
         "groups": {k: list(v) for k, v in report.groups.items()}, "recovery": recovery,
         "size": {"dense_bytes": state_bytes(fp),
                  "file_bytes": size["bytes"], "compressed_tensors": size["compressed_tensors"]},
