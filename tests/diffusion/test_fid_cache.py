@@ -10,6 +10,7 @@ import torch
 from slimtorch.diffusion.cache_schedule import (
     dp_schedule,
     drift_cost,
+    effect_weights,
     schedule_cost,
     uniform_schedule,
 )
@@ -77,6 +78,18 @@ def test_drift_cost_is_the_sum_of_l1_drifts():
     cost = drift_cost(f)
     assert cost[0, 3] == 0 + 1 + 3 and cost[1, 3] == 0 + 2 and cost[0, 1] == 0
     assert uniform_schedule(7, 3) == [0, 3, 6] and uniform_schedule(5, 1) == [0, 1, 2, 3, 4]
+
+
+def test_effect_weights_are_sensitivity_per_drift_and_reweight_the_cost():
+    change, drift = torch.tensor([0.0, 4.0, 2.0, 1.0]), torch.tensor([0.0, 2.0, 2.0, 2.0])
+    w = effect_weights(change, drift)  # 2, 1, 0.5 per unit of drift; step 0 copies step 1; mean 1
+    torch.testing.assert_close(w, torch.tensor([2.0, 2.0, 1.0, 0.5]) / 1.375)
+    f = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
+    weighted, plain = drift_cost(f, w), drift_cost(f)
+    assert weighted[0, 4] == pytest.approx(float(w[1] * 1 + w[2] * 3 + w[3] * 6))
+    assert plain[0, 4] == 10
+    with pytest.raises(SlimError):
+        effect_weights(torch.ones(3), torch.ones(4))
 
 
 def test_error_correction_is_the_least_squares_line():
