@@ -14,7 +14,9 @@ modelled latency saved, until the budget is met. What a step costs (``evaluate``
 * ``loss``: the candidate itself is built (the step taken on a copy), its BatchNorm statistics re-estimated
   on the calibration data, and its output compared with the dense model's (KL divergence of the softmax on
   the calibration batches): EagleEye's adaptive-BN evaluation of a sub-network, which tracks accuracy after
-  fine-tuning far better than the raw pruned loss does. One forward per group per step. ``search="uniform"`` is the baseline at
+  fine-tuning far better than the raw pruned loss does. One forward per group per step. The chosen model
+  gets the same BatchNorm re-estimation (fmnist-cnn at 50% latency: 11% top-1 before it, 47% after, on
+  256 calibration images, before any recovery). ``search="uniform"`` is the baseline at
 the same modelled latency: one ratio for every group, by bisection. The chosen widths go through the same
 pruning as ``StructuredConfig`` (the most important channels are kept).
 
@@ -253,10 +255,15 @@ def _apply_npas(model: nn.Module, config: NPASConfig, calib: list[Batch], progre
     before = sum(p.numel() for p in model.parameters())
     after = latency(keep)
     keep_most_important_(model, groups, scores, keep, progress, "latency-aware pruning")
+    notes = ["latency is the roofline model of the Linear/Conv calls, not a measurement"]
+    if config.search == "greedy" and config.evaluate == "loss":  # the model the search judged: BN re-estimated
+        if calibrate_bn(model, _first_samples(calib, config.eval_samples)):
+            notes.append("BatchNorm statistics re-estimated on the calibration data (as the search evaluated "
+                         "its candidates)")
     return NPASReport(groups={g.name: (g.width, keep[g.name]) for g in groups}, latency_before_s=dense,
                       latency_after_s=after, hardware=config.hardware, batch=config.batch, search=config.search,
                       params_before=before, params_after=sum(p.numel() for p in model.parameters()),
-                      notes=["latency is the roofline model of the Linear/Conv calls, not a measurement"])
+                      notes=notes)
 
 
 def _first_samples(calib: list[Batch], n: int) -> list[Batch]:
