@@ -36,6 +36,23 @@ def test_onnx_export_matches_our_accuracy_and_is_faster_than_fp_onnx(cnn_dir):
     # speed is a benchmark record (benchmarks/cpu_runtime.py), not a timed test: only its presence here
 
 
+def test_onnx_export_of_a_structured_pruning_gives_the_pruned_models_outputs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pruned = tmp_path / "p"
+    r = run("prune", "fmnist-cnn", "--method", "structured", "--budget", "0.5", "--importance", "magnitude",
+            "--limit", "300", "--calib-samples", "64", "--out", str(pruned))
+    assert r.returncode == 0, r.stderr
+    r = run("export", str(pruned), "--format", "onnx", "--batch", "1", "--limit", "300", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    acc = next(m for m in rep["metrics"] if m["name"] == "top1_accuracy")
+    assert abs(acc["onnx_pruned"] - acc["pytorch_pruned"]) < 1e-9  # a float model: the same predictions
+    assert abs(acc["onnx_fp"] - acc["pytorch_fp"]) < 1e-9
+    assert (pruned / "onnx" / "model.onnx").stat().st_size < 0.8 * (pruned / "onnx" / "fp.onnx").stat().st_size
+    assert "speedup_pruned_vs_onnx_fp" in rep["latency"]["1"] and rep["method"] == "structured"
+    one_line_error(run("export", str(pruned), "--format", "hf", "--out", str(tmp_path / "h")), "pruned model")
+
+
 def test_export_errors_are_one_line(tmp_path, cnn_dir):
     one_line_error(run("export", str(tmp_path), "--format", "onnx"), "holds no model.safetensors")
     one_line_error(run("export", str(cnn_dir), "--format", "tflite"), "is not one of: onnx, hf")

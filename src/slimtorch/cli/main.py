@@ -342,14 +342,16 @@ def _print_export(res: dict, out_dir: Path) -> None:
     out.print(table)
     if res.get("latency"):
         lat = Table(title="CPU latency, median (p10-p90), and throughput")
-        labels = {"pytorch_fp": "PyTorch FP32 eager", "onnx_fp": "ONNX Runtime FP32", "onnx_int8": "ONNX Runtime INT8"}
-        for col in ("batch", *labels.values(), "INT8 speed-up"):
+        kind = "pruned" if "onnx_pruned" in res["runtimes"] else "int8"
+        labels = {"pytorch_fp": "PyTorch FP32 eager", "onnx_fp": "ONNX Runtime FP32",
+                  f"onnx_{kind}": "ONNX Runtime " + ("pruned" if kind == "pruned" else "INT8")}
+        for col in ("batch", *labels.values(), f"{'pruned' if kind == 'pruned' else 'INT8'} speed-up"):
             lat.add_column(col, justify="right")
         for b, row in res["latency"].items():
             cells = [f"{row[r]['median_ms']:.2f} ms ({row[r]['p10_ms']:.2f}-{row[r]['p90_ms']:.2f})\n"
                      f"{row[r]['items_per_s']:,.0f} items/s" for r in labels]
-            lat.add_row(b, *cells, f"{row['speedup_int8_vs_onnx_fp']:.2f}x vs ORT FP32\n"
-                                   f"{row['speedup_int8_vs_pytorch_fp']:.2f}x vs PyTorch")
+            lat.add_row(b, *cells, f"{row[f'speedup_{kind}_vs_onnx_fp']:.2f}x vs ORT FP32\n"
+                                   f"{row[f'speedup_{kind}_vs_pytorch_fp']:.2f}x vs PyTorch")
         t = res["timing"]
         lat.caption = (f"{t['protocol']}; {t['trials']} timings each after {t['warmup']} warm-up calls; "
                        f"{t['threads']} threads; " + "; ".join(res["runtimes"].values()))

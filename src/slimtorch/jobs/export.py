@@ -1,5 +1,6 @@
 """The export job (``slimtorch export DIR --format onnx|hf``): a quantized model saved by ``quantize`` turned
-into a file another runtime loads, and measured there.
+into a file another runtime loads, and measured there. ``onnx`` also takes a pruned model (``prune``,
+``train-sparse``): a structured pruning's narrower model is where ONNX Runtime's speed-up shows.
 
 ``onnx``: DIR/model.safetensors becomes QDQ ONNX (``model.onnx``) beside the float model's ONNX
 (``fp.onnx``); both run in ONNX Runtime on the CPU on the model's evaluation data, next to PyTorch (FP
@@ -41,9 +42,33 @@ def saved_model_path(folder: Path) -> Path:
     return path
 
 
-def load_saved(folder: Path) -> tuple[torch.nn.Module, dict]:
-    """The quantized model of a ``quantize`` output folder, and its metadata."""
-    return load_quantized(saved_model_path(folder))
+def saved_format(path: Path) -> str | None:
+    """The slimtorch format named in a weights file's metadata (read from its header only), or None."""
+    import json
+
+    from slimtorch.io.checkpoint import META_KEY
+    from slimtorch.io.safetensors_header import read_header
+
+    try:
+        meta = json.loads(read_header(path)[1].get(META_KEY, "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) and isinstance(meta.get("format"), str) else None
+
+
+def load_saved(folder: Path, pruned_ok: bool = False) -> tuple[torch.nn.Module, dict, bool]:
+    """The model of a ``quantize`` (or, with ``pruned_ok``, a ``prune`` / ``train-sparse``) output folder, its
+    metadata, and whether it is a pruned (float) model."""
+    from slimtorch.export.pruned import FORMAT as PRUNED, load_pruned
+
+    path = saved_model_path(folder)
+    if saved_format(path) == PRUNED:
+        if not pruned_ok:
+            raise SlimError(f"{folder} holds a pruned model; this export takes quantized ones (use --format onnx)")
+        model, meta = load_pruned(path)
+        return model, meta, True
+    model, meta = load_quantized(path)
+    return model, meta, False
 
 
 def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256), limit: int | None = None,
@@ -55,7 +80,8 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
     from slimtorch.export.onnx import export_onnx
 
     kw = {} if progress is None else {"progress": progress}
-    q, meta = load_saved(folder)
+    q, meta, pruned = load_saved(folder, pruned_ok=True)
+    kind = "pruned" if pruned else "int8"  # the exported model's column: onnx_<kind>
     base = meta["base"]
     entry = get_entry(base)
     if entry.task not in ONNX_TASKS:
@@ -69,7 +95,7 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
     calib = calibration_set(base, None, seed=0, model=fp)
     out.mkdir(parents=True, exist_ok=True)
     info_fp = export_onnx(fp, example, out / "fp.onnx", names, dynamic)
-    info_q = export_onnx(q, example, out / "model.onnx", names, dynamic, calib=calib)
+    info_q = export_onnx(q, example, out / "model.onnx", names, dynamic, calib=() if pruned else calib)
     export_s = time.perf_counter() - t0
     wrap = OnnxSentenceEncoder if entry.task == "sentence-embedding" else OnnxModel
     ort_fp, ort_q = wrap(out / "fp.onnx", tokenizer), wrap(out / "model.onnx", tokenizer)
@@ -77,15 +103,16 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
     t0 = time.perf_counter()
     fp_res = evaluate(base, model=fp, limit=limit, latency=False, **kw)  # its predictions are the reference
     results = {name: evaluate(base, model=m, reference=fp_res, reference_model=fp, limit=limit, latency=False, **kw)
-               for name, m in (("onnx_fp", ort_fp), ("onnx_int8", ort_q))}
-    quantized = _quantize_report_metrics(folder, limit, fp_res.dataset)
+               for name, m in (("onnx_fp", ort_fp), (f"onnx_{kind}", ort_q))}
+    quantized = None if pruned else _quantize_report_metrics(folder, limit, fp_res.dataset)
     if quantized is None:  # no quantize report measured on the same data: measure here
         q_res = evaluate(base, model=q, reference=fp_res, reference_model=fp, limit=limit, latency=False, **kw)
         quantized = {m.name: m.value for m in q_res.metrics}
-    pytorch = {"pytorch_fp": {m.name: m.value for m in fp_res.metrics}, "pytorch_quantized": quantized}
+    pytorch = {"pytorch_fp": {m.name: m.value for m in fp_res.metrics},
+               "pytorch_pruned" if pruned else "pytorch_quantized": quantized}
     eval_s = time.perf_counter() - t0
     metrics = []
-    for m in results["onnx_int8"].metrics:
+    for m in results[f"onnx_{kind}"].metrics:
         row = {"name": m.name, "unit": m.unit, "higher_is_better": m.higher_is_better,
                **{k: v.get(m.name) for k, v in pytorch.items()}}
         for runtime, res in results.items():
@@ -98,19 +125,20 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
         args = task_batch(base, b, tokenizer)
         with torch.inference_mode():
             lat = interleaved_latency({"pytorch_fp": lambda: fp(*args), "onnx_fp": lambda: ort_fp(*args),
-                                       "onnx_int8": lambda: ort_q(*args)}, LATENCY_TRIALS, LATENCY_WARMUP)
+                                       f"onnx_{kind}": lambda: ort_q(*args)}, LATENCY_TRIALS, LATENCY_WARMUP)
         latency[str(b)] = {
             "input": " x ".join(str(tuple(a.shape)) for a in args),
             **{k: {"median_ms": v.median_ms, "p10_ms": v.p10_ms, "p90_ms": v.p90_ms,
                    "items_per_s": 1e3 * b / v.median_ms} for k, v in lat.items()},
-            "speedup_int8_vs_onnx_fp": lat["onnx_fp"].median_ms / lat["onnx_int8"].median_ms,
-            "speedup_int8_vs_pytorch_fp": lat["pytorch_fp"].median_ms / lat["onnx_int8"].median_ms,
+            f"speedup_{kind}_vs_onnx_fp": lat["onnx_fp"].median_ms / lat[f"onnx_{kind}"].median_ms,
+            f"speedup_{kind}_vs_pytorch_fp": lat["pytorch_fp"].median_ms / lat[f"onnx_{kind}"].median_ms,
         }
     import onnxruntime
 
     report = {
         "model": base, "source": str(Path(folder).absolute()), "format": "onnx", "recipe": meta.get("recipe"),
-        "method": meta.get("method"), "dataset": results["onnx_int8"].dataset, "metrics": metrics,
+        "method": meta.get("method") or (meta.get("prune") or {}).get("method"),
+        "dataset": results[f"onnx_{kind}"].dataset, "metrics": metrics,
         "files": {"model.onnx": info_q["bytes"], "fp.onnx": info_fp["bytes"]},
         "export": {k: v for k, v in info_q.items() if k != "path"},
         "latency": latency,
@@ -118,7 +146,9 @@ def run_export_onnx(folder: Path, out: Path, batches: tuple[int, ...] = (1, 256)
                    "protocol": "each runtime warmed up, then all timed in turn on the same batch"},
         "runtimes": {"pytorch_fp": f"PyTorch {torch.__version__} eager, float32",
                      "onnx_fp": f"ONNX Runtime {onnxruntime.__version__} CPU, float32",
-                     "onnx_int8": f"ONNX Runtime {onnxruntime.__version__} CPU, QDQ int8 fused into integer kernels"},
+                     f"onnx_{kind}": f"ONNX Runtime {onnxruntime.__version__} CPU, " + (
+                         "float32, the pruned model (narrower layers; zeros of a mask are not skipped)" if pruned
+                         else "QDQ int8 fused into integer kernels")},
         "notes": _notes(info_q),
         "time_s": {"export": export_s, "evaluate": eval_s, "latency": time.perf_counter() - t0},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
@@ -179,7 +209,7 @@ def run_export_hf(folder: Path, out: Path, limit: int | None = None, progress=No
     from slimtorch.export.hf import load_compressed_tensors, save_compressed_tensors
 
     kw = {} if progress is None else {"progress": progress}
-    q, meta = load_saved(folder)
+    q, meta, _ = load_saved(folder)
     base = meta["base"]
     entry = get_entry(base)
     if entry.task != "causal-lm":
