@@ -60,7 +60,7 @@ from slimtorch.diffusion.ptq import RECIPES, calibration_batches
 from slimtorch.diffusion.quality import class_accuracy, classifier_outputs, to_diffusion
 from slimtorch.diffusion.samplers import guided, sample, timesteps
 from slimtorch.diffusion.schedule import NoiseSchedule
-from slimtorch.io.checkpoint import load_tensors
+from slimtorch.io.checkpoint import read_metadata
 from slimtorch.hooks import attached, detach
 from slimtorch.quant.recipe import PRESETS
 from slimtorch.quantize import PTQConfig
@@ -101,14 +101,24 @@ def generate(model, n: int, batch: int, sampler: str, steps: int, device: str, s
     return torch.cat(out).clamp(-1, 1).cpu(), labels, secs
 
 
-def calibration_run(model, device: str, grid: list[int], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """One uncached DDIM run of ``batch`` samples on ``grid``: (the cached feature at each step (S, 2 batch,
-    ...), the final sample), for the DP schedule and the error correction."""
+def calibration_inputs(device: str, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, x_T) of the calibration runs: the same for the features, the effect runs and the correction."""
+    y = torch.arange(batch, device=device) % 10
+    return y, torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(99)).to(device)
+
+
+def correction_tables(feats: torch.Tensor, refresh: list[int], device: str, dtype: torch.dtype | None = None) -> dict:
+    """CacheQuant's per-step corrections fitted on ``feats``, on ``device`` (in ``dtype`` if given)."""
+    return {i: (a.to(device, dtype), b.to(device, dtype)) for i, (a, b) in fit_cache_correction(feats, refresh).items()}
+
+
+def calibration_run(model, device: str, grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uncached DDIM run of the calibration inputs on ``grid``: (the cached feature at each step (S,
+    2 batch, ...), the final sample), for the DP schedule and the error correction."""
     feats = []
     apply_(model, CacheConfig(interval=1))
     hook = cache_hook(model)
-    y = torch.arange(batch, device=device) % 10
-    x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(99)).to(device)
+    y, x = calibration_inputs(device)
 
     def capture(xx, tt):
         out = guided(model, y, 2.0, 10)(xx, tt)
@@ -121,12 +131,11 @@ def calibration_run(model, device: str, grid: list[int], batch: int = 64) -> tup
     return torch.stack(feats), final.float().cpu()
 
 
-def measured_effect(model, device: str, grid: list[int], feats: torch.Tensor, final: torch.Tensor,
-                    batch: int = 64) -> torch.Tensor:
-    """effect_weights from runs in which step i alone reuses step i-1's feature (i = 1 .. S-1)."""
+def measured_effect(model, device: str, grid: list[int], feats: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """effect_weights from runs of the calibration inputs in which step i alone reuses step i-1's feature
+    (i = 1 .. S-1)."""
     s = len(grid)
-    y = torch.arange(batch, device=device) % 10
-    x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(99)).to(device)
+    y, x = calibration_inputs(device)
     change = torch.zeros(s)
     for i in range(1, s):
         apply_(model, CacheConfig(schedule=tuple(j for j in range(s) if j != i)))
@@ -247,19 +256,22 @@ def main() -> None:
                 measure(model, name, "ddim", steps, grid=grid, cache=label, full_steps=len(sched), schedule=sched,
                         **({"effect_weights": [round(float(w), 3) for w in weights]} if "effect" in label else {}),
                         **extra)
-            set_correction(model, {i: (a.to(dev), b.to(dev)) for i, (a, b) in fit_cache_correction(feats, sched).items()})
+            set_correction(model, correction_tables(feats, sched, dev))
             measure(model, name, "ddim", steps, grid=grid, cache=f"{label}+correction", full_steps=len(sched), **extra)
             detach(model, "cache")
 
     models = {key: load_diffusion(args.weights / FILES[key]).to(dev) for key in args.models.split(",")}
 
+    loaded: dict[str, list] = {}
+
     def students(key: str) -> list[tuple[str, torch.nn.Module, list[int]]]:
-        name = FILES[key].removesuffix(".safetensors")
-        out = []
-        for f in sorted(args.students.glob(f"{name}-distilled-*.safetensors"),
-                        key=lambda p: -int(p.stem.rsplit("-", 1)[1])):
-            out.append((f.stem, load_diffusion(f).to(dev), load_tensors(f)[1]["train"]["grid"]))
-        return out
+        """The distilled students of ``key``, most steps first (each file read once per run)."""
+        if key not in loaded:
+            name = FILES[key].removesuffix(".safetensors")
+            files = sorted(args.students.glob(f"{name}-distilled-*.safetensors"),
+                           key=lambda p: -int(p.stem.rsplit("-", 1)[1]))
+            loaded[key] = [(f.stem, load_diffusion(f).to(dev), read_metadata(f)["train"]["grid"]) for f in files]
+        return loaded[key]
 
     for part in parts:
         if part == "floor" and args.mode != "speed":
@@ -307,8 +319,7 @@ def main() -> None:
                         apply_(q, CacheConfig(schedule=tuple(sched)))
                         label = "uniform-2"
                         if calib != "naive":
-                            set_correction(q, {i: (a.to(dev, torch.bfloat16), b.to(dev, torch.bfloat16))
-                                               for i, (a, b) in fit_cache_correction(feats, sched).items()})
+                            set_correction(q, correction_tables(feats, sched, dev, torch.bfloat16))
                             label += "+correction"  # fitted on the float32 reference of the same model
                         measure(q, sname, "ddim", steps, grid=grid, bf16=True, cache=label, full_steps=len(sched),
                                 composed="naive" if calib == "naive" else "ours", **extra)

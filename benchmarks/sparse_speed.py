@@ -8,12 +8,13 @@ copies to spill L2 (timing.rotation_sets), as in kernel_speed.py.
 
 fp8 (e4m3): dense through ``torch._scaled_mm`` and 2:4 through cuSPARSELt (``torch._cslt_compress`` /
 ``_cslt_sparse_mm``), the pair ModelOpt's FP8 2:4 figures compare; the ``tuned`` paths (bf16 and fp8) run
-the algorithm cuSPARSELt's own search picks (``_cslt_sparse_mm_search``) instead of its default; the fp8 error is measured against the bf16
-product of the same (fp8-rounded inputs are not re-derived), so it includes fp8 rounding.
+the algorithm cuSPARSELt's own search picks (``_cslt_sparse_mm_search``) instead of its default. The fp8
+error is measured against the bf16 product of the same (fp8-rounded inputs are not re-derived), so it
+includes fp8 rounding.
 
 One JSON line per (shape, M, path, mode): microseconds per call, the speed-up over dense bf16 of the same
-mode, and for the fp8 2:4 path over dense fp8. A path the stack cannot run (a backend missing, a shape it refuses) is a record with its error, not a
-crash. Semi-structured sparse tensors take the sparse operand on the left, so the layer is computed as
+mode, and for the fp8 2:4 paths over dense fp8. A path the stack cannot run (a backend missing, a shape it
+refuses) is a record with its error, not a crash. Semi-structured sparse tensors take the sparse operand on the left, so the layer is computed as
 ``(W_sparse @ x^T)^T``, what torch's own SparseSemiStructured linear does.
 """
 
@@ -40,10 +41,10 @@ def fp8_dense(w8: torch.Tensor, x8: torch.Tensor) -> torch.Tensor:
     return torch._scaled_mm(x8, w8.t(), ONE, ONE, out_dtype=torch.bfloat16)
 
 
-def fp8_sparse(wc: torch.Tensor, x8: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
+def cslt_linear(wc: torch.Tensor, x: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
     """2:4 through cuSPARSELt: the compressed weight (N, K/2 + metadata) times x^T, transposed back (fp8 or
     bf16 inputs); ``alg_id`` from ``torch._cslt_sparse_mm_search`` (0: the library's default)."""
-    return torch._cslt_sparse_mm(wc, x8.t(), out_dtype=torch.bfloat16, transpose_result=True, alg_id=alg_id)
+    return torch._cslt_sparse_mm(wc, x.t(), out_dtype=torch.bfloat16, transpose_result=True, alg_id=alg_id)
 
 
 def tuned_alg(wc: torch.Tensor, x: torch.Tensor) -> int:
@@ -113,15 +114,14 @@ def main() -> None:
                         elif path == "fp8 dense":
                             def fn(i, p=path):
                                 return fp8_dense(forms[i][p], x8s[i])
-                        elif path == "fp8 2:4 cusparselt":
-                            def fn(i, p=path):
-                                return fp8_sparse(forms[i][p], x8s[i])
-                        elif path.endswith("tuned"):
+                        elif path.startswith("fp8 2:4") or path.endswith("tuned"):  # torch._cslt_* directly
                             inputs = x8s if path.startswith("fp8") else xs
-                            rec["alg_id"] = alg = tuned_alg(forms[0][path], inputs[0])
+                            alg = tuned_alg(forms[0][path], inputs[0]) if path.endswith("tuned") else 0
+                            if path.endswith("tuned"):
+                                rec["alg_id"] = alg
 
                             def fn(i, p=path, a=alg, inp=inputs):
-                                return fp8_sparse(forms[i][p], inp[i], a)
+                                return cslt_linear(forms[i][p], inp[i], a)
                         else:
                             def fn(i, p=path):
                                 return (forms[i][p] @ xs[i].t()).t()

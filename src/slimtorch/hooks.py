@@ -88,9 +88,10 @@ def attach(module: nn.Module, hook: ModuleHook) -> ModuleHook:
     if hook.name in hooks:
         raise SlimError(f"a hook named {hook.name!r} is already attached to this {type(module).__name__}; "
                         "detach it first")
-    if hook.replaces_forward and any(h.replaces_forward for h in hooks.values()):
+    replacing = next((n for n, h in hooks.items() if h.replaces_forward), None)
+    if hook.replaces_forward and replacing is not None:
         raise SlimError(f"hook {hook.name!r} replaces the forward of this {type(module).__name__}, and "
-                        f"{next(n for n, h in hooks.items() if h.replaces_forward)!r} already does; detach it first")
+                        f"{replacing!r} already does; detach it first")
     hooks[hook.name] = hook
     _rewire(module)
     return hook

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,15 +152,11 @@ def quantize_plan_(model: nn.Module, plan: Plan, calib: list[Batch], method: str
     check_method(method)
     model.eval()
     notes = METHODS[method](model, plan, calib, progress)
-    # methods quantize weights; activation quantizers go in afterwards, on their layer's device (a
-    # quantizer made on the CPU would freeze its static scale there and fail under a GPU model's input)
-    anywhere = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    for name, p in plan.items():
+    for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
         if p.act is not None and p.weight is None:  # a MatmulInput point becomes the quantizer
-            set_module(model, name, ActQuant(p.act).to(anywhere))
+            set_module(model, name, ActQuant(p.act))
         elif p.act is not None:
-            layer = model.get_submodule(name)
-            layer.act = ActQuant(p.act).to(layer.qweight.device)
+            model.get_submodule(name).act = ActQuant(p.act)
     calibrate_activations(model, calib, progress)
     return notes
 

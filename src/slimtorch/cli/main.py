@@ -343,9 +343,10 @@ def _print_export(res: dict, out_dir: Path) -> None:
     if res.get("latency"):
         lat = Table(title="CPU latency, median (p10-p90), and throughput")
         kind = "pruned" if "onnx_pruned" in res["runtimes"] else "int8"
+        shown_kind = "pruned" if kind == "pruned" else "INT8"
         labels = {"pytorch_fp": "PyTorch FP32 eager", "onnx_fp": "ONNX Runtime FP32",
-                  f"onnx_{kind}": "ONNX Runtime " + ("pruned" if kind == "pruned" else "INT8")}
-        for col in ("batch", *labels.values(), f"{'pruned' if kind == 'pruned' else 'INT8'} speed-up"):
+                  f"onnx_{kind}": f"ONNX Runtime {shown_kind}"}
+        for col in ("batch", *labels.values(), f"{shown_kind} speed-up"):
             lat.add_column(col, justify="right")
         for b, row in res["latency"].items():
             cells = [f"{row[r]['median_ms']:.2f} ms ({row[r]['p10_ms']:.2f}-{row[r]['p90_ms']:.2f})\n"

@@ -101,6 +101,17 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
         raise
 
 
+def read_metadata(path: Path) -> dict:
+    """The metadata :func:`save_tensors` wrote, read from the file's header alone (no tensors loaded, the
+    digest not checked: for choosing how to load a file, not for trusting it); {} where there is none or it
+    is not a JSON object."""
+    try:
+        meta = json.loads(read_header(Path(path))[1].get(META_KEY, "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_tensors(path: Path, sha256: str | None = None,
                  require_digest: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Load tensors and metadata saved by :func:`save_tensors`, checking ``sha256`` (of the whole file) first

@@ -42,27 +42,14 @@ def saved_model_path(folder: Path) -> Path:
     return path
 
 
-def saved_format(path: Path) -> str | None:
-    """The slimtorch format named in a weights file's metadata (read from its header only), or None."""
-    import json
-
-    from slimtorch.io.checkpoint import META_KEY
-    from slimtorch.io.safetensors_header import read_header
-
-    try:
-        meta = json.loads(read_header(path)[1].get(META_KEY, "{}"))
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    return meta.get("format") if isinstance(meta, dict) and isinstance(meta.get("format"), str) else None
-
-
 def load_saved(folder: Path, pruned_ok: bool = False) -> tuple[torch.nn.Module, dict, bool]:
     """The model of a ``quantize`` (or, with ``pruned_ok``, a ``prune`` / ``train-sparse``) output folder, its
     metadata, and whether it is a pruned (float) model."""
     from slimtorch.export.pruned import FORMAT as PRUNED, load_pruned
+    from slimtorch.io.checkpoint import read_metadata
 
     path = saved_model_path(folder)
-    if saved_format(path) == PRUNED:
+    if read_metadata(path).get("format") == PRUNED:
         if not pruned_ok:
             raise SlimError(f"{folder} holds a pruned model; this export takes quantized ones (use --format onnx)")
         model, meta = load_pruned(path)

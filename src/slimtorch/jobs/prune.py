@@ -26,9 +26,9 @@ from slimtorch.sparsity.prune import PruneConfig
 from slimtorch.zoo import get_entry, load_model
 
 
-def run_prune(model: str, config: PruneConfig | StructuredConfig | NPASConfig, out: Path, calib_samples: int | None = None,
-              limit: int | None = None, seed: int = 0, progress=None, recover_steps: int = 0,
-              recover_lr: float = 1e-4) -> dict:
+def run_prune(model: str, config: PruneConfig | StructuredConfig | NPASConfig, out: Path,
+              calib_samples: int | None = None, limit: int | None = None, seed: int = 0, progress=None,
+              recover_steps: int = 0, recover_lr: float = 1e-4) -> dict:
     """``model``: a zoo name or a local transformers folder. Writes into ``out`` directly. A structured or
     latency-aware (NPAS) config gives a narrower dense model, distilled from the original for
     ``recover_steps`` steps on the calibration data if asked."""

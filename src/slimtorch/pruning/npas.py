@@ -16,9 +16,10 @@ modelled latency saved, until the budget is met. What a step costs (``evaluate``
   the calibration batches): EagleEye's adaptive-BN evaluation of a sub-network, which tracks accuracy after
   fine-tuning far better than the raw pruned loss does. One forward per group per step. The chosen model
   gets the same BatchNorm re-estimation (fmnist-cnn at 50% latency: 11% top-1 before it, 47% after, on
-  256 calibration images, before any recovery). ``search="uniform"`` is the baseline at
-the same modelled latency: one ratio for every group, by bisection. The chosen widths go through the same
-pruning as ``StructuredConfig`` (the most important channels are kept).
+  256 calibration images, before any recovery).
+
+``search="uniform"`` is the baseline at the same modelled latency: one ratio for every group, by bisection.
+The chosen widths go through the same pruning as ``StructuredConfig`` (the most important channels are kept).
 
 What the model does not see: batch-norm and activation passes (folded and fused in a compiled deployment,
 separate kernels in eager PyTorch), attention matmuls and launch overheads; measured latency is the check
@@ -28,13 +29,12 @@ separate kernels in eager PyTorch), attention matmuls and launch overheads; meas
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from collections.abc import Callable
 
 from slimtorch.api import Report, handler
 from slimtorch.calib.batchnorm import calibrate_bn
@@ -244,9 +244,11 @@ def _apply_npas(model: nn.Module, config: NPASConfig, calib: list[Batch], progre
     dense = latency({g.name: g.width for g in groups})
     scores = unit_scores(model, groups, config.importance, calib)
     budget = config.latency * dense
+    judged = config.search == "greedy" and config.evaluate == "loss"  # candidates built, BN re-estimated
+    eval_batches = _first_samples(calib, config.eval_samples) if judged else []
     if config.search == "greedy":
-        if config.evaluate == "loss":
-            cost = LossCost(model, groups, scores, _first_samples(calib, config.eval_samples))
+        if judged:
+            cost = LossCost(model, groups, scores, eval_batches)
         else:
             cost = importance_cost(scores, config.importance)
         keep = search_widths(groups, cost, latency, budget, config.step, config.align, progress)
@@ -256,10 +258,9 @@ def _apply_npas(model: nn.Module, config: NPASConfig, calib: list[Batch], progre
     after = latency(keep)
     keep_most_important_(model, groups, scores, keep, progress, "latency-aware pruning")
     notes = ["latency is the roofline model of the Linear/Conv calls, not a measurement"]
-    if config.search == "greedy" and config.evaluate == "loss":  # the model the search judged: BN re-estimated
-        if calibrate_bn(model, _first_samples(calib, config.eval_samples)):
-            notes.append("BatchNorm statistics re-estimated on the calibration data (as the search evaluated "
-                         "its candidates)")
+    if judged and calibrate_bn(model, eval_batches):  # the model as the search judged it
+        notes.append("BatchNorm statistics re-estimated on the calibration data (as the search evaluated "
+                     "its candidates)")
     return NPASReport(groups={g.name: (g.width, keep[g.name]) for g in groups}, latency_before_s=dense,
                       latency_after_s=after, hardware=config.hardware, batch=config.batch, search=config.search,
                       params_before=before, params_after=sum(p.numel() for p in model.parameters()),

@@ -38,10 +38,12 @@ class ActQuant(nn.Module):
             self.observer = make_observer(self.spec)
 
     def freeze(self) -> None:
-        """Turn the observed statistics into static parameters."""
+        """Turn the observed statistics into static parameters, on the device its inputs ran on (a quantizer
+        made on the CPU and put into a GPU model must not freeze CPU scales; qparams may also build
+        zero-points on the CPU); never observed: the module's own device."""
         if self.observer is not None:
             scale, zero = self.observer.qparams()
-            dev = self.scale.device  # the module's device (qparams may build zero-points on the CPU)
+            dev = self.__dict__.pop("_observed_on", self.scale.device)
             self.scale, self.zero = scale.to(dev), zero.to(dev)
             self.observer = None
 
@@ -51,6 +53,7 @@ class ActQuant(nn.Module):
             return P.fake_quant(x, scale.to(x.device), zero.to(x.device), self.spec)
         if self.observer is not None:
             self.observer.update(x)
+            self._observed_on = x.device
             return x
         if self.scale.numel() == 0:
             raise SlimError("static activation quantizer was never calibrated; pass calibration data")
