@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="the baseline's DDIM steps (fp, ptq, cache)")
     ap.add_argument("--front-steps", default="5,8,10,15,20,30,50,100")
     ap.add_argument("--calibrations", default="tdac+ranges,naive,tdac,uniform", help="ptq: which calibrations")
+    ap.add_argument("--presets", default="W8A8,W4A8,FP8", help="ptq: which presets")
+    ap.add_argument("--skip", default="", help="ptq: preset:calibration pairs to leave out (W8A8:naive,...)")
     ap.add_argument("--composed-calibrations", default="tdac+ranges,naive,dynamic",
                     help="composed: W8A8 calibrations (dynamic: the per-token preset our kernels run)")
     ap.add_argument("--students", type=Path, help="distilled/composed: folder of the distilled students")
@@ -203,7 +205,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion.jsonl")
     args = ap.parse_args()
-    dev, parts = args.device, args.parts.split(",")
+    dev, parts, skip = args.device, args.parts.split(","), set(args.skip.split(","))
     head = run_header(torch.cuda.get_device_name() if dev == "cuda" else dev)
     clf = load_model("fmnist-cnn").to(dev)
     test = fashion_mnist("test")
@@ -291,9 +293,10 @@ def main() -> None:
                 base = copy.deepcopy(model).to(torch.bfloat16)
                 measure(base, name, "ddim", args.steps, bf16=True, cache="none", quant="bf16")
                 del base
-                for preset in ("W8A8", "W4A8", "FP8"):
+                for preset in args.presets.split(","):
                     for calib in args.calibrations.split(","):
-                        if (preset == "FP8") and calib != "dynamic" or (preset == "W4A8" and calib == "dynamic"):
+                        if (preset == "FP8") and calib != "dynamic" or (preset == "W4A8" and calib == "dynamic") \
+                                or f"{preset}:{calib}" in skip:
                             continue  # FP8 is dynamic only; our W4A8 kernel takes group-128 weights (no static)
                         q, extra = quantized(model, preset, calib, dev, args.steps)
                         measure(q.to(torch.bfloat16), name, "ddim", args.steps, bf16=True, cache="none", **extra)

@@ -170,6 +170,9 @@ def train(which: str, steps: int, batch: int, out: Path, device: str, check_n: i
     return record
 
 
+DISTILL_LR = 1e-4
+
+
 def distill(which: str, teacher_file: Path | str, rounds: list[int], round_steps: int, batch: int, out: Path, device: str,
             check_n: int, seconds: float = 0.0) -> list[dict]:
     """Progressive distillation rounds (module docstring); one record per round. ``seconds`` > 0 caps each
@@ -188,12 +191,15 @@ def distill(which: str, teacher_file: Path | str, rounds: list[int], round_steps
         for m in student.modules():  # the target is deterministic and the teacher runs without dropout
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.0)
+        opt = torch.optim.AdamW(student.parameters(), lr=DISTILL_LR, weight_decay=0.0)
         t0 = time.time()
         ran = 0
         for step in range(round_steps):
-            if seconds and time.time() - t0 > seconds:
+            done = (time.time() - t0) / seconds if seconds else step / round_steps
+            if done >= 1:
                 break
+            for group in opt.param_groups:  # warm-up over 100 steps (Adam's first steps are sign-sized),
+                group["lr"] = DISTILL_LR * min(1.0, (step + 1) / 100) * (1 - done)  # then linear decay to 0
             ran = step + 1
             idx = torch.randint(0, len(x_all), (batch,), generator=gen)
             y = y_all[idx].to(device)
@@ -212,7 +218,7 @@ def distill(which: str, teacher_file: Path | str, rounds: list[int], round_steps
         assert len(grid) == target, (len(grid), target)
         student.eval().requires_grad_(False)
         rec = {"model": f"{name}-distilled-{target}", "teacher": str(teacher_file), "steps": target, "grid": grid,
-               "round_steps": ran, "batch": batch, "train_seconds": round(time.time() - t0, 1)}
+               "round_steps": ran, "batch": batch, "lr": DISTILL_LR, "train_seconds": round(time.time() - t0, 1)}
         if check_n:
             rec.update(check(student, check_n, device, steps=target, grid=grid))
         sd = {k: v.half() if v.is_floating_point() else v for k, v in student.state_dict().items()}

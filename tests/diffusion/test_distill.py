@@ -67,3 +67,28 @@ def test_training_lowers_the_loss_and_grids():
         distill_loss(student, teacher, x0, torch.zeros(512, dtype=torch.long), grid[:3], SCHED, 10)
     x = torch.randn(2, 1, dtype=torch.float64)
     assert ddim_one(lambda xx, tt: teacher(xx, tt, None), x, SCHED, 999, -1).shape == x.shape
+
+
+def test_state_weighting_is_the_error_of_the_landing_point():
+    # the default loss equals the MSE between the student's one-step DDIM landing point and the teacher's two-step
+    # one, computed here directly; the "snr" weighting differs from it (and from c^2) on the early steps
+    teacher, student = gaussian_net(0.3, 0.5), gaussian_net(0.3, 0.5, torch.tensor(0.9, dtype=torch.float64))
+    x0 = 0.3 + 0.5 * torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = timesteps(1000, 2)  # one student step 999 -> x_0 through the teacher's grid[0]
+    y = torch.zeros(64, dtype=torch.long)
+    loss = float(distill_loss(student, teacher, x0, y, grid, SCHED, 10, torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    torch.randint(0, 1, (64,), generator=g)
+    eps = torch.randn(x0.shape, generator=g).double()  # drawn as distill_loss draws it
+    t = torch.full((64,), grid[1])
+    x_t = SCHED.add_noise(x0, eps, t)
+    want = ddim_one(lambda xx, tt: teacher(xx, tt, None), ddim_one(lambda xx, tt: teacher(xx, tt, None), x_t, SCHED,
+                    grid[1], grid[0]), SCHED, grid[0], -1)
+    got = ddim_one(lambda xx, tt: student(xx, tt, None), x_t, SCHED, grid[1], -1)
+    assert loss == pytest.approx(float((got - want).pow(2).mean()), rel=1e-9)
+    grid8 = timesteps(1000, 8)  # with steps that end above x_0, the two weightings differ
+    snr, state = (float(distill_loss(student, teacher, x0, y, grid8, SCHED, 10, torch.Generator().manual_seed(3),
+                                     weighting=w)) for w in ("snr", "state"))
+    assert snr != pytest.approx(state, rel=1e-3)
+    with pytest.raises(SlimError):
+        distill_loss(student, teacher, x0, y, grid, SCHED, 10, weighting="x0")

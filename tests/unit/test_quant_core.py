@@ -79,6 +79,20 @@ def test_fake_quant_gradient_is_the_clipped_ste():
     assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 0.0]
 
 
+def test_fake_quant_without_gradient_is_the_code_round_trip():
+    # the no-gradient fast path must give dequantize(quantize(x)) exactly, for asymmetric grouped specs too
+    g = torch.Generator().manual_seed(0)
+    for spec, shape in ((QuantSpec("uint4", PerGroup(8), symmetric=False), (3, 16)),
+                        (QuantSpec("int8", PerChannel(0)), (4, 5))):
+        x = torch.randn(shape, generator=g).to(torch.bfloat16)
+        q, scale, zero, _ = roundtrip(x.float(), spec)
+        with torch.no_grad():
+            y = P.fake_quant(x, scale, zero, spec)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, P.dequantize(q, scale, zero, spec, torch.bfloat16))
+        assert torch.allclose(y.float(), P.fake_quant(x.float().requires_grad_(), scale, zero, spec).detach(), atol=1e-2)
+
+
 def test_zero_and_constant_channels_stay_finite():
     w = torch.stack([torch.zeros(8), torch.full((8,), 5.0), torch.randn(8)])
     for spec in (QuantSpec("int8", PerChannel(0)), QuantSpec("uint4", PerChannel(0), symmetric=False)):

@@ -7,8 +7,13 @@ is the x_0 that makes a single DDIM step t -> t_next land on the teacher's resul
 
     x_next = a_n x0 + s_n (x_t - a_t x0) / s_t   =>   x0~ = (x_next - (s_n / s_t) x_t) / (a_n - s_n a_t / s_t)
 
-(a = sqrt(abar), s = sqrt(1 - abar)). The loss is the x_0 error weighted by max(SNR, 1) ("truncated SNR"),
-for an eps-predicting student through its implied x_0. Rounds halve the step count: 64 -> 32 -> ... -> 4.
+(a = sqrt(abar), s = sqrt(1 - abar)). ``weighting="state"`` (the default) weights the x_0 error by
+c^2 = (a_n - s_n a_t / s_t)^2, which makes the loss the error of the student's landing point x_next itself.
+The paper's max(SNR, 1) ("truncated SNR", ``weighting="snr"``) suits x- or v-predicting students; for an
+eps-predicting one it blows up on the first, near-pure-noise steps: there c is ~1e-3 (t 999 -> 967 of a 64-step
+linear-schedule grid), so x0~ divides the teacher's result by c, and one Adam step at lr 1e-4 took the loss of
+the shipped UNet from 3 to 941 (CPU check, benchmarks/notes/issue21_diffusion.md). Rounds halve the step
+count: 64 -> 32 -> ... -> 4.
 
 SnapFusion's CFG-aware distillation: with probability ``cfg_prob`` a training batch runs both teacher and
 student under classifier-free guidance with a scale drawn from ``cfg_range`` (the student's guided output
@@ -48,13 +53,16 @@ def _ddim_batch(denoise: Callable, x: torch.Tensor, t: torch.Tensor, t_to: torch
 def distill_loss(student: Callable, teacher: Callable, x0: torch.Tensor, y: torch.Tensor, teacher_grid: list[int],
                  schedule: NoiseSchedule, null_label: int, generator: torch.Generator | None = None,
                  cfg_prob: float = 0.0, cfg_range: tuple[float, float] = (1.0, 3.0),
-                 prediction: str = "eps") -> torch.Tensor:
+                 prediction: str = "eps", weighting: str = "state") -> torch.Tensor:
     """The progressive-distillation loss on clean images x0 (B, ...) with labels y (B,).
 
     ``teacher_grid``: the teacher's sampling steps, increasing, of even length 2n (its last DDIM step goes
     from ``teacher_grid[0]`` to x_0). The student's grid is :func:`student_grid` (the odd entries); a
     student step from T[2i+1] to T[2i-1] (x_0 for i = 0) matches the teacher's two steps through T[2i].
-    ``student`` / ``teacher``: ``fn(x, t, y) -> output`` (``prediction``)."""
+    ``student`` / ``teacher``: ``fn(x, t, y) -> output`` (``prediction``). ``weighting``: "state" (the
+    error of the landing point x_next) or "snr" (truncated SNR on the x_0 error); module docstring."""
+    if weighting not in ("state", "snr"):
+        raise SlimError(f"distillation weighting must be 'state' or 'snr', got {weighting!r}")
     grid = torch.tensor(teacher_grid, device=x0.device)
     n = len(teacher_grid) // 2
     if n < 1 or len(teacher_grid) % 2:
@@ -81,7 +89,10 @@ def distill_loss(student: Callable, teacher: Callable, x0: torch.Tensor, y: torc
     shape = (-1,) + (1,) * (x0.dim() - 1)
     pred_x0, _ = split(stud(x_t, t).to(x0.dtype), x_t, ab_t.sqrt().view(shape), (1 - ab_t).sqrt().view(shape),
                        prediction)
-    weight = (ab_t / (1 - ab_t)).clamp(min=1.0)  # truncated SNR
+    if weighting == "snr":
+        weight = (ab_t / (1 - ab_t)).clamp(min=1.0)
+    else:  # d x_next / d x0 of one DDIM step t -> t_next, squared
+        weight = (ab_n.sqrt() - (1 - ab_n).sqrt() * (ab_t / (1 - ab_t)).sqrt()) ** 2
     return (weight.view(shape) * (pred_x0 - target).pow(2)).mean()
 
 

@@ -108,6 +108,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype, with the clipped straight-through estimator:
     the gradient is 1 where ``x`` lies inside the representable range and 0 where it was clipped."""
+    if not spec.is_float and not (x.requires_grad and torch.is_grad_enabled()):
+        # no gradient wanted (inference, calibration, sampling): the same values without the estimator's
+        # extra passes and the integer-code round trip (the clamped integers are exact in float32)
+        qmin, qmax = spec.qrange
+        xg = grouped(x.float(), spec)
+        y = torch.round(xg / scale).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+        return y.reshape(x.shape).to(x.dtype)
     xg = grouped(x, spec)
     if spec.is_float:
         fmax = FP8_MAX[spec.dtype]
