@@ -246,6 +246,36 @@ def test_a_signal_during_start_up_is_one_line_not_a_broken_import():
         assert (proc.returncode, err.strip()) == (want[0], f"slimtorch: error: {want[1]}"), (delay, err)
 
 
+def test_a_signal_during_a_lazy_import_waits_for_the_import(tmp_path, monkeypatch):
+    """Before: SIGTERM raised inside a pybind11 extension's initialisation became "ImportError: initialization
+    failed" plus a fatal GIL error at exit. Now the module's import runs to its end, then Terminated comes."""
+    import importlib
+    import sys
+
+    from slimtorch.cli.signals import Terminated, on_sigterm
+
+    (tmp_path / "slow_mod_for_signal_test.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "t0 = time.time()\n"
+        "while time.time() - t0 < 0.3:\n"
+        "    sum(range(1000))\n"
+        "DONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with pytest.raises(Terminated):
+            mod = importlib.import_module("slow_mod_for_signal_test")
+            assert mod.DONE
+            t0 = time.time()
+            while time.time() - t0 < 5:  # the signal comes again 50 ms after the import
+                time.sleep(0.01)
+        assert sys.modules["slow_mod_for_signal_test"].DONE
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        sys.modules.pop("slow_mod_for_signal_test", None)
+
+
 def test_calibration_text_is_cut_at_line_ends_into_bounded_pieces():
     from slimtorch.calib.data import text_pieces
 

@@ -17,7 +17,7 @@ from slimtorch.cli import args
 from slimtorch.cli.console import err, out, progress_bar
 from slimtorch.cli.diffusion import register as register_diffusion
 from slimtorch.cli.prune import register as register_prune
-from slimtorch.cli.signals import Terminated, on_sigterm
+from slimtorch.cli.signals import Terminated, on_sigint, on_sigterm
 from slimtorch.cli.train_sparse import register as register_train_sparse
 from slimtorch.cost.hardware import HARDWARE
 from slimtorch.errors import SlimError, shown
@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None, release=None) -> None:
     # transformers' own weight-loading bars would interleave with ours and break one-line errors
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         if release is not None:  # the signal mask to restore: signals held since start-up arrive here
             signal.pthread_sigmask(signal.SIG_SETMASK, release)
