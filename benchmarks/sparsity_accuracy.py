@@ -28,10 +28,41 @@ from slimtorch.calib.data import calibration_set
 from slimtorch.eval import evaluate
 from slimtorch.pruning.recovery import recover_
 from slimtorch.pruning.structured import StructuredConfig
+from slimtorch.progress import no_progress
+from slimtorch.quantize import run_batches
+from slimtorch.sparsity.masks import magnitude, unstructured_mask, wanda
 from slimtorch.sparsity.prune import PruneConfig
 from slimtorch.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results" / "sparsity_accuracy.jsonl"
+
+
+def input_spread(model: torch.nn.Module, name: str, sparsity: float) -> dict[str, dict]:
+    """Per linear layer: max / median and coefficient of variation of the input feature norms over the
+    calibration set, and the share of weights on which Wanda's per-row mask equals magnitude's (per row too).
+    Wanda differs from magnitude only where those norms spread (the outlier features of large LLMs)."""
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(layer_name):
+        def add(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sq[layer_name] = sq.get(layer_name, 0) + (x ** 2).sum(0)
+        return add
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    run_batches(model.eval(), calibration_set(name, model=model), no_progress, "")
+    for h in handles:
+        h.remove()
+    out = {}
+    for n, m in layers.items():
+        norm = sq[n].sqrt().float()
+        mag = unstructured_mask(magnitude(m.weight.detach()), sparsity, per_row=True)
+        wan = unstructured_mask(wanda(m.weight.detach(), norm), sparsity, per_row=True)
+        out[n] = {"norm_max_over_median": round(float(norm.max() / norm.median()), 2),
+                  "norm_cv": round(float(norm.std() / norm.mean()), 3),
+                  "mask_agreement": round(float((mag == wan).float().mean()), 4)}
+    return out
 
 
 def main() -> None:
@@ -48,10 +79,21 @@ def main() -> None:
                     "column pass; the others: RTN after pruning)")
     ap.add_argument("--reference", action="store_true", help="measure against the dense model too (agreement, "
                     "cosine to FP: the encoder's figure)")
+    ap.add_argument("--outliers", action="store_true", help="instead of pruning: each target layer's spread of input "
+                    "feature norms ||x_j|| (Wanda's factor) and how often Wanda's mask equals magnitude's")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip() or None
     common = {**run_header(f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", commit),
               "limit": args.limit}
+    if args.outliers:
+        for name in args.models:
+            rec = {**common, "what": "wanda-vs-magnitude", "model": name, "sparsity": args.sparsity,
+                   "layers": input_spread(load_model(name), name, args.sparsity)}
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            for layer, v in rec["layers"].items():
+                print(f"{name} {layer}: {v}", flush=True)
+        return
     for name in args.models:
         fp = load_model(name)
         fp_res = evaluate(name, model=fp, limit=args.limit, latency=False)
