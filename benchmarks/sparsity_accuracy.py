@@ -31,7 +31,8 @@ from slimtorch.pruning.structured import StructuredConfig
 from slimtorch.progress import no_progress
 from slimtorch.quantize import run_batches
 from slimtorch.sparsity.masks import magnitude, unstructured_mask, wanda
-from slimtorch.sparsity.prune import PruneConfig
+from slimtorch.sequential import collect
+from slimtorch.sparsity.prune import InputNorms, PruneConfig
 from slimtorch.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results" / "sparsity_accuracy.jsonl"
@@ -41,22 +42,12 @@ def input_spread(model: torch.nn.Module, name: str, sparsity: float) -> dict[str
     """Per linear layer: max / median and coefficient of variation of the input feature norms over the
     calibration set, and the share of weights on which Wanda's per-row mask equals magnitude's (per row too).
     Wanda differs from magnitude only where those norms spread (the outlier features of large LLMs)."""
-    sq: dict[str, torch.Tensor] = {}
-
-    def hook(layer_name):
-        def add(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sq[layer_name] = sq.get(layer_name, 0) + (x ** 2).sum(0)
-        return add
-
     layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    run_batches(model.eval(), calibration_set(name, model=model), no_progress, "")
-    for h in handles:
-        h.remove()
+    calib = calibration_set(name, model=model)
+    stats = collect(layers, InputNorms, lambda: run_batches(model.eval(), calib, no_progress, ""))
     out = {}
     for n, m in layers.items():
-        norm = sq[n].sqrt().float()
+        norm = stats[n].sq.sqrt().float()
         mag = unstructured_mask(magnitude(m.weight.detach()), sparsity, per_row=True)
         wan = unstructured_mask(wanda(m.weight.detach(), norm), sparsity, per_row=True)
         out[n] = {"norm_max_over_median": round(float(norm.max() / norm.median()), 2),

@@ -23,7 +23,7 @@ from slimtorch.errors import SlimError, shown
 from slimtorch.progress import Progress, no_progress
 from slimtorch.quant.modules import ActQuant, QuantWeight, quant_type_for
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
-from slimtorch.sequential import Batch, per_layer, sequential, set_module
+from slimtorch.sequential import Batch, Stream, per_layer, sequential, set_module
 from slimtorch.spec import Plan
 
 
@@ -36,7 +36,7 @@ class QuantReport(Report):
     bits_per_weight: float  # over every Linear/Conv2d weight, scales and zero-points included
 
 
-def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> list[str]:
+def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, stream: Stream | None = None) -> list[str]:
     """Round-to-nearest: each planned layer's weight quantized on its own with its observer (a layer that is
     quantized already, by a joint sparsity + quantization pass, is left as it is)."""
     for name in progress(_weight_layers(plan), "rtn"):
@@ -47,9 +47,10 @@ def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) ->
     return []
 
 
-def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, act_order: bool = True) -> list[str]:
+def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, stream: Stream | None = None,
+         act_order: bool = True) -> list[str]:
     """GPTQ, block by block: each layer's Hessian comes from inputs that already went through the
-    quantized layers before it."""
+    quantized layers before it. ``stream``: blocks streamed to a device and/or checkpointed (sequential)."""
     if not calib:
         raise SlimError("gptq needs calibration data")
 
@@ -64,7 +65,7 @@ def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, a
         qparams = gptq_quantize(w2, stats.H, spec, act_order=act_order)
         return quant_type_for(layer).from_float(layer, spec, None, qparams)
 
-    sequential(model, _weight_layers(plan), calib, per_layer(Hessian, solve), progress)
+    sequential(model, _weight_layers(plan), calib, per_layer(Hessian, solve), progress, stream)
     return notes
 
 
@@ -75,11 +76,13 @@ def _weight_layers(plan: Plan) -> list[str]:
 def _rescaling(name: str, choose: Callable[[Plan], ChooseScale], clip: bool):
     """A method that rescales shared-input groups (folded where exact), then quantizes, block by block."""
 
-    def method(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress) -> list[str]:
+    def method(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress,
+               stream: Stream | None = None) -> list[str]:
         if not calib:
             raise SlimError(f"{name} needs calibration data")
         notes: list[str] = []
-        sequential(model, _weight_layers(plan), calib, rescale_method(plan, choose(plan), clip, notes), progress)
+        sequential(model, _weight_layers(plan), calib, rescale_method(plan, choose(plan), clip, notes), progress,
+                   stream)
         return notes
 
     return method
@@ -95,7 +98,7 @@ def awq(grid: int = 20):
     return _rescaling("awq", lambda plan: awq_choice(plan, grid), clip=True)
 
 
-METHODS: dict[str, Callable[[nn.Module, Plan, list[Batch], Progress], list[str]]] = {
+METHODS: dict[str, Callable[..., list[str]]] = {  # (model, plan, calib, progress, stream=None) -> notes
     "rtn": rtn, "gptq": gptq, "smoothquant": smoothquant(), "awq": awq(),
 }
 
@@ -146,12 +149,12 @@ def weight_bits(model: nn.Module) -> float:
 
 
 def quantize_plan_(model: nn.Module, plan: Plan, calib: list[Batch], method: str = "rtn",
-                   progress: Progress = no_progress) -> list[str]:
+                   progress: Progress = no_progress, stream: Stream | None = None) -> list[str]:
     """Quantize ``model`` in place by an explicit Plan (layer name -> LayerPlan): the method quantizes the
     weights, then the input quantizers go in and are calibrated. Returns the method's notes."""
     check_method(method)
     model.eval()
-    notes = METHODS[method](model, plan, calib, progress)
+    notes = METHODS[method](model, plan, calib, progress, stream=stream)
     for name, p in plan.items():  # methods quantize weights; activation quantizers go in afterwards
         if p.act is not None and p.weight is None:  # a MatmulInput point becomes the quantizer
             set_module(model, name, ActQuant(p.act))
@@ -169,10 +172,13 @@ def check_method(method: str) -> None:
 @dataclass(frozen=True)
 class PTQConfig:
     """Post-training quantization: ``recipe`` (a preset name such as ``W8A8`` or ``W4A16-g128``, a YAML
-    recipe path, or a Recipe; resolved when the config is made) by ``method`` (a key of ``METHODS``)."""
+    recipe path, or a Recipe; resolved when the config is made) by ``method`` (a key of ``METHODS``).
+    ``stream``: how the layer-by-layer methods run, not what they compute (sequential.Stream: each block on
+    a device in turn, finished blocks checkpointed for resuming)."""
 
     recipe: Recipe | str | Path
     method: str = "rtn"
+    stream: Stream | None = None
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -188,7 +194,7 @@ def _apply_ptq(model: nn.Module, config: PTQConfig, calib: list[Batch], progress
                         f"points (attention Q/K/V and softmax inputs): nothing to quantize")
     if not plan:
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
-    method_notes = quantize_plan_(model, plan, calib, config.method, progress)
+    method_notes = quantize_plan_(model, plan, calib, config.method, progress, config.stream)
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
     notes = [] if rec.attention is None or any(p.weight is None for p in plan.values()) else [
         "the recipe quantizes attention, but this model has no MatmulInput points (attention Q/K/V and "
@@ -202,7 +208,7 @@ def _apply_ptq(model: nn.Module, config: PTQConfig, calib: list[Batch], progress
 
 
 def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] | None = None,
-              method: str = "rtn", progress: Progress = no_progress) -> QuantReport:
+              method: str = "rtn", progress: Progress = no_progress, stream: Stream | None = None) -> QuantReport:
     """Quantize ``model`` in place: the shorthand of ``apply_(model, PTQConfig(recipe, method), calib)``.
 
     Args:
@@ -211,5 +217,6 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
         calib: calibration batches (tuples of forward arguments); needed by static activations
             and by data-driven methods.
         method: a key of ``METHODS`` (``rtn``, ``gptq``, ``awq``, ``smoothquant``).
+        stream: blocks run one at a time on a device and/or are checkpointed (``sequential.Stream``).
     """
-    return apply_(model, PTQConfig(recipe, method), calib, progress)
+    return apply_(model, PTQConfig(recipe, method, stream), calib, progress)

@@ -11,11 +11,23 @@ the whole model, run on the calibration batches.
 
 Nothing here knows what the layers become: that is the ``solve`` of :func:`per_layer` or the
 family's own ``process``.
+
+:class:`Stream` says how the blocks run. ``device``: the model stays where it is (the CPU, for a model larger
+than the GPU) and each block moves to ``device`` for its statistics, its solve and its run on the stored
+inputs, then back; the stored inputs live on ``device``. Peak device memory is about one block plus the
+calibration inputs and the layers outside the blocks (embeddings, final norm), which move there only for
+the capture of block 0's inputs. ``checkpoints``: after each block, the finished block is saved; a later
+run with the same checkpoints rebuilds the finished blocks from their files instead of solving them again,
+runs them to recreate the inputs of the next one, and goes on from there (an interrupted calibration
+resumes at its last finished block; the result is the same as an uninterrupted run's, as rebuilt blocks
+compute exactly what the solved ones did).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -36,6 +48,50 @@ StatsFactory = Callable[[nn.Module], object]
 
 class _Stop(Exception):
     pass
+
+
+class BlockStore(Protocol):
+    """Finished blocks of one run (slimtorch.export.block_checkpoint.BlockCheckpoints)."""
+
+    def has(self, index: int) -> bool: ...
+
+    def save(self, index: int, block: nn.Module) -> None: ...
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+
+@dataclass(frozen=True)
+class Stream:
+    """How :func:`sequential` runs the blocks (module docstring): on ``device`` one at a time, and/or saved
+    to and resumed from ``checkpoints``."""
+
+    device: torch.device | str | None = None
+    checkpoints: BlockStore | None = None
+
+
+def _to(value, device):
+    """Tensors in ``value`` (nested tuples, lists and dicts too) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _move_outside(model: nn.Module, prefix: str, device) -> dict[str, torch.device]:
+    """Move the parameters and buffers of ``model`` outside the blocks (``prefix``) to ``device``; returns
+    where each module's tensors were, to move them back."""
+    were = {}
+    for name, mod in model.named_modules():
+        if name == prefix[:-1] or name.startswith(prefix):
+            continue
+        own = [t for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)) if t is not None]
+        if own:
+            were[name] = own[0].device
+            mod._apply(lambda t: t.to(device), recurse=False)
+    return were
 
 
 def find_blocks(model: nn.Module, names: set[str]) -> tuple[str, nn.ModuleList] | None:
@@ -83,9 +139,11 @@ def per_layer(make_stats: StatsFactory, solve: Solver) -> ProcessScope:
 
 
 def sequential(model: nn.Module, names: list[str], calib: list[Batch], process: ProcessScope,
-               progress: Progress = no_progress) -> None:
+               progress: Progress = no_progress, stream: Stream | None = None) -> None:
     """Hand each scope (layers ``names`` outside the blocks with the whole model, then each block, with
-    the inputs it receives from the already-processed blocks before it) to ``process``."""
+    the inputs it receives from the already-processed blocks before it) to ``process``. ``stream``: see
+    :class:`Stream` (the scope outside the blocks runs where the model is)."""
+    stream = stream or Stream()
     blocks = find_blocks(model, set(names))
     prefix = f"{blocks[0]}." if blocks else None
     outside = [n for n in names if prefix is None or not n.startswith(prefix)]
@@ -95,25 +153,41 @@ def sequential(model: nn.Module, names: list[str], calib: list[Batch], process: 
         return
     list_name, block_list = blocks
     inputs: Inputs = []
+    dev = stream.device
 
     def catch(mod, args, kwargs):
         inputs.append((args, kwargs))
         raise _Stop
 
-    with TemporaryHooks() as hooks, torch.no_grad():
-        hooks.before(block_list[0], catch, with_kwargs=True)
-        for batch in calib:
-            try:
-                model(*batch)
-            except _Stop:
-                pass
+    were = _move_outside(model, prefix, dev) if dev is not None else {}
+    try:
+        with TemporaryHooks() as hooks, torch.no_grad():
+            hooks.before(block_list[0], catch, with_kwargs=True)
+            for batch in calib:
+                try:
+                    model(*(_to(batch, dev) if dev is not None else batch))
+                except _Stop:
+                    pass
+    finally:
+        for name, where in were.items():
+            model.get_submodule(name)._apply(lambda t, w=where: t.to(w), recurse=False)
+    store = stream.checkpoints
     for i in progress(range(len(block_list)), "block by block"):
         block, bname = block_list[i], f"{list_name}.{i}"
+        home = next((t.device for t in (*block.parameters(), *block.buffers())), None)
+        if dev is not None:
+            block.to(dev)
         layers = [n for n in names if n.startswith(f"{bname}.")]
-        if layers:
+        if layers and store is not None and store.has(i):
+            store.load(i, block)
+        elif layers:
             process(model, block, layers, inputs, no_progress)
+            if store is not None:
+                store.save(i, block)
         outs = run_scope(block, inputs)
         inputs = [((first_tensor(o), *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+        if dev is not None and home is not None:
+            block.to(home)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
