@@ -438,6 +438,20 @@ def test_w8a8_kernels_match_reference(dtype, m):
     assert rel(fn(x2, wq, ws), R.w8a8_linear_ref(x2.float(), wq, ws)) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("k, n", [(4, 256), (256, 4), (24, 40)])
+def test_w8a8_kernels_take_widths_that_are_not_multiples_of_16(dtype, k, n):
+    # before: fp8 at 2,048 rows of a DiT's 2x2x1 patch embedding (K = 4) failed in torch._scaled_mm
+    from slimtorch.kernels.w8a8 import fp8_linear, int8_linear
+
+    torch.manual_seed(k)
+    wq, ws = R.quantize_weight_channels(torch.randn(n, k, device="cuda"), dtype)
+    x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
+    fn = int8_linear if dtype == torch.int8 else fp8_linear
+    assert rel(fn(x, wq, ws), R.w8a8_linear_ref(x.float(), wq, ws)) < 2e-2
+
+
 def test_kernel_kind_follows_the_specs():
     from slimtorch.kernels.dispatch import kernel_kind
     from slimtorch.quant.recipe import get_preset

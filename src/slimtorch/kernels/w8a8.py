@@ -66,7 +66,8 @@ H100 and H200 before: benchmarks/results/kernels.jsonl)."""
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) bf16; wq (N, K) float8_e4m3fn; w_scale (N,) float32 -> (..., N) bf16."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] < FP8_SCALED_MM_MIN_M:
+    if x2.shape[0] < FP8_SCALED_MM_MIN_M or x2.shape[1] % 16 or wq.shape[0] % 16:
+        # _scaled_mm takes K and N in multiples of 16 only (a DiT's 2x2x1 patch embedding has K = 4)
         return _w8a8_mm(x2, wq, w_scale, torch.float8_e4m3fn).reshape(*x.shape[:-1], -1)
     xq, xs = quantize_rows(x2, torch.float8_e4m3fn)
     y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
