@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.fuzz.argv import run_in_process
 
@@ -231,6 +232,42 @@ def test_an_interrupted_training_leaves_no_output_and_resumes_from_its_staging_f
     epochs = [h["epoch"] for h in json.loads(r.stdout)["training"]["history"]]
     assert epochs == [1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_gptq_run_resumes_from_its_finished_blocks_to_the_same_file(tmp_path):
+    import hashlib
+
+    args = ["quantize", "tinyllama-fm", "--preset", "W4A16-g128", "--method", "gptq", "--calib-samples", "16",
+            "--limit", "16"]
+    whole = run(*args, "--out", str(tmp_path / "whole"), timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    want = hashlib.sha256((tmp_path / "whole" / "model.safetensors").read_bytes()).hexdigest()
+    out = tmp_path / "o"
+    r = run(*args, "--out", str(out), "--resume")  # nothing to resume yet: one line
+    assert r.returncode == 2 and "no finished blocks" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    proc = popen(*args, "--out", str(out))
+    second = tmp_path / ".o.partial" / "blocks" / "block-00001.safetensors"
+    deadline = time.time() + 300
+    while not second.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("quantization finished before the signal")
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "slimtorch: error: terminated", err
+    assert not out.exists() and second.is_file()
+    r = run(*args, "--out", str(out), "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr
+    from slimtorch.io.checkpoint import load_tensors
+
+    a, ma = load_tensors(tmp_path / "whole" / "model.safetensors")
+    b, mb = load_tensors(out / "model.safetensors")
+    assert {k: v for k, v in ma.items() if v != mb.get(k)} == {}
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "whole"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.html", "report.json"]
 
 
 def test_a_signal_during_start_up_is_one_line_not_a_broken_import():

@@ -1,3 +1,4 @@
+import hashlib
 import shutil
 
 import pytest
@@ -68,3 +69,20 @@ def test_diffusion_weights_are_shipped_and_load_by_name():
         path, sha = zoo_weights(name)
         assert sha256_file(path) == sha == rows[name]["sha256"] and path.stat().st_size == rows[name]["weights_bytes"]
         assert sum(p.numel() for p in load_diffusion(name).parameters()) == params == rows[name]["params"]
+
+
+def test_the_same_tensors_and_metadata_give_the_same_file_in_every_process(tmp_path):
+    # the safetensors library orders the header's metadata map at random per process: before, one of two
+    # files (a resumed quantization's file differed from an uninterrupted run's in those bytes alone)
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pathlib import Path; from slimtorch.io.checkpoint import save_tensors; "
+            "save_tensors(Path(sys.argv[1]), {'b': torch.arange(5.0), 'a': torch.ones(3, dtype=torch.int8)}, "
+            "{'x': 1, 'y': [1, 2]})")
+    digests = set()
+    for i in range(6):  # a random order would agree 6 times with probability 1/32
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1

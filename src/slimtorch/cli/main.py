@@ -134,6 +134,10 @@ def quantize_cmd(
     limit: int = typer.Option(None, "--limit", help="Evaluate on the first N items only (quick check)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration draw."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists and is not empty."),
+    device: str = typer.Option(None, "--device", help="gptq, awq, smoothquant: run each block on this device "
+                               "(cuda) in turn while the model stays in CPU memory (default: all on the CPU)."),
+    resume: bool = typer.Option(False, "--resume", help="gptq, awq, smoothquant: continue an interrupted run from "
+                                "the blocks it finished (kept in .DIR.partial/blocks/ beside DIR)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Calibrate and quantize a model, evaluate FP and quantized side by side, save both files."""
@@ -152,11 +156,21 @@ def quantize_cmd(
     get_entry(model)  # unknown names fail before any work
     check_data_path("--calib", model, calib_data)
     check_data_path("--eval", model, eval_data)
-    stage = StagedOutput(out_dir, overwrite)
+    dev = args.device(device)
+    layered = method != "rtn"  # the layer-by-layer methods: their finished blocks are kept for --resume
+    if resume and not layered:
+        raise SlimError("--resume continues gptq, awq or smoothquant runs; rtn has no blocks to resume")
+    stage = StagedOutput(out_dir, overwrite, resumable=layered)
     stage.check()
+    blocks = stage.resume_folder / "blocks"
+    if resume and not any(blocks.glob("block-*.safetensors")):
+        raise SlimError(f"--resume: no finished blocks in {blocks}; run without --resume")
+    if layered and not resume and stage.resume_folder.is_dir():
+        shutil.rmtree(stage.resume_folder, ignore_errors=True)  # an old run's staging: this run starts afresh
     with stage as folder:
         res = run_quantize(model, rec, method, folder, calib_samples, limit, seed, progress=progress_bar,
-                           calib_data=calib_data, eval_data=eval_data)
+                           calib_data=calib_data, eval_data=eval_data, device=dev,
+                           blocks=folder / "blocks" if layered else None)
     if as_json:
         print(json_text(res))
         return

@@ -94,11 +94,26 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
         flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         meta_json = json.dumps(metadata or {}, sort_keys=True, allow_nan=False)
         save_file(flat, tmp, metadata={META_KEY: meta_json, DIGEST_KEY: tensors_digest(flat, meta_json)})
+        _sort_header(Path(tmp))
         umask_mode(tmp, 0o666)  # after: save_file writes a file of its own in place of tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the file's JSON header with sorted keys, in place and at the same length (padded with spaces,
+    as the format allows). The safetensors library writes the metadata map in a random order per process,
+    so the same tensors and metadata gave one of two files; now they give one, byte for byte (a resumed
+    quantization's file equals an uninterrupted run's)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canon) <= n:
+            f.seek(8)
+            f.write(canon + b" " * (n - len(canon)))
 
 
 def read_metadata(path: Path) -> dict:
