@@ -59,7 +59,8 @@ def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, s
     def solve(name: str, layer: nn.Module, stats: Hessian) -> nn.Module:
         spec = plan[name].weight
         if stats.H is None:
-            notes.append(f"{name}: grouped (depthwise) convolution, GPTQ does not apply; rounded to nearest")
+            notes.append(f"{name}: grouped (depthwise) convolution, GPTQ does not apply; rounded to nearest"
+                         if stats.grouped else f"{name}: received no calibration input; rounded to nearest")
             return quant_type_for(layer).from_float(layer, spec, None)
         w2 = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         qparams = gptq_quantize(w2, stats.H, spec, act_order=act_order)

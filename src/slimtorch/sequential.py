@@ -119,10 +119,15 @@ def first_tensor(out) -> torch.Tensor:
 def collect(layers: dict[str, nn.Module], make_stats: StatsFactory, run: Callable[[], object]) -> dict[str, object]:
     """Statistics of each layer's input over ``run()``."""
     stats = {n: make_stats(m) for n, m in layers.items()}
+    shared: dict = {}  # statistics that take ``products`` share the work on an input several layers read
+    for s in stats.values():
+        if hasattr(s, "products"):
+            s.products = shared
     with TemporaryHooks() as hooks, torch.no_grad():
         for n, m in layers.items():
             hooks.before(m, lambda mod, args, s=stats[n]: s.add(args[0]))
         run()
+    shared.clear()
     return stats
 
 

@@ -102,3 +102,33 @@ def test_a_pruning_solver_runs_block_by_block_on_inputs_from_the_pruned_blocks_b
         w = net.get_submodule(name).weight
         assert ((w == 0).sum(1) == w.shape[1] // 2).all(), name
         torch.testing.assert_close(w, ref.get_submodule(name).weight)
+
+
+def test_layers_that_read_one_tensor_share_its_hessian_product():
+    # q/k/v-like layers read the same tensor: X^T X is computed once and each layer's H is 2/n X^T X exactly
+    from slimtorch.calib.gptq import Hessian
+    from slimtorch.sequential import collect
+
+    class Fan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 3), nn.Linear(6, 5), nn.Linear(3, 2)
+
+        def forward(self, x):  # a and b run one after the other on x, as q/k/v or gate/up do
+            h, g = self.a(x), self.b(x)
+            return self.c(h) + g.sum(-1, keepdim=True)
+
+    net = Fan()
+    xs = [torch.randn(7, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calls = []
+
+    class Counting(Hessian):
+        def rows(self, x):
+            calls.append(self.layer)
+            return super().rows(x)
+
+    stats = collect({"a": net.a, "b": net.b, "c": net.c}, Counting, lambda: [net(x) for x in xs])
+    assert calls.count(net.a) + calls.count(net.b) == 3 and calls.count(net.c) == 3  # a and b: one product per input
+    x = torch.cat(xs).double()
+    assert torch.allclose(stats["a"].H, 2 / 21 * x.T @ x) and torch.equal(stats["a"].H, stats["b"].H)
+    assert stats["a"].H is not stats["b"].H  # each solver may damp its own in place

@@ -187,6 +187,8 @@ def _apply_prune(model: nn.Module, config: PruneConfig, calib: list[Batch], prog
             w2 = layer.weight.detach().reshape(layer.weight.shape[0], -1)
             block = 128 if config.nm is None else (128 - 128 % config.nm[1]) or config.nm[1]
             wspec = plan[name].weight if name in plan else None
+            if stats.H is None:
+                raise SlimError(f"sparsegpt: layer {name} received no calibration input")
             new, keep, qparams = sparsegpt_prune(w2, stats.H, config.sparsity, config.nm, block_size=block, quant=wspec)
             sparse_counts[name] = int((~keep).sum())
             if qparams is None:
