@@ -26,8 +26,8 @@ class Hessian:
 
     Layers that read the same tensor (q/k/v after a norm, gate/up) get the same ``x_i``: with ``products``
     (a dict :func:`~slimtorch.sequential.collect` shares among the Hessians of one scope) the product
-    ``X^T X`` of one input tensor is computed once and added to each of them (GPTQ on tinyllama-fm, 64
-    samples, 2 CPU threads: 16.2 s -> 13.9 s; benchmarks/notes/issue23_scale.md)."""
+    ``X^T X`` of one input tensor is computed once and added to each of them (timings:
+    benchmarks/notes/issue23_scale.md)."""
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
