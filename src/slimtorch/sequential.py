@@ -184,7 +184,9 @@ def sequential(model: nn.Module, names: list[str], calib: list[Batch], process: 
             block.to(dev)
         layers = [n for n in names if n.startswith(f"{bname}.")]
         if layers and store is not None and store.has(i):
-            store.load(i, block)
+            store.load(i, block)  # rebuilt modules come from the file on the CPU: back where the block runs
+            if dev is not None or home is not None:
+                block.to(dev if dev is not None else home)
         elif layers:
             process(model, block, layers, inputs, no_progress)
             if store is not None:

@@ -170,7 +170,7 @@ def quantize_cmd(
     with stage as folder:
         res = run_quantize(model, rec, method, folder, calib_samples, limit, seed, progress=progress_bar,
                            calib_data=calib_data, eval_data=eval_data, device=dev,
-                           blocks=folder / "blocks" if layered else None)
+                           blocks=blocks if layered else None)  # folder is stage.resume_folder here
     if as_json:
         print(json_text(res))
         return

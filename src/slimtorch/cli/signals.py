@@ -37,15 +37,18 @@ def _later(signum: int) -> None:
     timer.start()
 
 
-def on_sigterm(signum, frame):
-    if importing(frame):
-        _later(signum)
-        return
-    raise Terminated()
+def _raising(exc: type[BaseException]):
+    """A handler that raises ``exc`` where the program is, or delivers the signal again later while an
+    import is under way."""
+
+    def handle(signum, frame):
+        if importing(frame):
+            _later(signum)
+            return
+        raise exc()
+
+    return handle
 
 
-def on_sigint(signum, frame):
-    if importing(frame):
-        _later(signum)
-        return
-    raise KeyboardInterrupt()
+on_sigterm = _raising(Terminated)
+on_sigint = _raising(KeyboardInterrupt)

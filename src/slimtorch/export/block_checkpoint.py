@@ -55,9 +55,8 @@ class BlockCheckpoints:
         save_quantized(block, self.path(index), base=f"block {index}", extra={"run": self.key})
 
     def load(self, index: int, block: nn.Module) -> None:
-        """Rebuild ``block`` (float, as the run found it) in place from its file, on the block's device."""
-        device = next((t.device for t in (*block.parameters(), *block.buffers())), torch.device("cpu"))
+        """Rebuild ``block`` (float, as the run found it) in place from its file (the rebuilt modules on the
+        CPU: the caller moves the block where it runs)."""
         _, meta = load_quantized(self.path(index), block)
         if meta.get("run") != self.key:
             raise SlimError(f"{self.path(index)} was written by another run; remove {self.folder}")
-        block.to(device)

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import platform
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ def run_quantize(model: str, recipe: str | Path, method: str, out: Path, calib_s
     if device is not None or blocks is not None:
         key = {"model": model, "method": method, "calib": calib_digest(calib),
                "recipe": hashlib.sha256(repr(config.recipe).encode()).hexdigest()}
-        config = PTQConfig(config.recipe, method, Stream(device, None if blocks is None else BlockCheckpoints(blocks, key)))
+        config = replace(config, stream=Stream(device, None if blocks is None else BlockCheckpoints(blocks, key)))
     q = copy.deepcopy(fp)
     report = apply_(q, config, calib, **kw)
     if blocks is not None:
