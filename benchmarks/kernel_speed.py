@@ -134,6 +134,11 @@ def main() -> None:
         q4t = [prepare_int4(*q) for q in q4raw]  # the Triton kernels' layout (int4.py)
         # our presets through the public API: QuantLinear modules, called as a model calls them
         layers = {key: quant_layers(weights, p) for key, p in presets.items()}
+        # the progressive W4A8 kernel (prototype: called directly, not yet behind a preset)
+        from slimtorch.kernels.w4a8 import pack_w4a8, quantize_progressive, w4a8p_linear
+
+        prog = [quantize_progressive(w, 128) for w in weights]
+        prog = [(pack_w4a8(c), s1, s2) for c, s1, s2 in prog]
         ao = {} if args.no_torchao else _torchao_fns(k, n, weights, args.torchao_mode)
         for m in ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
@@ -145,7 +150,11 @@ def main() -> None:
                 "ours_int8": lambda i: layers["int8"][i](xs[i]),
                 "ours_fp8": lambda i: layers["fp8"][i](xs[i]),
                 "ours_w4a8": lambda i: layers["w4a8"][i](xs[i]),
+                "ours_w4a8p": lambda i: w4a8p_linear(xs[i], *prog[i]),
+                "ours_w4a8p_plain": lambda i: w4a8p_linear(xs[i], *prog[i], asm=False),
             }
+            if m <= 32:  # the W4A8 layer runs weight-only int4 there (dispatch.W4A16_MAX_M)
+                del fns["ours_w4a8p"], fns["ours_w4a8p_plain"]
             if m > 16:  # the Triton path is kept for GPUs without bf16 mma; it is timed where it was tuned
                 del fns["ours_int4wo_triton"]
             for name, mods in ao.items():

@@ -518,6 +518,51 @@ def test_w4a8_kernel_matches_reference(m, k, n, group):
     assert rel(w4a8_linear(x2, packed, scale), w4a8_linear_ref(x2, packed, scale)) < 5e-3
 
 
+def test_progressive_scales_are_integer_multiples_of_the_row_scale_and_never_below_the_float_ones():
+    from slimtorch.kernels.w4a8 import S2_MAX, progressive_scales
+
+    scale = torch.tensor([[1.0, 0.5, 0.26, 0.001], [3.0, 3.0, 3.0, 3.0]])
+    s1, s2 = progressive_scales(scale)
+    assert s2.dtype == torch.int8 and int(s2.min()) >= 1 and int(s2.max()) <= S2_MAX
+    assert torch.allclose(s1, torch.tensor([1 / 16, 3 / 16]))
+    # rounded up to a multiple of s1: 1.0 -> 16, 0.5 -> 8, 0.26 -> 5 (0.3125), 0.001 -> 1 (the floor of 1)
+    assert s2.tolist() == [[16, 8, 5, 1], [16, 16, 16, 16]]
+    assert bool((s1[:, None] * s2.float() >= scale - 1e-6).all())
+
+
+def test_progressive_weights_lose_little_against_float_group_scales():
+    # rounding each group's scale up to a multiple of max / 16 coarsens the step of small groups only: on
+    # Gaussian rows the weight error grows by a few percent (measured 0.9% at this seed), not by a bit's 2x
+    from slimtorch.kernels.w4a8 import quantize_progressive
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 1024) * 0.02
+    codes, s1, s2 = quantize_progressive(w, 128)
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+    wp = (codes.float().reshape(64, 8, 128) * (s1[:, None] * s2.float())[..., None]).reshape(64, 1024)
+    sc = w.reshape(64, 8, 128).abs().amax(-1, keepdim=True) / 7.5
+    wf = (torch.round(w.reshape(64, 8, 128) / sc).clamp(-8, 7) * sc).reshape(64, 1024)
+    assert rel(wp, w) < 1.05 * rel(wf, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asm", [True, False])
+@pytest.mark.parametrize("m", [33, 300, 2048])
+@pytest.mark.parametrize("k,n,group", [(4096, 11008, 128), (1024, 768, 256)])
+def test_progressive_w4a8_kernel_matches_reference(m, k, n, group, asm):
+    from slimtorch.kernels.w4a8 import pack_w4a8, quantize_progressive, w4a8p_linear, w4a8p_linear_ref
+
+    torch.manual_seed(m)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    codes, s1, s2 = quantize_progressive(w, group)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    packed = pack_w4a8(codes)
+    for _ in range(2):  # the second call launches the tuned kernel directly
+        y = w4a8p_linear(x, packed, s1, s2, asm=asm)
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        assert rel(y, w4a8p_linear_ref(x, packed, s1, s2)) < 5e-3  # int32 sums are exact; bf16 output rounding
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_static_activation_ptq_of_a_gpu_model_keeps_its_scales_on_the_gpu():
     # a regression: quantizers made on the CPU froze their scales there and failed under CUDA inputs

@@ -123,6 +123,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     x is quantized per row to int8 by ``w8a8.quantize_rows`` (one read of x), then the GEMM runs."""
     import triton
 
+    from slimtorch.kernels.triton_launch import launch_tuned
     from slimtorch.kernels.w8a8 import quantize_rows
 
     k, n = x.shape[-1], packed.shape[0]
@@ -139,6 +140,169 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _kernel()[grid](xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0), scale.stride(0),
-                    y.stride(0), GROUP=k // scale.shape[1])
+    launch_tuned(_kernel(), grid, (xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0),
+                                   scale.stride(0), y.stride(0)), {"GROUP": k // scale.shape[1]}, (bucket, n, k))
+    return y.reshape(*x.shape[:-1], n)
+
+
+# --- progressive group scales (QServe): the prototype of the next W4A8 kernel ---------------------------------
+
+S2_MAX = 16
+"""The largest integer group scale of the progressive form: codes -8..7 times 1..16 stay in int8 (-128..112)."""
+
+
+def progressive_scales(scale: torch.Tensor, s2_max: int = S2_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float group scales ``(N, G)`` -> ``(s1 (N,) float32, s2 (N, G) int8)`` with ``s1 * s2 >= scale`` and s2
+    an integer in 1..``s2_max``: each group's scale rounded up to a multiple of its row's ``max / s2_max`` (up, so
+    that no code of the group moves out of range).
+
+    Why: with integer group scales, ``s2 q`` is an exact int8 weight and a whole row's products are summed in
+    int32 by the tensor cores, with one float scale per row at the end, instead of a float multiply-add of the
+    accumulator after every group (QServe's progressive quantization)."""
+    scale = scale.float()
+    s1 = (scale.amax(1) / s2_max).clamp_min(torch.finfo(torch.float32).tiny)
+    s2 = torch.ceil(scale / s1[:, None] - 1e-4).clamp(1, s2_max)
+    return s1, s2.to(torch.int8)
+
+
+def quantize_progressive(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (codes (N, K) int8 in -8..7, s1 (N,), s2 (N, K / group) int8): symmetric int4 groups
+    (scale amax / 7.5 before rounding up) with progressive scales, codes rounded to nearest against s1 s2."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    s1, s2 = progressive_scales(wg.abs().amax(-1) / 7.5)
+    full = (s1[:, None] * s2.float())[..., None]
+    codes = torch.round(wg / full).clamp(-8, 7).to(torch.int8).reshape(n, k)
+    return codes, s1, s2
+
+
+def w4a8p_linear_ref(x: torch.Tensor, packed: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """The float reference of :func:`w4a8p_linear` (x quantized per row to int8 as the kernel does)."""
+    return w4a8_linear_ref(x, packed, s1.float()[:, None] * s2.float())
+
+
+# Two nibbles of 4 packed bytes -> 4 int8 products s2 q each, 2.3 instructions a weight: the codes go to offset
+# form (q + 8, xor 8), are multiplied by s2 with one 32-bit multiply (each byte stays below 256), and 8 s2 is
+# taken off each byte without borrows (a SIMD-within-a-register subtraction; the true result is in int8's
+# range, so the byte's wrap-around is its two's complement). $3 holds s2 in each of its bytes.
+_UNPACK_ASM = """{
+.reg .b32 s, c, ch, u, t, h;
+and.b32 s, $3, 255;
+shl.b32 c, $3, 3;
+and.b32 ch, c, 0x7F7F7F7F;
+xor.b32 u, $2, 0x08080808;
+and.b32 u, u, 0x0F0F0F0F;
+mul.lo.u32 u, u, s;
+or.b32 t, u, 0x80808080;
+sub.u32 t, t, ch;
+xor.b32 h, u, c;
+not.b32 h, h;
+and.b32 h, h, 0x80808080;
+xor.b32 $0, t, h;
+shr.u32 u, $2, 4;
+xor.b32 u, u, 0x08080808;
+and.b32 u, u, 0x0F0F0F0F;
+mul.lo.u32 u, u, s;
+or.b32 t, u, 0x80808080;
+sub.u32 t, t, ch;
+xor.b32 h, u, c;
+not.b32 h, h;
+and.b32 h, h, 0x80808080;
+xor.b32 $1, t, h;
+}"""
+
+
+def _p_configs():
+    import triton
+
+    out = []
+    for bn, bm, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 4),
+                                  (128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+                                  (64, 256, 4, 3), (256, 64, 8, 4)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=warps, num_stages=stages))
+    return out
+
+
+_P_KERNEL: list = []
+
+
+def _p_kernel():
+    """The progressive W4A8 GEMM (Triton, defined at first use): as :func:`_kernel`, with the group scale applied
+    to the weight codes (exact int8) instead of to the accumulator, so one int32 accumulator runs over all of K
+    and the tensor-core products of consecutive steps may overlap. ASM picks the packed unpack above."""
+    if _P_KERNEL:
+        return _P_KERNEL[0]
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=_p_configs(), key=["M_BUCKET", "N", "K", "ASM"])
+    @triton.jit
+    def w4a8p_kernel(a_ptr, b_ptr, as_ptr, s2_ptr, s1_ptr, c_ptr, M, N, K, M_BUCKET, stride_am, stride_bn,
+                     stride_s2, stride_cm, GROUP: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m, pid_n = pid % num_m, pid // num_m
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rh = tl.arange(0, 64)
+        w_p = b_ptr + rn[:, None] * stride_bn + rh[None, :]
+        x_p = a_ptr + rm[None, :] * stride_am + rh[:, None]
+        s_p = s2_ptr + rn * stride_s2
+        mask_n, mask_m = rn[:, None] < N, rm[None, :] < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        for k0 in range(0, K, 128):
+            p = tl.load(w_p, mask=mask_n, other=0)
+            s = tl.load(s_p + k0 // GROUP, mask=rn < N, other=0)
+            sb = tl.broadcast_to(s[:, None], (BLOCK_N, 64))
+            if ASM:
+                lo, hi = tl.inline_asm_elementwise(_UNPACK_ASM, "=r,=r,r,r", [p, sb], dtype=(tl.int8, tl.int8),
+                                                   is_pure=True, pack=4)
+            else:
+                lo = ((p << 4) >> 4) * sb
+                hi = (p >> 4) * sb
+            x0 = tl.load(x_p, mask=mask_m, other=0)
+            x1 = tl.load(x_p + 64, mask=mask_m, other=0)
+            acc = tl.dot(lo, x0, acc, out_dtype=tl.int32)
+            acc = tl.dot(hi, x1, acc, out_dtype=tl.int32)
+            w_p += 64
+            x_p += 128
+        sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
+        s1 = tl.load(s1_ptr + rn, mask=rn < N, other=0.0)
+        y = acc.to(tl.float32) * s1[:, None] * sa[None, :]
+        tl.store(c_ptr + rm[None, :] * stride_cm + rn[:, None], y.to(c_ptr.dtype.element_ty), mask=mask_m & mask_n)
+
+    _P_KERNEL.append(w4a8p_kernel)
+    return w4a8p_kernel
+
+
+def w4a8p_linear(x: torch.Tensor, packed: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
+                 asm: bool = True) -> torch.Tensor:
+    """x (..., K) bf16; packed (N, K/2) int8 (:func:`pack_w4a8`); s1 (N,) float32; s2 (N, K/G) int8 in
+    1..16 -> (..., N) bf16. The progressive form of :func:`w4a8_linear` (prototype, benchmarks only)."""
+    import triton
+
+    from slimtorch.kernels.triton_launch import launch_tuned
+    from slimtorch.kernels.w8a8 import quantize_rows
+
+    k, n = x.shape[-1], packed.shape[0]
+    if k != packed.shape[1] * 2 or k % 128 or (k // s2.shape[1]) % 128:
+        raise SlimError(f"W4A8 kernel: x (..., {k}) against packed {tuple(packed.shape)} and scales "
+                        f"{tuple(s2.shape)}: K must be 2x the packed width, a multiple of 128, and groups "
+                        "multiples of 128")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    xq, xs = quantize_rows(x2, torch.int8)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    bucket = 64 if m <= 64 else 128 if m <= 128 else 256 if m <= 256 else 512 if m <= 512 else 4096
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    args = (xq, packed, xs, s2, s1, y, m, n, k, bucket, xq.stride(0), packed.stride(0), s2.stride(0), y.stride(0))
+    meta = {"GROUP": k // s2.shape[1], "ASM": asm}
+    if x.is_cuda:
+        launch_tuned(_p_kernel(), grid, args, meta, (bucket, n, k, asm))
+    else:  # the Triton interpreter (TRITON_INTERPRET=1), for tests without a GPU
+        _p_kernel()[grid](*args, **meta)
     return y.reshape(*x.shape[:-1], n)
