@@ -18,6 +18,7 @@ from torch import nn
 
 from slimtorch.api import Report, apply_, handler
 from slimtorch.calib.gptq import Hessian, gptq_quantize
+from slimtorch.calib.hqq import hqq_quantize
 from slimtorch.calib.rescale import ChooseScale, awq_choice, rescale_method, smoothquant_choice
 from slimtorch.errors import SlimError, shown
 from slimtorch.progress import Progress, no_progress
@@ -70,6 +71,25 @@ def gptq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, s
     return notes
 
 
+def hqq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, stream: Stream | None = None) -> list[str]:
+    """HQQ (calib.hqq): each planned weight fitted under an l_p error, with no data; fp8 weights and layers
+    quantized already keep what rtn would give them."""
+    notes = []
+    for name in progress(_weight_layers(plan), "hqq"):
+        layer = model.get_submodule(name)
+        if isinstance(layer, QuantWeight):
+            continue
+        spec = plan[name].weight
+        if spec.is_float:
+            notes.append(f"{name}: {spec.dtype} has no zero-point for hqq to fit; rounded to nearest")
+            qparams = None
+        else:
+            r = hqq_quantize(layer.weight, spec)
+            qparams = (r.codes, r.scale, r.zero)
+        set_module(model, name, quant_type_for(layer).from_float(layer, spec, None, qparams))
+    return notes
+
+
 def _weight_layers(plan: Plan) -> list[str]:
     return [n for n, p in plan.items() if p.weight is not None]
 
@@ -100,8 +120,12 @@ def awq(grid: int = 20):
 
 
 METHODS: dict[str, Callable[..., list[str]]] = {  # (model, plan, calib, progress, stream=None) -> notes
-    "rtn": rtn, "gptq": gptq, "smoothquant": smoothquant(), "awq": awq(),
+    "rtn": rtn, "gptq": gptq, "smoothquant": smoothquant(), "awq": awq(), "hqq": hqq,
 }
+
+
+DATA_FREE = ("rtn", "hqq")
+"""Methods that quantize each weight on its own, with no calibration data and no blocks to resume."""
 
 
 def resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -217,7 +241,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str | Path, calib: list[Batch] 
         recipe: a preset name (``W8A8``, ``W4A16-g128``, ...), a YAML recipe path, or a Recipe.
         calib: calibration batches (tuples of forward arguments); needed by static activations
             and by data-driven methods.
-        method: a key of ``METHODS`` (``rtn``, ``gptq``, ``awq``, ``smoothquant``).
+        method: a key of ``METHODS`` (``rtn``, ``gptq``, ``awq``, ``smoothquant``, ``hqq``).
         stream: blocks run one at a time on a device and/or are checkpointed (``sequential.Stream``).
     """
     return apply_(model, PTQConfig(recipe, method, stream), calib, progress)
