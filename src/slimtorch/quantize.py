@@ -221,7 +221,7 @@ def _apply_ptq(model: nn.Module, config: PTQConfig, calib: list[Batch], progress
         raise SlimError(f"recipe {rec.name} matches no quantizable layer of this model (targets {list(rec.targets)})")
     method_notes = quantize_plan_(model, plan, calib, config.method, progress, config.stream)
     quantized = {n: f"W:{p.weight.dtype if p.weight else '-'} A:{p.act.dtype if p.act else '-'}" for n, p in plan.items()}
-    notes = [] if rec.attention is None or any(p.weight is None for p in plan.values()) else [
+    notes = [] if (rec.attention is None and rec.kv_cache is None) or any(p.weight is None for p in plan.values()) else [
         "the recipe quantizes attention, but this model has no MatmulInput points (attention Q/K/V and "
         "softmax inputs): only its layers were quantized"]
     notes += [f"{n}: a conv input has no tokens, so its activations use one scale per call (per tensor)"

@@ -65,8 +65,13 @@ class ActQuant(nn.Module):
 
 class MatmulInput(nn.Identity):
     """A named point where a tensor enters a matmul that has no weight: attention's Q, K, V and softmax
-    probabilities. Models place these (our zoo's ViT and TinyLlama do); a recipe with an ``attention``
-    spec replaces each by an :class:`ActQuant`. Until then it is the identity."""
+    probabilities (``role``: "q", "k", "v", "probs"; K and V are what a KV cache holds). Models place these
+    (our zoo's ViT and TinyLlama do); a recipe with an ``attention`` (or, at K and V, ``kv_cache``) spec
+    replaces each by an :class:`ActQuant`. Until then it is the identity."""
+
+    def __init__(self, role: str | None = None) -> None:
+        super().__init__()
+        self.role = role
 
 
 class QuantWeight(nn.Module):

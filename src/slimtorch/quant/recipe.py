@@ -8,10 +8,13 @@ A YAML recipe::
     weight: {dtype: uint4, granularity: group:128, symmetric: false, observer: mse}
     act: null                   # or {dtype: int8, granularity: tensor, dynamic: false, ...}
     attention: {dtype: int8, granularity: tensor, symmetric: false}   # optional: Q, K, V, softmax output
+    kv_cache: {dtype: uint4, granularity: token, symmetric: false, dynamic: true}  # optional: K and V only
 
 Granularity strings: ``tensor``, ``channel`` (axis 0), ``channel:AXIS``, ``token``, ``group:N``.
 ``attention`` quantizes the matmul inputs that have no weight (attention Q, K, V and the softmax
-probabilities), at the :class:`~slimtorch.quant.modules.MatmulInput` points a model defines.
+probabilities), at the :class:`~slimtorch.quant.modules.MatmulInput` points a model defines; ``kv_cache``
+quantizes K and V alone (what a KV cache stores: ``token`` granularity is one scale per token and head), and
+wins over ``attention`` there.
 Layers a recipe targets but that cannot take it (a group size that does not divide the input
 width, say) are skipped and reported with the reason, never silently.
 """
@@ -38,6 +41,7 @@ class Recipe:
     targets: tuple[str, ...] = ("Linear", "Conv2d")
     ignore: tuple[str, ...] = ("lm_head",)
     attention: QuantSpec | None = None  # the spec of every MatmulInput point (Q, K, V, probabilities)
+    kv_cache: QuantSpec | None = None  # the spec of the K and V points (the KV cache), over ``attention``'s
 
     @property
     def weight_only(self) -> bool:
@@ -59,6 +63,7 @@ PRESETS: dict[str, Recipe] = {
         Recipe("W2A16-g64", _w("uint2", PerGroup(64), symmetric=False)),
         Recipe("W4A8", _w("int4", PerGroup(128)), _DYN_TOKEN),
         Recipe("FP8", _w("fp8_e4m3", PerChannel(0)), QuantSpec("fp8_e4m3", PerToken(), dynamic=True)),
+        Recipe("W4A4", _w("int4", PerChannel(0)), QuantSpec("int4", PerToken(), dynamic=True)),
     )
 }
 
@@ -91,7 +96,7 @@ def _patterns(raw, where: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
-RECIPE_FIELDS = ("preset", "targets", "ignore", "weight", "act", "attention")
+RECIPE_FIELDS = ("preset", "targets", "ignore", "weight", "act", "attention", "kv_cache")
 
 
 def recipe_from_dict(raw, name: str) -> Recipe:
@@ -100,13 +105,13 @@ def recipe_from_dict(raw, name: str) -> Recipe:
     if "preset" in raw and not isinstance(raw["preset"], str):
         raise SlimError(f"recipe field 'preset' must be a preset name, got {shown(raw['preset'])}")
     rec = replace(get_preset(raw["preset"]) if "preset" in raw else Recipe(name, None), name=name)
-    for field, role in (("weight", "weight"), ("act", "act"), ("attention", "act")):
+    for field, role in (("weight", "weight"), ("act", "act"), ("attention", "act"), ("kv_cache", "act")):
         if field in raw:
             rec = replace(rec, **{field: _spec(raw[field], field, role)})
     for field in ("targets", "ignore"):
         if field in raw:
             rec = replace(rec, **{field: _patterns(raw[field], field)})
-    if rec.weight is None and rec.act is None and rec.attention is None:
+    if rec.weight is None and rec.act is None and rec.attention is None and rec.kv_cache is None:
         raise SlimError(f"recipe {name} quantizes nothing: give it a preset, a weight or an act spec")
     if rec.weight is None and rec.act is not None:
         raise SlimError(f"recipe {name} quantizes layer inputs (act) but not their weights: a layer's input is "
@@ -155,11 +160,15 @@ def build_plan(model: nn.Module, recipe: Recipe) -> tuple[Plan, dict[str, str]]:
     plan: Plan = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, MatmulInput) and recipe.attention is not None:
+        if isinstance(module, MatmulInput):
+            spec = recipe.kv_cache if recipe.kv_cache is not None and module.role in ("k", "v") \
+                else recipe.attention
+            if spec is None:
+                continue
             if _matches(name, module, recipe.ignore):
                 skipped[name] = "ignored by the recipe"
             else:
-                plan[name] = LayerPlan(weight=None, act=recipe.attention)
+                plan[name] = LayerPlan(weight=None, act=spec)
             continue
         if recipe.weight is None or not isinstance(module, nn.Linear | nn.Conv2d) \
                 or not _matches(name, module, recipe.targets):

@@ -72,7 +72,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
         # matmul inputs without weights: identities unless a recipe quantizes attention
-        self.q_in, self.k_in, self.v_in, self.probs = MatmulInput(), MatmulInput(), MatmulInput(), MatmulInput()
+        self.q_in, self.k_in, self.v_in = MatmulInput("q"), MatmulInput("k"), MatmulInput("v")
+        self.probs = MatmulInput("probs")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # (B, T, C)
         b, t, _ = x.shape

@@ -19,7 +19,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         # matmul inputs without weights: identities unless a recipe quantizes attention
-        self.q_in, self.k_in, self.v_in, self.probs = MatmulInput(), MatmulInput(), MatmulInput(), MatmulInput()
+        self.q_in, self.k_in, self.v_in = MatmulInput("q"), MatmulInput("k"), MatmulInput("v")
+        self.probs = MatmulInput("probs")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         b, t, _ = x.shape
