@@ -5,7 +5,8 @@ and data-free HQQ, on tinyllama-fm's held-out perplexity (FP baseline from the s
 
 Cases (``--cases``, default all): ``w4a4-rtn``, ``w4a4-smoothquant``, ``w4a4-gptq``, ``rot-w4a4-rtn``,
 ``rot-w4a4-gptq``, ``rot-w4a4kv4-gptq``, ``rot-w4a4kv8-gptq``, ``w4a4kv4-gptq`` (KV cache without rotation),
-``rot-fp`` (rotation alone: must equal FP). W4A4: int4 per-channel weights, dynamic per-token int4 (symmetric)
+``rot-fp`` (rotation alone: must equal FP), ``rotlearned-*`` (the residual rotation learned by Cayley SGD on
+the W4A4 fake-quantized loss, ``calib.learned_rotation``, ``--rot-steps`` steps of ``--rot-batch`` windows). W4A4: int4 per-channel weights, dynamic per-token int4 (symmetric)
 activations on every block linear; KV: K and V at the attention's matmul points, dynamic asymmetric per token
 and head. The rotation (``calib.rotate``: random Hadamard, seed ``--seed``) is applied before calibration.
 Appends one JSON line per case to benchmarks/results/llm_lowbit.jsonl.
@@ -35,7 +36,7 @@ from slimtorch.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results" / "llm_lowbit.jsonl"
 CASES = ("w4a4-rtn", "w4a4-smoothquant", "w4a4-gptq", "rot-fp", "rot-w4a4-rtn", "rot-w4a4-gptq",
-         "rot-w4a4kv4-gptq", "rot-w4a4kv8-gptq", "w4a4kv4-gptq")
+         "rot-w4a4kv4-gptq", "rot-w4a4kv8-gptq", "w4a4kv4-gptq", "rotlearned-w4a4-rtn", "rotlearned-w4a4-gptq")
 
 
 def recipe_for(case: str):
@@ -56,6 +57,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rot-steps", type=int, default=100)
+    ap.add_argument("--rot-batch", type=int, default=2)
+    ap.add_argument("--rot-lr", type=float, default=1.5)
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
     common = {**run_header(f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", commit),
@@ -67,7 +71,16 @@ def main() -> None:
     for case in args.cases:
         q = copy.deepcopy(fp)
         t0 = time.perf_counter()
-        if case.startswith("rot"):
+        extra = {}
+        if case.startswith("rotlearned"):
+            from slimtorch.calib.learned_rotation import learn_rotation
+
+            rot, losses = learn_rotation(fp, calib, get_preset("W4A4"), steps=args.rot_steps, lr=args.rot_lr,
+                                         seed=args.seed, batch=args.rot_batch)
+            rotate_llama(q, seed=args.seed, residual=rot)
+            extra = {"rotation_steps": args.rot_steps, "rotation_batch": args.rot_batch, "rotation_lr": args.rot_lr,
+                     "rotation_losses": [round(v, 4) for v in losses]}
+        elif case.startswith("rot"):
             rotate_llama(q, seed=args.seed)
         rec = recipe_for(case)
         method = case.rsplit("-", 1)[1]
@@ -78,7 +91,7 @@ def main() -> None:
                "rotation": case.startswith("rot"), "dataset": res.dataset,
                "fp": {m.name: m.value for m in fp_res.metrics}, "quantized": {m.name: m.value for m in res.metrics},
                "seconds": round(secs, 1), "notes": [] if report is None else report.notes,
-               "quantized_layers": None if report is None else len(report.quantized)}
+               "quantized_layers": None if report is None else len(report.quantized), **extra}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(out) + "\n")

@@ -116,3 +116,31 @@ def test_a_kv_cache_recipe_quantizes_k_and_v_only():
     rot = rotate_llama(_tiny().float())
     plan, _ = build_plan(rot, rec)
     assert "model.layers.0.self_attn.k_in.1" in plan and "model.layers.0.mlp.down_proj.1" in plan
+
+
+def test_a_cayley_step_keeps_the_matrix_orthogonal_and_descends_a_quadratic():
+    # f(Q) = ||Q - T||^2 for an orthogonal target T: one small step from I moves towards T and stays orthogonal
+    from slimtorch.calib.learned_rotation import cayley_step
+
+    t = random_hadamard(12, torch.Generator().manual_seed(0))
+    if torch.linalg.det(t) < 0:  # steps from I stay among rotations (det +1); a reflection is out of reach
+        t[0] = -t[0]
+    q = torch.eye(12, dtype=torch.float64)
+    for _ in range(200):
+        q = cayley_step(q, 2 * (q - t), 0.05)
+        assert torch.allclose(q @ q.T, torch.eye(12, dtype=torch.float64), atol=1e-10)
+    assert (q - t).norm() < 0.05 * (torch.eye(12, dtype=torch.float64) - t).norm()
+
+
+def test_the_learned_rotation_lowers_the_quantized_loss_and_keeps_the_float_model():
+    from slimtorch.calib.learned_rotation import learn_rotation
+    from slimtorch.quant.recipe import get_preset
+
+    m = _tiny().float()
+    ids = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    q, losses = learn_rotation(m, [(ids,)], get_preset("W4A4"), steps=15, lr=0.5, batch=4)
+    assert torch.allclose(q @ q.T, torch.eye(48, dtype=torch.float64), atol=1e-6)
+    assert losses[-1] < losses[0]  # one fixed batch: the steps descend its loss
+    want = m(ids)
+    r = rotate_llama(copy.deepcopy(m), seed=0, residual=q)
+    assert torch.allclose(r(ids), want, atol=1e-4, rtol=1e-4)  # still an exact rotation of the float model

@@ -96,18 +96,12 @@ def rotate_llama(model: nn.Module, seed: int = 0, residual: torch.Tensor | None 
     q = random_hadamard(dim, g) if residual is None else residual.detach().double()
     if q.shape != (dim, dim) or not torch.allclose(q @ q.T, torch.eye(dim, dtype=torch.float64), atol=1e-6):
         raise SlimError(f"the residual rotation must be an orthogonal {dim} x {dim} matrix")
-    emb = body.embed_tokens.weight
-    emb.data = (emb.detach().double() @ q).to(emb.dtype)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         qp, kp, vp, op = (_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         gate, up, down = (_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
         _fold_norm(layer.input_layernorm, [qp, kp, vp])
         _fold_norm(layer.post_attention_layernorm, [gate, up])
-        for lin in (qp, kp, vp, gate, up):
-            _set(lin, lin.weight.detach().double() @ q)
-        for lin in (op, down):
-            _set(lin, q.T @ lin.weight.detach().double())
         if heads:
             hd = qp.weight.shape[0] // _n_heads(attn, qp)
             h = random_hadamard(hd, g)
@@ -126,7 +120,34 @@ def rotate_llama(model: nn.Module, seed: int = 0, residual: torch.Tensor | None 
             hq = random_hadamard(hd, g).to(qp.weight.dtype)  # applied online only
             attn.q_in, attn.k_in = RotatedInput(hq, attn.q_in), RotatedInput(hq, attn.k_in)
     _fold_norm(body.norm, [lm_head])
-    _set(lm_head, lm_head.weight.detach().double() @ q)
+    rotate_residual(model, q)
+    return model
+
+
+def residual_weights(model: nn.Module) -> tuple[nn.Parameter, list[nn.Linear], list[nn.Linear]]:
+    """The embedding table, the linears reading the residual stream (q/k/v, gate/up, lm_head) and those writing
+    to it (o_proj, down_proj; inside an online rotation where there is one) of a Llama-architecture model."""
+    body, layers = _layers(model)
+    readers, writers = [], []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        readers += [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+        down = mlp.down_proj[1] if isinstance(mlp.down_proj, RotatedInput) else mlp.down_proj
+        writers += [attn.o_proj, down]
+    readers.append(model.lm_head)
+    return body.embed_tokens.weight, [_linear(m) for m in readers], [_linear(m) for m in writers]
+
+
+def rotate_residual(model: nn.Module, q: torch.Tensor) -> nn.Module:
+    """The residual stream's rotation alone (step 2 of the module docstring), for a model whose norms are
+    folded already (by :func:`rotate_llama`): the embedding ``E Q``, readers ``W Q``, writers ``Q^T W``."""
+    emb, readers, writers = residual_weights(model)
+    q = q.detach().double()
+    emb.data = (emb.detach().double() @ q).to(emb.dtype)
+    for lin in readers:
+        _set(lin, lin.weight.detach().double() @ q)
+    for lin in writers:
+        _set(lin, q.T @ lin.weight.detach().double())
     return model
 
 
