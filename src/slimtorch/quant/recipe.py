@@ -63,7 +63,9 @@ PRESETS: dict[str, Recipe] = {
         Recipe("W2A16-g64", _w("uint2", PerGroup(64), symmetric=False)),
         Recipe("W4A8", _w("int4", PerGroup(128)), _DYN_TOKEN),
         Recipe("FP8", _w("fp8_e4m3", PerChannel(0)), QuantSpec("fp8_e4m3", PerToken(), dynamic=True)),
-        Recipe("W4A4", _w("int4", PerChannel(0)), QuantSpec("int4", PerToken(), dynamic=True)),
+        # 4-bit weights search their clipping range (mse), as QuaRot's do: at 4 bits the min-max range wastes
+        # levels on the largest weight of each row (tinyllama-fm, rotated, GPTQ: perplexity 23.87 -> 23.47)
+        Recipe("W4A4", QuantSpec("int4", PerChannel(0), observer="mse"), QuantSpec("int4", PerToken(), dynamic=True)),
     )
 }
 
