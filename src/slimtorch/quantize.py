@@ -90,6 +90,18 @@ def hqq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, st
     return notes
 
 
+def _reconstruction(window: int, overlap: int):
+    def method(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress,
+               stream: Stream | None = None) -> list[str]:
+        from slimtorch.calib.cbq import cbq
+
+        if stream is not None and (stream.device is not None or stream.checkpoints is not None):
+            raise SlimError("cbq / blockrec run where the model is: no --device streaming or --resume yet")
+        return cbq(model, plan, calib, progress, window=window, overlap=overlap)
+
+    return method
+
+
 def _weight_layers(plan: Plan) -> list[str]:
     return [n for n, p in plan.items() if p.weight is not None]
 
@@ -121,11 +133,14 @@ def awq(grid: int = 20):
 
 METHODS: dict[str, Callable[..., list[str]]] = {  # (model, plan, calib, progress, stream=None) -> notes
     "rtn": rtn, "gptq": gptq, "smoothquant": smoothquant(), "awq": awq(), "hqq": hqq,
+    "cbq": _reconstruction(window=2, overlap=1), "blockrec": _reconstruction(window=1, overlap=0),
 }
 
 
 DATA_FREE = ("rtn", "hqq")
 """Methods that quantize each weight on its own, with no calibration data and no blocks to resume."""
+RESUMABLE = ("gptq", "awq", "smoothquant")
+"""Methods that run block by block through ``sequential`` and so may stream blocks to a device and resume."""
 
 
 def resolve_recipe(recipe: Recipe | str | Path) -> Recipe:

@@ -157,25 +157,8 @@ def sequential(model: nn.Module, names: list[str], calib: list[Batch], process: 
     if blocks is None:
         return
     list_name, block_list = blocks
-    inputs: Inputs = []
     dev = stream.device
-
-    def catch(mod, args, kwargs):
-        inputs.append((args, kwargs))
-        raise _Stop
-
-    were = _move_outside(model, prefix, dev) if dev is not None else {}
-    try:
-        with TemporaryHooks() as hooks, torch.no_grad():
-            hooks.before(block_list[0], catch, with_kwargs=True)
-            for batch in calib:
-                try:
-                    model(*(_to(batch, dev) if dev is not None else batch))
-                except _Stop:
-                    pass
-    finally:
-        for name, where in were.items():
-            model.get_submodule(name)._apply(lambda t, w=where: t.to(w), recurse=False)
+    inputs = block_inputs(model, blocks, calib, dev)
     store = stream.checkpoints
     for i in progress(range(len(block_list)), "block by block"):
         block, bname = block_list[i], f"{list_name}.{i}"
@@ -195,6 +178,31 @@ def sequential(model: nn.Module, names: list[str], calib: list[Batch], process: 
         inputs = [((first_tensor(o), *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
         if dev is not None and home is not None:
             block.to(home)
+
+
+def block_inputs(model: nn.Module, blocks: tuple[str, nn.ModuleList], calib: list[Batch], device=None) -> Inputs:
+    """The inputs (args, kwargs) that the first of ``blocks`` (from :func:`find_blocks`) receives for each
+    calibration batch; the model runs only up to it. ``device``: run the layers before the blocks there."""
+    list_name, block_list = blocks
+    inputs: Inputs = []
+
+    def catch(mod, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    were = _move_outside(model, f"{list_name}.", device) if device is not None else {}
+    try:
+        with TemporaryHooks() as hooks, torch.no_grad():
+            hooks.before(block_list[0], catch, with_kwargs=True)
+            for batch in calib:
+                try:
+                    model(*(_to(batch, device) if device is not None else batch))
+                except _Stop:
+                    pass
+    finally:
+        for name, where in were.items():
+            model.get_submodule(name)._apply(lambda t, w=where: t.to(w), recurse=False)
+    return inputs
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

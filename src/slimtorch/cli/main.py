@@ -24,7 +24,7 @@ from slimtorch.errors import SlimError, shown
 from slimtorch.io.json_text import json_text
 from slimtorch.qat.methods import QAT_METHODS
 from slimtorch.quant.recipe import PRESETS
-from slimtorch.quantize import DATA_FREE, METHODS
+from slimtorch.quantize import METHODS, RESUMABLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress trained PyTorch models and measure what you got.")
@@ -157,7 +157,7 @@ def quantize_cmd(
     check_data_path("--calib", model, calib_data)
     check_data_path("--eval", model, eval_data)
     dev = args.device(device)
-    layered = method not in DATA_FREE  # the layer-by-layer methods: their finished blocks are kept for --resume
+    layered = method in RESUMABLE  # the layer-by-layer methods: their finished blocks are kept for --resume
     if resume and not layered:
         raise SlimError(f"--resume continues gptq, awq or smoothquant runs; {method} has no blocks to resume")
     stage = StagedOutput(out_dir, overwrite, resumable=layered)
