@@ -123,7 +123,6 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     x is quantized per row to int8 by ``w8a8.quantize_rows`` (one read of x), then the GEMM runs."""
     import triton
 
-    from slimtorch.kernels.triton_launch import launch_tuned
     from slimtorch.kernels.w8a8 import quantize_rows
 
     k, n = x.shape[-1], packed.shape[0]
@@ -140,8 +139,8 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    launch_tuned(_kernel(), grid, (xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0),
-                                   scale.stride(0), y.stride(0)), {"GROUP": k // scale.shape[1]}, (bucket, n, k))
+    _kernel()[grid](xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0), scale.stride(0),
+                    y.stride(0), GROUP=k // scale.shape[1])
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -282,7 +281,6 @@ def w4a8p_linear(x: torch.Tensor, packed: torch.Tensor, s1: torch.Tensor, s2: to
     1..16 -> (..., N) bf16. The progressive form of :func:`w4a8_linear` (prototype, benchmarks only)."""
     import triton
 
-    from slimtorch.kernels.triton_launch import launch_tuned
     from slimtorch.kernels.w8a8 import quantize_rows
 
     k, n = x.shape[-1], packed.shape[0]
@@ -299,10 +297,6 @@ def w4a8p_linear(x: torch.Tensor, packed: torch.Tensor, s1: torch.Tensor, s2: to
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    args = (xq, packed, xs, s2, s1, y, m, n, k, bucket, xq.stride(0), packed.stride(0), s2.stride(0), y.stride(0))
-    meta = {"GROUP": k // s2.shape[1], "ASM": asm}
-    if x.is_cuda:
-        launch_tuned(_p_kernel(), grid, args, meta, (bucket, n, k, asm))
-    else:  # the Triton interpreter (TRITON_INTERPRET=1), for tests without a GPU
-        _p_kernel()[grid](*args, **meta)
+    _p_kernel()[grid](xq, packed, xs, s2, s1, y, m, n, k, bucket, xq.stride(0), packed.stride(0), s2.stride(0),
+                      y.stride(0), GROUP=k // s2.shape[1], ASM=asm)
     return y.reshape(*x.shape[:-1], n)

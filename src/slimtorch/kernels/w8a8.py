@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from slimtorch.kernels.triton_launch import launch, launch_tuned
 from slimtorch.spec import FP8_MAX
 
 
@@ -52,9 +51,9 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     is_int = dtype == torch.int8
     block = triton.next_power_of_2(k)
     one_pass = block <= 16384
-    launch(_quant_rows_kernel, (m,), (x, q, s, k, x.stride(0), q.stride(0)),
-           {"QMAX": 127.0 if is_int else FP8_MAX["fp8_e4m3"], "IS_INT": is_int, "BLOCK_K": block if one_pass else 4096,
-            "ONE_PASS": one_pass, "num_warps": 8 if block <= 8192 else 16})
+    _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=127.0 if is_int else FP8_MAX["fp8_e4m3"],
+                             IS_INT=is_int, BLOCK_K=block if one_pass else 4096, ONE_PASS=one_pass,
+                             num_warps=8 if block <= 8192 else 16)
     return q, s
 
 
@@ -139,9 +138,8 @@ def _w8a8_mm(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: t
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    is_int = dtype == torch.int8
-    launch_tuned(_w8a8_mm_kernel, grid, (xq, wq, xs, w_scale, y, m, n, k, bucket, xq.stride(0), wq.stride(0),
-                                         y.stride(0)), {"IS_INT": is_int}, (bucket, n, k, is_int))
+    _w8a8_mm_kernel[grid](xq, wq, xs, w_scale, y, m, n, k, bucket, xq.stride(0), wq.stride(0), y.stride(0),
+                          IS_INT=dtype == torch.int8)
     return y
 
 
