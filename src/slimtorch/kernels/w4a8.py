@@ -121,14 +121,23 @@ def _kernel():
 def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) bf16; packed (N, K/2) int8 (:func:`pack_w4a8`); scale (N, K/G) float32 -> (..., N) bf16.
     x is quantized per row to int8 by ``w8a8.quantize_rows`` (one read of x), then the GEMM runs."""
+    m, n, k, xq, xs, y, bucket, grid = _launch_setup(x, packed, scale)
+    _kernel()[grid](xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0), scale.stride(0),
+                    y.stride(0), GROUP=k // scale.shape[1])
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _launch_setup(x: torch.Tensor, packed: torch.Tensor, groups: torch.Tensor):
+    """What both W4A8 GEMMs need before their launch: the shapes (checked), x's int8 rows and scales, the
+    output, the autotuner's row bucket and the grid function."""
     import triton
 
     from slimtorch.kernels.w8a8 import quantize_rows
 
     k, n = x.shape[-1], packed.shape[0]
-    if k != packed.shape[1] * 2 or k % 128 or (k // scale.shape[1]) % 128:
+    if k != packed.shape[1] * 2 or k % 128 or (k // groups.shape[1]) % 128:
         raise SlimError(f"W4A8 kernel: x (..., {k}) against packed {tuple(packed.shape)} and scales "
-                        f"{tuple(scale.shape)}: K must be 2x the packed width, a multiple of 128, and groups "
+                        f"{tuple(groups.shape)}: K must be 2x the packed width, a multiple of 128, and groups "
                         "multiples of 128")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -139,9 +148,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _kernel()[grid](xq, packed, xs, scale, y, m, n, k, bucket, xq.stride(0), packed.stride(0), scale.stride(0),
-                    y.stride(0), GROUP=k // scale.shape[1])
-    return y.reshape(*x.shape[:-1], n)
+    return m, n, k, xq, xs, y, bucket, grid
 
 
 # --- progressive group scales (QServe): the prototype of the next W4A8 kernel ---------------------------------
@@ -184,12 +191,8 @@ def w4a8p_linear_ref(x: torch.Tensor, packed: torch.Tensor, s1: torch.Tensor, s2
 # form (q + 8, xor 8), are multiplied by s2 with one 32-bit multiply (each byte stays below 256), and 8 s2 is
 # taken off each byte without borrows (a SIMD-within-a-register subtraction; the true result is in int8's
 # range, so the byte's wrap-around is its two's complement). $3 holds s2 in each of its bytes.
-_UNPACK_ASM = """{
-.reg .b32 s, c, ch, u, t, h;
-and.b32 s, $3, 255;
-shl.b32 c, $3, 3;
-and.b32 ch, c, 0x7F7F7F7F;
-xor.b32 u, $2, 0x08080808;
+def _nibble_times_s2(src: str, out: str) -> str:
+    return f"""xor.b32 u, {src}, 0x08080808;
 and.b32 u, u, 0x0F0F0F0F;
 mul.lo.u32 u, u, s;
 or.b32 t, u, 0x80808080;
@@ -197,18 +200,12 @@ sub.u32 t, t, ch;
 xor.b32 h, u, c;
 not.b32 h, h;
 and.b32 h, h, 0x80808080;
-xor.b32 $0, t, h;
-shr.u32 u, $2, 4;
-xor.b32 u, u, 0x08080808;
-and.b32 u, u, 0x0F0F0F0F;
-mul.lo.u32 u, u, s;
-or.b32 t, u, 0x80808080;
-sub.u32 t, t, ch;
-xor.b32 h, u, c;
-not.b32 h, h;
-and.b32 h, h, 0x80808080;
-xor.b32 $1, t, h;
-}"""
+xor.b32 {out}, t, h;
+"""
+
+
+_UNPACK_ASM = ("{\n.reg .b32 s, c, ch, u, t, h, p4;\nand.b32 s, $3, 255;\nshl.b32 c, $3, 3;\nand.b32 ch, c, 0x7F7F7F7F;\n"
+               + _nibble_times_s2("$2", "$0") + "shr.u32 p4, $2, 4;\n" + _nibble_times_s2("p4", "$1") + "}")
 
 
 def _p_configs():
@@ -279,24 +276,7 @@ def w4a8p_linear(x: torch.Tensor, packed: torch.Tensor, s1: torch.Tensor, s2: to
                  asm: bool = True) -> torch.Tensor:
     """x (..., K) bf16; packed (N, K/2) int8 (:func:`pack_w4a8`); s1 (N,) float32; s2 (N, K/G) int8 in
     1..16 -> (..., N) bf16. The progressive form of :func:`w4a8_linear` (prototype, benchmarks only)."""
-    import triton
-
-    from slimtorch.kernels.w8a8 import quantize_rows
-
-    k, n = x.shape[-1], packed.shape[0]
-    if k != packed.shape[1] * 2 or k % 128 or (k // s2.shape[1]) % 128:
-        raise SlimError(f"W4A8 kernel: x (..., {k}) against packed {tuple(packed.shape)} and scales "
-                        f"{tuple(s2.shape)}: K must be 2x the packed width, a multiple of 128, and groups "
-                        "multiples of 128")
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    xq, xs = quantize_rows(x2, torch.int8)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    bucket = 64 if m <= 64 else 128 if m <= 128 else 256 if m <= 256 else 512 if m <= 512 else 4096
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
+    m, n, k, xq, xs, y, bucket, grid = _launch_setup(x, packed, s2)
     _p_kernel()[grid](xq, packed, xs, s2, s1, y, m, n, k, bucket, xq.stride(0), packed.stride(0), s2.stride(0),
                       y.stride(0), GROUP=k // s2.shape[1], ASM=asm)
     return y.reshape(*x.shape[:-1], n)
