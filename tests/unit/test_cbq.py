@@ -46,7 +46,7 @@ def test_lora_rounding_becomes_adarounds_hard_rounding_at_convergence():
     x = torch.randn(512, 64)
     y = lin(x).detach()
     m = LoRARoundLinear(lin, SPEC, rank=16)
-    opt = torch.optim.Adam([m.a, m.b, m.scale], lr=1e-2)
+    opt = torch.optim.Adam([m.a, m.b, m.log_gain], lr=1e-2)
     iters = 1000
     for it in range(iters):
         loss = (m(x) - y).pow(2).mean()

@@ -87,12 +87,18 @@ class LoRARoundLinear(nn.Module):
         self.register_buffer("floor", floor + z)  # the code below the weight (codes carry the zero-point)
         self.register_buffer("zero", z)
         self.register_buffer("v0", inverse_rectified_sigmoid(wg / s0 - floor))
-        self.scale = nn.Parameter(s0.clone())
+        self.register_buffer("s0", s0)
+        self.log_gain = nn.Parameter(torch.zeros_like(s0))  # the learned scale is s0 exp(log_gain): Adam's
+        # steps are then relative (a raw scale of ~0.01 moved 10% a step at lr 1e-3, and CBQ lost to RTN)
         out, inp = w.shape
         self.a = nn.Parameter(torch.zeros(out, rank, device=w.device))
         self.b = nn.Parameter(torch.randn(rank, inp, device=w.device) / math.sqrt(inp))
         self.bias = None if lin.bias is None else lin.bias.detach().float()
         self.shape = w.shape
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.log_gain)
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v0 + (self.a @ self.b).reshape(self.v0.shape))
@@ -188,7 +194,7 @@ def cbq(model: nn.Module, plan: Plan, calib, progress: Progress = no_progress, w
         with torch.no_grad():
             targets = [_run_blocks(fp_win, a, k) for a, k in inputs]
         params = [p for n, m in learners.items() if int(n[len(prefix):].split(".")[0]) in idx
-                  for p in (m.a, m.b, m.scale)]
+                  for p in (m.a, m.b, m.log_gain)]
         opt = torch.optim.Adam(params, lr=lr)
         mods = [m for n, m in learners.items() if int(n[len(prefix):].split(".")[0]) in idx]
         for it in range(iters):
