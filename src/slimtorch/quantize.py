@@ -25,7 +25,7 @@ from slimtorch.progress import Progress, no_progress
 from slimtorch.quant.modules import ActQuant, QuantWeight, quant_type_for
 from slimtorch.quant.recipe import Recipe, build_plan, get_preset, load_recipe
 from slimtorch.sequential import Batch, Stream, per_layer, sequential, set_module
-from slimtorch.spec import Plan
+from slimtorch.spec import Plan, QuantSpec
 
 
 @dataclass(kw_only=True)
@@ -37,14 +37,21 @@ class QuantReport(Report):
     bits_per_weight: float  # over every Linear/Conv2d weight, scales and zero-points included
 
 
-def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, stream: Stream | None = None) -> list[str]:
-    """Round-to-nearest: each planned layer's weight quantized on its own with its observer (a layer that is
-    quantized already, by a joint sparsity + quantization pass, is left as it is)."""
-    for name in progress(_weight_layers(plan), "rtn"):
+def _each_weight(model: nn.Module, plan: Plan, progress: Progress, label: str,
+                 fit: Callable[[str, nn.Module, QuantSpec], tuple | None]) -> None:
+    """Quantize each planned weight on its own, with the qparams ``fit(name, layer, spec)`` gives (None: the
+    spec's observer). A layer that is quantized already (a joint sparsity + quantization pass) is left as it is."""
+    for name in progress(_weight_layers(plan), label):
         layer = model.get_submodule(name)
         if isinstance(layer, QuantWeight):
             continue
-        set_module(model, name, quant_type_for(layer).from_float(layer, plan[name].weight, None))
+        spec = plan[name].weight
+        set_module(model, name, quant_type_for(layer).from_float(layer, spec, None, fit(name, layer, spec)))
+
+
+def rtn(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, stream: Stream | None = None) -> list[str]:
+    """Round-to-nearest: each planned layer's weight quantized on its own with its observer."""
+    _each_weight(model, plan, progress, "rtn", lambda name, layer, spec: None)
     return []
 
 
@@ -75,18 +82,15 @@ def hqq(model: nn.Module, plan: Plan, calib: list[Batch], progress: Progress, st
     """HQQ (calib.hqq): each planned weight fitted under an l_p error, with no data; fp8 weights and layers
     quantized already keep what rtn would give them."""
     notes = []
-    for name in progress(_weight_layers(plan), "hqq"):
-        layer = model.get_submodule(name)
-        if isinstance(layer, QuantWeight):
-            continue
-        spec = plan[name].weight
+
+    def fit(name: str, layer: nn.Module, spec: QuantSpec) -> tuple | None:
         if spec.is_float:
             notes.append(f"{name}: {spec.dtype} has no zero-point for hqq to fit; rounded to nearest")
-            qparams = None
-        else:
-            r = hqq_quantize(layer.weight, spec)
-            qparams = (r.codes, r.scale, r.zero)
-        set_module(model, name, quant_type_for(layer).from_float(layer, spec, None, qparams))
+            return None
+        r = hqq_quantize(layer.weight, spec)
+        return r.codes, r.scale, r.zero
+
+    _each_weight(model, plan, progress, "hqq", fit)
     return notes
 
 
@@ -137,8 +141,6 @@ METHODS: dict[str, Callable[..., list[str]]] = {  # (model, plan, calib, progres
 }
 
 
-DATA_FREE = ("rtn", "hqq")
-"""Methods that quantize each weight on its own, with no calibration data and no blocks to resume."""
 RESUMABLE = ("gptq", "awq", "smoothquant")
 """Methods that run block by block through ``sequential`` and so may stream blocks to a device and resume."""
 

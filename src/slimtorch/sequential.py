@@ -111,6 +111,12 @@ def run_scope(scope: nn.Module, inputs: Inputs, progress: Progress = no_progress
     return [scope(*args, **kwargs) for args, kwargs in progress(inputs, description)]
 
 
+def advance(block: nn.Module, inputs: Inputs) -> Inputs:
+    """The inputs of the block after ``block``: its outputs on ``inputs``, with their other arguments."""
+    outs = run_scope(block, inputs)
+    return [((first_tensor(o), *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+
+
 def first_tensor(out) -> torch.Tensor:
     """The main tensor of a module output (a tensor, a tuple's first item, a transformers ModelOutput)."""
     return out if isinstance(out, torch.Tensor) else out[0]
@@ -174,8 +180,7 @@ def sequential(model: nn.Module, names: list[str], calib: list[Batch], process: 
             process(model, block, layers, inputs, no_progress)
             if store is not None:
                 store.save(i, block)
-        outs = run_scope(block, inputs)
-        inputs = [((first_tensor(o), *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+        inputs = advance(block, inputs)
         if dev is not None and home is not None:
             block.to(home)
 

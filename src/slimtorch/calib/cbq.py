@@ -34,9 +34,8 @@ from torch import nn
 from slimtorch.errors import SlimError
 from slimtorch.progress import Progress, no_progress
 from slimtorch.quant import primitives as P
-from slimtorch.quant.modules import quant_type_for
-from slimtorch.quant.observers import make_observer
-from slimtorch.sequential import Inputs, block_inputs, find_blocks, first_tensor, run_scope, set_module
+from slimtorch.quant.modules import quant_type_for, quantize_weight
+from slimtorch.sequential import Inputs, advance, block_inputs, find_blocks, first_tensor, set_module
 from slimtorch.spec import Plan, QuantSpec
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so that h reaches 0 and 1 exactly
@@ -78,9 +77,7 @@ class LoRARoundLinear(nn.Module):
         if spec.is_float:
             raise SlimError(f"cbq learns integer roundings; {spec.dtype} weights have none")
         w = lin.weight.detach().float()
-        obs = make_observer(spec)
-        obs.update(w)
-        s0, z = (t.to(w.device) for t in obs.qparams())
+        _, s0, z = quantize_weight(w, spec)  # round to nearest's scale and zero-point: the start
         wg = P.grouped(w, spec)
         self.spec, self.qrange = spec, spec.qrange
         floor = torch.floor(wg / s0)
@@ -117,7 +114,7 @@ class LoRARoundLinear(nn.Module):
     def finish(self, lin: nn.Linear, act: QuantSpec | None) -> nn.Module:
         """The post-training module with the hard codes and learned scales (``lin``: the float layer)."""
         with torch.no_grad():
-            codes = self.codes(hard=True).reshape(self.shape).to(torch.uint8 if self.spec.dtype == "uint8" else torch.int8)
+            codes = self.codes(hard=True).reshape(self.shape).to(P.code_dtype(self.spec))
             qp = (codes, self.scale.detach().clone(), self.zero.clone())
         return quant_type_for(lin).from_float(lin, self.spec, act, qp)
 
@@ -187,16 +184,14 @@ def cbq(model: nn.Module, plan: Plan, calib, progress: Progress = no_progress, w
             prepare(i)
         while done < start:  # advance the inputs through blocks now final
             finish(done)
-            inputs = _advance(block_list[done], inputs)
+            inputs = advance(block_list[done], inputs)
             done += 1
         win = [block_list[i] for i in idx]
         fp_win = [fp_blocks[i] for i in idx]
         with torch.no_grad():
             targets = [_run_blocks(fp_win, a, k) for a, k in inputs]
-        params = [p for n, m in learners.items() if int(n[len(prefix):].split(".")[0]) in idx
-                  for p in (m.a, m.b, m.log_gain)]
-        opt = torch.optim.Adam(params, lr=lr)
         mods = [m for n, m in learners.items() if int(n[len(prefix):].split(".")[0]) in idx]
+        opt = torch.optim.Adam([p for m in mods for p in (m.a, m.b, m.log_gain)], lr=lr)
         for it in range(iters):
             j = int(torch.randint(len(inputs), (1,), generator=gen))
             a, k = inputs[j]
@@ -213,7 +208,3 @@ def cbq(model: nn.Module, plan: Plan, calib, progress: Progress = no_progress, w
         done += 1
     return notes
 
-
-def _advance(block: nn.Module, inputs: Inputs) -> Inputs:
-    outs = run_scope(block, inputs)
-    return [((first_tensor(o), *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]

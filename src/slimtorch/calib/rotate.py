@@ -102,8 +102,8 @@ def rotate_llama(model: nn.Module, seed: int = 0, residual: torch.Tensor | None 
         gate, up, down = (_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
         _fold_norm(layer.input_layernorm, [qp, kp, vp])
         _fold_norm(layer.post_attention_layernorm, [gate, up])
+        hd = qp.weight.shape[0] // _n_heads(attn, qp) if heads or online_qk else 0
         if heads:
-            hd = qp.weight.shape[0] // _n_heads(attn, qp)
             h = random_hadamard(hd, g)
             nv = vp.weight.shape[0] // hd
             wv = vp.weight.detach().double().reshape(nv, hd, -1)
@@ -116,7 +116,6 @@ def rotate_llama(model: nn.Module, seed: int = 0, residual: torch.Tensor | None 
             mlp.down_proj = RotatedInput(hf.to(down.weight.dtype), down)
         if online_qk and isinstance(getattr(attn, "q_in", None), MatmulInput) \
                 and isinstance(getattr(attn, "k_in", None), MatmulInput):
-            hd = qp.weight.shape[0] // _n_heads(attn, qp)
             hq = random_hadamard(hd, g).to(qp.weight.dtype)  # applied online only
             attn.q_in, attn.k_in = RotatedInput(hq, attn.q_in), RotatedInput(hq, attn.k_in)
     _fold_norm(body.norm, [lm_head])

@@ -82,7 +82,7 @@ def qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tu
     return scale, zero
 
 
-def _code_dtype(spec: QuantSpec) -> torch.dtype:
+def code_dtype(spec: QuantSpec) -> torch.dtype:
     return FP8_DTYPES[spec.dtype] if spec.is_float else torch.uint8 if spec.dtype == "uint8" else torch.int8
 
 
@@ -94,7 +94,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
         q = (xg / scale).clamp(-fmax, fmax).to(FP8_DTYPES[spec.dtype])
     else:
         qmin, qmax = spec.qrange
-        q = (torch.round(xg / scale) + zero).clamp(qmin, qmax).to(_code_dtype(spec))
+        q = (torch.round(xg / scale) + zero).clamp(qmin, qmax).to(code_dtype(spec))
     return q.reshape(x.shape)
 
 
